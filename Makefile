@@ -1,0 +1,71 @@
+# tmerge — thin targets over the `tmerge` CLI.
+#
+#   make task1 task2 timm PORTION=4     the paper's pipeline on the embedded default data
+#   make test                           the test suite
+#   make task1 ARGS="trainer.max_epochs=3"   overrides pass through ARGS
+#   make task1 PROFILE=paper            the paper's scale (experiments/paper/)
+#
+# The first target that needs Python creates .venv and installs the project into it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A CPU build of torch: on this kind of machine `torch==2.13.0` is served as a local CPU wheel;
+# an unpinned torch would pull a multi-GB CUDA build. On a GPU machine: make install TORCH=torch
+TORCH  ?= torch==2.13.0
+PORTION ?= 4
+PROFILE ?= default
+ARGS   ?=
+TMERGE := $(BIN)/tmerge
+RUN     = $(TMERGE) $(1) --profile $(PROFILE) $(ARGS)
+
+.PHONY: help install data task1 task2 source test test-fast lint clean
+
+help:
+	@sed -n '2,9p' Makefile
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	@# deepmriprep only provides the anatomy templates: its own dependency tree is not needed.
+	$(BIN)/pip install -q --no-deps "deepmriprep==0.3.0"
+	touch $@
+
+data: install
+	$(call RUN,data)
+
+task1: install
+	$(call RUN,task1)
+
+task2: install
+	$(call RUN,task2)
+
+source: install
+	$(call RUN,source)
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf runs .pytest_cache
+
+# BraTS stages: PORTION (4, 8 or 100) selects the share of the training pool.
+.PHONY: timm imm sweep
+timm: install
+	$(TMERGE) timm --profile $(PROFILE) portion=$(PORTION) $(ARGS)
+
+imm: install
+	$(TMERGE) imm --profile $(PROFILE) portion=$(PORTION) $(ARGS)
+
+sweep: install
+	$(TMERGE) sweep --profile $(PROFILE) portion=$(PORTION) $(ARGS)

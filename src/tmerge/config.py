@@ -1,0 +1,158 @@
+"""Configuration composition: typed dataclass defaults < experiment YAML < command-line overrides.
+
+Each module owns the dataclass that configures it (``HCPDataConfig`` in ``tmerge.data.hcp``,
+``OptimConfig`` in ``tmerge.modules.segmentation``, …); a stage nests them into one run config.
+This module only composes, validates and saves them:
+
+* ``experiments/<stage>.yaml`` (or ``experiments/paper/<stage>.yaml`` with ``profile="paper"``)
+  overrides the dataclass defaults;
+* ``key=value`` pairs from the command line override both (OmegaConf dotlist syntax, e.g.
+  ``trainer.max_epochs=3`` or ``seeds=[0,1,2]``);
+* an unknown key or a value of the wrong type is a :class:`~tmerge.errors.ConfigError` that
+  names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tmerge.errors import ConfigError
+from tmerge.io import write_text
+
+T = TypeVar("T")
+
+#: The two families of experiment settings, selected by one switch (``--profile`` / ``PROFILE=``).
+PROFILES = ("default", "paper")
+
+
+def project_root() -> Path:
+    """The folder holding ``experiments/`` (the repository root in a source checkout).
+
+    Overridable with ``TMERGE_EXPERIMENTS`` for an installed package used outside the checkout.
+    """
+    env = os.environ.get("TMERGE_EXPERIMENTS")
+    if env:
+        return Path(env).resolve().parent
+    return Path(__file__).resolve().parents[2]
+
+
+def experiments_dir() -> Path:
+    """Folder of the experiment YAML files (``TMERGE_EXPERIMENTS`` or ``<repo>/experiments``)."""
+    env = os.environ.get("TMERGE_EXPERIMENTS")
+    return Path(env) if env else project_root() / "experiments"
+
+
+def experiment_file(stage: str, profile: str = "default") -> Path | None:
+    """The YAML file for ``stage`` under ``profile``, or ``None`` if that stage has none."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: expected one of {', '.join(PROFILES)}, got {profile!r}")
+    folder = experiments_dir() if profile == "default" else experiments_dir() / profile
+    path = folder / f"{stage}.yaml"
+    return path if path.is_file() else None
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def apply_aliases(overrides: Sequence[str], aliases: Mapping[str, str]) -> list[str]:
+    """Rewrite short top-level keys (``portion=4``) to their full path (``data.portion=4``)."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item!r}: overrides are key=value pairs (e.g. trainer.max_epochs=3)")
+        out.append(f"{aliases.get(key, key)}={value}")
+    return out
+
+
+def compose(
+    schema: type[T],
+    stage: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    profile: str = "default",
+    aliases: Mapping[str, str] | None = None,
+) -> T:
+    """Build a validated config object of type ``schema``.
+
+    Args:
+        schema: the stage's dataclass (its defaults are the lowest layer).
+        stage: name of the experiment file to merge (``experiments/<stage>.yaml``), if any.
+        overrides: ``key=value`` strings from the command line (highest layer).
+        profile: ``"default"`` (CPU-sized, embedded data) or ``"paper"`` (the paper's scale).
+        aliases: short key → full key (e.g. ``{"portion": "data.portion"}``).
+
+    Returns:
+        An instance of ``schema`` (an OmegaConf structured config: attribute access, typed).
+
+    Raises:
+        ConfigError: unknown key, wrong type, or an unreadable experiment file — naming the key
+            or the file.
+    """
+    base = OmegaConf.structured(schema)
+    layers: list[Any] = [base]
+    if stage is not None:
+        path = experiment_file(stage, profile)
+        if path is not None:
+            try:
+                layers.append(OmegaConf.load(path))
+            except Exception as exc:  # YAML syntax errors come in several types
+                raise ConfigError(f"{path}: not a readable YAML file ({exc})") from None
+    try:
+        dotlist = apply_aliases(overrides, aliases or {})
+        layers.append(OmegaConf.from_dotlist(dotlist))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        where = f" (from {path})" if stage is not None and path is not None else ""
+        raise ConfigError(f"config key {_describe(exc)}{where}") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config key {_describe(exc)}") from None
+    try:
+        # Plain dataclass instances from here on: typed, `dataclasses.replace`-able, picklable.
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:  # e.g. a required (MISSING) value left unset
+        raise ConfigError(f"config key {_describe(exc)}") from None
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """A plain ``dict`` copy of a (structured) config, for JSON, hashing and loggers."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    import dataclasses
+
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_container(cfg)))
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Atomically write the resolved config as YAML (saved into every run folder)."""
+    return write_text(path, to_yaml(cfg))
+
+
+def config_hash(cfg: Any, ignore: Sequence[str] = ()) -> str:
+    """A short stable hash of the config (keys in ``ignore`` left out), to detect reuse of a run
+    folder with different settings."""
+    import hashlib
+    import json
+
+    data = to_container(cfg)
+    for key in ignore:
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

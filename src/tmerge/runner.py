@@ -1,0 +1,184 @@
+"""One place that builds the Lightning Trainer, its loggers and callbacks, and fits a module.
+
+A stage contributes only its LightningModule, its DataModule, what to monitor and any extra
+callbacks (e.g. the Fisher callback); checkpointing, early stopping, logging (CSV always, W&B
+offline by default) and precision choices live here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+log = logging.getLogger("tmerge")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings (anything here is passed through to ``L.Trainer``)."""
+
+    accelerator: str = "auto"  # "cpu", "gpu", "auto"
+    devices: Any = 1  # int, list of ids or "auto"; >1 with strategy=ddp for multi-GPU / multi-process
+    num_nodes: int = 1  # multi-node under SLURM / torchrun
+    strategy: str = "auto"  # "ddp" for several devices
+    # "auto": bf16 autocast on GPUs (design §6: ~3x fp32 on an H100), fp32 on CPUs.
+    precision: str = "auto"
+    max_epochs: int = 40  # upper bound; early stopping usually ends training first
+    min_epochs: int = 1
+    patience: int = 8  # early-stopping patience in validation checks
+    limit_train_batches: float = 1.0  # a fraction (<=1.0) or a batch count (>1)
+    limit_val_batches: float = 1.0
+    check_val_every_n_epoch: int = 1
+    log_every_n_steps: int = 10
+    deterministic: bool = False  # True: deterministic algorithms (slower on GPU)
+    progress_bar: bool = True
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging through Lightning's ``WandbLogger``."""
+
+    # "offline" (default: nothing leaves the machine; `wandb sync runs/wandb/...` later),
+    # "online", or "disabled". WANDB_MODE in the environment overrides this.
+    mode: str = "offline"
+    project: str = "tmerge"
+    entity: str | None = None
+    group: str | None = None  # runs of one sweep share a group
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class FitResult:
+    """What a finished ``fit`` reports for ``metrics.json`` / ``stages.json``."""
+
+    best_path: str
+    best_score: float | None
+    monitor: str
+    epochs: int
+    best_epoch: int | None
+    wall_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``"auto"`` → ``"bf16-mixed"`` when a CUDA GPU will be used, else ``"32-true"``."""
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def build_loggers(cfg: LoggerConfig, run_dir: Path, runs_root: Path, name: str, config: dict[str, Any]) -> list[Logger]:
+    """A CSV logger in ``run_dir/logs`` always, plus W&B unless disabled.
+
+    The W&B run directory is ``<runs_root>/wandb``; offline runs are synced later with
+    ``wandb sync <runs_root>/wandb/offline-run-*``.
+    """
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+    if mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        (runs_root / "wandb").mkdir(parents=True, exist_ok=True)
+        loggers.append(
+            WandbLogger(
+                name=name,
+                save_dir=str(runs_root),
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                group=cfg.wandb.group,
+                tags=list(cfg.wandb.tags),
+                mode=mode,
+                config=config,
+                # No network: never wait on a connection or print retry noise.
+                settings={"silent": True, "console": "off"} if mode == "offline" else None,
+            )
+        )
+    return loggers
+
+
+def fit(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    run_dir: Path,
+    trainer_cfg: TrainerConfig,
+    loggers: Sequence[Logger] = (),
+    monitor: str = "val/dice",
+    mode: str = "max",
+    callbacks: Sequence[Callback] = (),
+    max_epochs: int | None = None,
+    patience: int | None = None,
+    test: bool = False,
+) -> tuple[L.Trainer, FitResult]:
+    """Fit ``module`` with checkpointing (``run_dir/model.ckpt`` best, ``last.ckpt``) and early
+    stopping on ``monitor``; optionally test the best checkpoint.
+
+    Returns:
+        The trainer (for ``trainer.test`` and callbacks) and a :class:`FitResult`.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir, filename="model", monitor=monitor, mode=mode, save_last=True, enable_version_counter=False
+    )
+    stopper = EarlyStopping(monitor=monitor, mode=mode, patience=patience or trainer_cfg.patience)
+    trainer = L.Trainer(
+        default_root_dir=str(run_dir),
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        precision=resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator),
+        max_epochs=max_epochs or trainer_cfg.max_epochs,
+        min_epochs=trainer_cfg.min_epochs,
+        limit_train_batches=_count_or_fraction(trainer_cfg.limit_train_batches),
+        limit_val_batches=_count_or_fraction(trainer_cfg.limit_val_batches),
+        check_val_every_n_epoch=trainer_cfg.check_val_every_n_epoch,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        deterministic=trainer_cfg.deterministic,
+        enable_progress_bar=trainer_cfg.progress_bar,
+        enable_model_summary=False,
+        logger=list(loggers) or False,
+        callbacks=[checkpoint, stopper, *callbacks],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    wall = time.perf_counter() - start
+    best_score = checkpoint.best_model_score
+    result = FitResult(
+        best_path=checkpoint.best_model_path,
+        best_score=None if best_score is None else float(best_score),
+        monitor=monitor,
+        epochs=trainer.current_epoch,
+        best_epoch=_best_epoch(checkpoint.best_model_path),
+        wall_s=round(wall, 2),
+    )
+    return trainer, result
+
+
+def _count_or_fraction(value: float) -> float | int:
+    return int(value) if value > 1 else float(value)
+
+
+def _best_epoch(path: str) -> int | None:
+    if not path or not Path(path).is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return int(ckpt.get("epoch", -1)) + 1

@@ -1,0 +1,112 @@
+"""What every stage shares: run folders, seeding, exported weights, and the per-stage summary.
+
+Run-folder protocol: ``config.yaml`` is written when a stage starts, artefacts are written
+atomically as they are produced, and a stage's *marker* file (``metrics.json`` for source models,
+``test_summary.json`` for target runs) is written last — a folder is finished only when its
+marker exists. Re-running a finished stage skips it unless ``force=true``; a folder holding a
+run made with a different config is refused rather than silently reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
+from torch import nn
+
+from tmerge.config import config_hash, save_config, to_container
+from tmerge.errors import RunError
+from tmerge.io import write_safetensors
+
+log = logging.getLogger("tmerge")
+
+NET_FILE = "net.safetensors"
+FISHER_FILE = "fisher.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class FisherConfig:
+    """Empirical-Fisher settings for the source models (computed once, after training)."""
+
+    max_samples: int | None = None  # None: every training volume (18 for a paper task)
+    normalize: str = "none"  # "none" | "sum" (the original T-IMM code) | "l2"
+    method: str = "auto"  # "auto" | "loop" | "vmap" — all give the same numbers
+
+
+def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:
+    """Prepare ``run_dir`` for a stage; return ``False`` if it is finished and should be skipped.
+
+    Raises:
+        RunError: the folder holds an (unfinished or finished) run of a *different* config and
+            ``force`` is not set.
+    """
+    cfg_hash = config_hash(cfg, ignore=("force",))
+    saved = run_dir / CONFIG_FILE
+    if run_dir.exists() and force:
+        shutil.rmtree(run_dir)
+    elif saved.is_file():
+        from omegaconf import OmegaConf
+
+        old_hash = config_hash(OmegaConf.load(saved), ignore=("force",))
+        if old_hash != cfg_hash:
+            raise RunError(
+                f"{run_dir} holds a run made with a different config (see {saved}); "
+                "pass force=true to overwrite it, or choose another runs_dir"
+            )
+        if (run_dir / marker).is_file():
+            return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return True
+
+
+def save_net(path: Path, net: nn.Module, meta: Mapping[str, Any]) -> Path:
+    """Save the network's state dict to safetensors with its architecture in the metadata."""
+    return write_safetensors(path, net.state_dict(), {"tmerge": json.dumps(dict(meta))})
+
+
+def load_net(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a state dict and its architecture metadata written by :func:`save_net`.
+
+    Raises:
+        RunError: missing or unreadable file, naming it.
+    """
+    if not path.is_file():
+        raise RunError(f"{path}: model weights not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("tmerge", "{}"))
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunError(f"{path}: not a readable safetensors weight file ({exc})") from None
+
+
+def check_architecture(path: Path, meta: Mapping[str, Any], expected: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse weights whose architecture (``keys`` of the metadata) differs from ``expected``."""
+    diffs = [f"{k}={meta.get(k)!r} (expected {expected.get(k)!r})" for k in keys if meta.get(k) != expected.get(k)]
+    if diffs:
+        raise RunError(f"{path}: weights of another architecture: {', '.join(diffs)}")
+
+
+def best_state_dict(ckpt_path: str, prefix: str = "net.") -> dict[str, torch.Tensor]:
+    """The network's weights from a Lightning checkpoint (loaded with ``weights_only=True``)."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted zip, refused pickle, …
+        raise RunError(f"{ckpt_path}: not a readable checkpoint ({exc})") from None
+    state = ckpt.get("state_dict", {})
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as a plain dict (for loggers)."""
+    return to_container(cfg)

@@ -1,0 +1,166 @@
+"""Source-task training: M1 (task 1, HCP labels 1:7), M2 (task 2, labels 8:14, initialised from
+M1) and the paper's All-HCP baselines — then the empirical Fisher of the best model.
+
+Outputs in ``runs/<name>/``: ``model.ckpt`` (best, Lightning), ``last.ckpt``,
+``net.safetensors`` (best weights + architecture), ``fisher.safetensors`` (Fisher of the fused
+parameters), ``splits.json``, ``config.yaml``, ``logs/metrics.csv`` and, written last,
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+
+from tmerge.data.hcp import HCPDataConfig, HCPDataModule
+from tmerge.errors import ConfigError, RunError
+from tmerge.fisher import FisherCallback
+from tmerge.io import write_json
+from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
+from tmerge.nets import partition
+from tmerge.nets.config import NetConfig
+from tmerge.paths import runs_dir
+from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, fit
+from tmerge.stages.common import (
+    FISHER_FILE,
+    NET_FILE,
+    FisherConfig,
+    check_architecture,
+    config_dict,
+    load_net,
+    save_net,
+    start_run,
+)
+from tmerge.transfer import transfer_parameters
+
+log = logging.getLogger("tmerge")
+
+MARKER = "metrics.json"
+#: Architecture keys that must agree between a model and the weights it is initialised from.
+ARCH_KEYS = ("in_channels", "base_filters", "depth")
+
+
+@dataclass
+class SourceStageConfig:
+    """Config of a source-model run (``tmerge task1``, ``tmerge task2``, ``tmerge source``)."""
+
+    # Run folder name under runs/. None: derived from the data (all-hcp, all-hcp-1-7, …).
+    name: str | None = None
+    # Run whose weights initialise this one ("task1" for M2: incremental training keeps the
+    # parameters of the source models in correspondence, paper §3.1). None: fresh He init.
+    init_from: str | None = None
+    seed: int = 0
+    force: bool = False  # retrain even if the run folder holds a finished run
+    runs_dir: str | None = None  # None: $TMERGE_RUNS or ./runs
+    data: HCPDataConfig = field(default_factory=HCPDataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+#: Short command-line keys: ``tmerge source labels=all split=all``.
+ALIASES = {"labels": "data.labels", "split": "data.split", "epochs": "trainer.max_epochs"}
+
+
+def run_name(cfg: SourceStageConfig) -> str:
+    """The run folder's name: ``cfg.name`` or, for All-HCP baselines, ``all-hcp[-1-7|-8-14]``."""
+    if cfg.name:
+        return cfg.name
+    labels = "" if cfg.data.labels == "all" else "-" + cfg.data.labels.replace(":", "-")
+    return f"{'all-hcp' if cfg.data.split == 'all' else cfg.data.split}{labels}"
+
+
+def net_meta(cfg: SourceStageConfig, dm: HCPDataModule) -> dict:
+    """Architecture and task description stored beside the weights."""
+    return {
+        "arch": "Isensee2017",
+        "in_channels": dm.in_channels,
+        "n_classes": dm.n_outputs,
+        "base_filters": cfg.net.base_filters,
+        "depth": cfg.net.depth,
+        "output_mode": dm.output_mode,
+        "class_names": list(dm.class_names),
+        "labels": cfg.data.labels,
+        "split": cfg.data.split,
+    }
+
+
+def run_source(cfg: SourceStageConfig) -> Path:
+    """Train one source model and its Fisher; return the run folder. Skips a finished run."""
+    root = runs_dir(cfg.runs_dir)
+    name = run_name(cfg)
+    run_dir = root / name
+    if cfg.init_from == name:
+        raise ConfigError(f"init_from: a run cannot start from itself ({name!r})")
+    init_state = _load_init(root, cfg) if cfg.init_from else None
+    if not start_run(run_dir, cfg, MARKER, force=cfg.force):
+        log.info("%s is finished (%s); pass force=true to train it again", run_dir, run_dir / MARKER)
+        return run_dir
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = HCPDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
+    net = cfg.net.build(dm.in_channels, dm.n_outputs)
+    meta = net_meta(cfg, dm)
+    fused, specific = partition(net)
+    if init_state is not None:
+        state, init_meta, path = init_state
+        check_architecture(path, init_meta, meta, ARCH_KEYS)
+        heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
+        report = transfer_parameters(net, state, exclude=heads)
+        log.info("%s: initialised from %s — %s", name, path, report.summary())
+
+    module = SegmentationModule(
+        net,
+        output_mode=dm.output_mode,
+        class_names=dm.class_names,
+        patch_size=cfg.data.patch_size,
+        optim=cfg.optim,
+        loss=cfg.loss,
+    )
+    fisher = FisherCallback(
+        dirpath=str(run_dir),
+        filename=FISHER_FILE,
+        max_samples=cfg.fisher.max_samples,
+        normalize=cfg.fisher.normalize,
+        method=cfg.fisher.method,
+        names=fused,
+    )
+    loggers = build_loggers(cfg.logger, run_dir, root, name, config_dict(cfg))
+    trainer, result = fit(
+        module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers, callbacks=[fisher]
+    )
+    # Re-validate the best checkpoint for its per-class Dice (the log holds the last epoch's).
+    scores = trainer.validate(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)[0]
+    if trainer.is_global_zero:
+        save_net(run_dir / NET_FILE, module.net, meta)
+        write_json(
+            run_dir / MARKER,
+            {
+                "name": name,
+                "val_dice": scores.get("val/dice"),
+                "val_dice_per_class": {c: scores.get(f"val/dice_{c}") for c in dm.class_names},
+                **result.as_dict(),
+                "fused_parameters": len(fused),
+                "task_specific_parameters": len(specific),
+            },
+        )
+    log.info("%s: best val Dice %.3f after %d epochs (%.0f s)", name, scores.get("val/dice", float("nan")), result.epochs, result.wall_s)
+    return run_dir
+
+
+def _load_init(root: Path, cfg: SourceStageConfig):
+    path = root / str(cfg.init_from) / NET_FILE
+    if not path.is_file():
+        raise RunError(
+            f"{run_name(cfg)} starts from the model of run {cfg.init_from!r}, but {path} does not exist; "
+            f"train it first (e.g. `make {cfg.init_from}`)"
+        )
+    state, meta = load_net(path)
+    return state, meta, path

@@ -1,0 +1,313 @@
+"""BraTS target stages: initialise the network one way or another, then fine-tune and test.
+
+Initialisations are registry entries chosen by ``init=…`` (paper §4.3), so a sweep is a list of
+names:
+
+========== ==============================================================================
+none       no transfer: fresh He initialisation
+m1, m2     parameter transfer from one source model (``sources[0]`` / ``sources[1]``)
+all-hcp*   parameter transfer from an All-HCP baseline model (paper's "Understanding T-IMM")
+imm        eq. 2 with uniform α (Fisher-weighted mode-IMM) over all ``sources``
+mean-imm   uniform α and unit Fishers (plain averaging)
+timm       adaption stage (learn α per layer and S) → fine-tune (paper §3.3)
+========== ==============================================================================
+
+Every initialisation re-creates the three segmentation heads for the target task. Fused layers
+whose shape differs between the sources and the target (the first convolution: 2 HCP channels
+vs 4 BraTS modalities) are re-initialised and trained with S, as the original code effectively
+did.
+
+Outputs in ``runs/brats/p<portion>/<init>/`` (``…/seed<k>/<init>`` for ``seeds=[…]`` sweeps):
+``model.ckpt``, ``stages.json`` (epochs and best validation score per stage, paper Table 3),
+``test_per_subject.csv``, ``alphas.json`` (timm), ``splits.json``, ``config.yaml`` and, written
+last, ``test_summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from tmerge.data.brats import BraTSDataConfig, BraTSDataModule
+from tmerge.errors import ConfigError, RunError
+from tmerge.fisher import load_fisher
+from tmerge.io import write_json, write_text
+from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
+from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
+from tmerge.nets import layer_groups, partition
+from tmerge.nets.config import NetConfig
+from tmerge.paths import runs_dir
+from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, fit
+from tmerge.stages.common import (
+    FISHER_FILE,
+    NET_FILE,
+    config_dict,
+    load_net,
+    start_run,
+)
+from tmerge.transfer import transfer_parameters
+
+log = logging.getLogger("tmerge")
+
+MARKER = "test_summary.json"
+ARCH_KEYS = ("base_filters", "depth")
+
+
+@dataclass
+class AdaptionConfig:
+    """T-IMM adaption stage: learn the mixing ratios δ (and S) with the sources frozen."""
+
+    max_epochs: int = 20  # a short stage (paper Table 3: 10–20 epochs)
+    patience: int = 4  # stop when the validation loss stops improving
+    lr: float = 5e-3  # δ lives in sigmoid space: a larger step than the network's
+    eps: float = 1e-8  # added to the Fisher in eq. 2's denominator
+
+
+@dataclass
+class TargetStageConfig:
+    """Config of a BraTS run (``tmerge timm``, ``tmerge imm``, ``tmerge target init=…``, sweeps)."""
+
+    init: str = "timm"  # one of INITS (see the module docstring)
+    sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # source run names
+    seed: int = 0
+    # A sweep runs every entry of `inits` once per seed in `seeds`; with one seed the runs go
+    # to runs/brats/p<portion>/<init>, with several to runs/brats/p<portion>/seed<k>/<init>.
+    inits: list[str] = field(default_factory=lambda: ["none", "m1", "m2", "imm", "timm"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    force: bool = False
+    runs_dir: str | None = None
+    data: BraTSDataConfig = field(default_factory=BraTSDataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+ALIASES = {"portion": "data.portion", "epochs": "trainer.max_epochs"}
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    """How the target network's weights are obtained before fine-tuning."""
+
+    kind: str  # "none" | "transfer" | "imm" | "timm"
+    source: Callable[[TargetStageConfig], list[str]] = lambda cfg: []
+    fisher: bool = True  # False: mean-IMM (unit Fishers)
+
+
+def _nth(i: int) -> Callable[[TargetStageConfig], list[str]]:
+    def pick(cfg: TargetStageConfig) -> list[str]:
+        if len(cfg.sources) <= i:
+            raise ConfigError(f"sources: init=m{i + 1} needs at least {i + 1} source runs, got {list(cfg.sources)}")
+        return [cfg.sources[i]]
+
+    return pick
+
+
+def _all_sources(cfg: TargetStageConfig) -> list[str]:
+    return list(cfg.sources)
+
+
+INITS: dict[str, Initialisation] = {
+    "none": Initialisation("none"),
+    "m1": Initialisation("transfer", _nth(0)),
+    "m2": Initialisation("transfer", _nth(1)),
+    "all-hcp": Initialisation("transfer", lambda cfg: ["all-hcp"]),
+    "all-hcp-1-7": Initialisation("transfer", lambda cfg: ["all-hcp-1-7"]),
+    "all-hcp-8-14": Initialisation("transfer", lambda cfg: ["all-hcp-8-14"]),
+    "imm": Initialisation("imm", _all_sources),
+    "mean-imm": Initialisation("imm", _all_sources, fisher=False),
+    "timm": Initialisation("timm", _all_sources),
+}
+
+
+def target_dir(cfg: TargetStageConfig, init: str, seed: int | None = None) -> Path:
+    base = runs_dir(cfg.runs_dir) / "brats" / f"p{cfg.data.portion}"
+    return base / init if seed is None else base / f"seed{seed}" / init
+
+
+@dataclass
+class Source:
+    """A trained source model: its weights, Fisher and architecture."""
+
+    name: str
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    fisher: dict[str, torch.Tensor] | None
+
+
+def load_sources(cfg: TargetStageConfig, names: list[str], fused: list[str], with_fisher: bool) -> list[Source]:
+    """Load source runs by name, checking they exist and match the target architecture."""
+    root = runs_dir(cfg.runs_dir)
+    expected = {"base_filters": cfg.net.base_filters, "depth": cfg.net.depth}
+    sources = []
+    for name in names:
+        path = root / name / NET_FILE
+        if not path.is_file():
+            hint = f"make {name}" if name in ("task1", "task2") else f"tmerge source … name={name}"
+            raise RunError(f"source model {name!r} not found: {path} does not exist; train it first ({hint})")
+        state, meta = load_net(path)
+        diffs = [f"{k}={meta.get(k)!r} (target {expected[k]!r})" for k in ARCH_KEYS if meta.get(k) != expected[k]]
+        if diffs:
+            raise RunError(f"{path}: source of another architecture than the target net: {', '.join(diffs)}")
+        fisher = None
+        if with_fisher:
+            # Only the layers that are merged need a Fisher; a shape-mismatched first layer is skipped later.
+            in_source = [n for n in fused if n in state and state[n].shape is not None]
+            fisher = load_fisher(root / name / FISHER_FILE, expected_names=in_source)
+        sources.append(Source(name, state, meta, fisher))
+    return sources
+
+
+def run_target(cfg: TargetStageConfig) -> Path:
+    """Initialise by ``cfg.init``, (adapt,) fine-tune and test one BraTS run; return its folder."""
+    if cfg.init not in INITS:
+        raise ConfigError(f"init: expected one of {', '.join(INITS)}, got {cfg.init!r}")
+    init = INITS[cfg.init]
+    run_dir = target_dir(cfg, cfg.init, None if len(cfg.seeds) <= 1 else cfg.seed)
+    source_names = init.source(cfg)
+    if init.kind in ("imm", "timm") and len(source_names) < 2:
+        raise ConfigError(f"sources: init={cfg.init} merges at least 2 source runs, got {source_names}")
+    # Fail on a missing source before anything is written into the run folder.
+    for name in source_names:
+        if not (runs_dir(cfg.runs_dir) / name / NET_FILE).is_file():
+            load_sources(cfg, [name], [], with_fisher=False)
+    run_cfg = dataclasses.replace(cfg, inits=[cfg.init], seeds=[cfg.seed])
+    if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
+        log.info("%s is finished; pass force=true to run it again", run_dir)
+        return run_dir
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = BraTSDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
+    net = cfg.net.build(dm.in_channels, dm.n_outputs)
+    fused, specific = partition(net)
+    heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
+    sources = load_sources(cfg, source_names, fused, with_fisher=init.fisher and init.kind in ("imm", "timm"))
+    root = runs_dir(cfg.runs_dir)
+    tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
+    stages: dict[str, Any] = {"init": cfg.init, "sources": source_names}
+
+    if init.kind == "transfer":
+        report = transfer_parameters(net, sources[0].state, exclude=heads)
+        log.info("%s: transfer from %s — %s", cfg.init, sources[0].name, report.summary())
+    elif init.kind in ("imm", "timm"):
+        layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
+        if mismatched:
+            log.info("%s: layers of other shape in the sources, re-initialised and trained with S: %s", cfg.init, ", ".join(mismatched))
+        fishers = [s.fisher for s in sources] if init.fisher else None
+        if init.kind == "imm":
+            alphas = torch.full((len(sources),), 1.0 / len(sources))
+            merged = imm_merge([s.state for s in sources], fishers, alphas, layers=layers, eps=cfg.adaption.eps)
+            net.load_state_dict({**net.state_dict(), **merged})
+        else:
+            net, stages["adaption"] = _adapt(cfg, dm, net, sources, fishers, layers, run_dir, root, tags)
+
+    module = SegmentationModule(
+        net, output_mode=dm.output_mode, class_names=dm.class_names, patch_size=cfg.data.patch_size, optim=cfg.optim, loss=cfg.loss
+    )
+    loggers = build_loggers(_logger_cfg(cfg, tags + ["finetune"]), run_dir, root, f"p{cfg.data.portion}-{cfg.init}", config_dict(run_cfg))
+    trainer, result = fit(module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers)
+    stages["finetune"] = result.as_dict()
+    trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)
+    if trainer.is_global_zero:
+        write_json(run_dir / "stages.json", stages)
+        summary = write_test_results(run_dir, module.test_records, dm.class_names)
+        log.info("%s p%s: test Dice %s", cfg.init, cfg.data.portion, ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "n"))
+    return run_dir
+
+
+def _logger_cfg(cfg: TargetStageConfig, tags: list[str]) -> LoggerConfig:
+    wandb = dataclasses.replace(
+        cfg.logger.wandb,
+        group=cfg.logger.wandb.group or f"brats-p{cfg.data.portion}",
+        tags=[*cfg.logger.wandb.tags, *tags],
+    )
+    return LoggerConfig(wandb=wandb)
+
+
+def _adapt(
+    cfg: TargetStageConfig,
+    dm: BraTSDataModule,
+    net: nn.Module,
+    sources: list[Source],
+    fishers: list[dict[str, torch.Tensor]] | None,
+    layers: dict[str, list[str]],
+    run_dir: Path,
+    root: Path,
+    tags: list[str],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """T-IMM adaption stage: train δ and S on the target with the sources frozen; return the net
+    with P materialised from the learned α (S kept) and the stage's summary."""
+    adaptive = AdaptiveMerge(net, [s.state for s in sources], fishers, layers, eps=cfg.adaption.eps)
+    module = SegmentationModule(
+        adaptive,
+        output_mode=dm.output_mode,
+        class_names=dm.class_names,
+        patch_size=cfg.data.patch_size,
+        optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr),
+        loss=cfg.loss,
+    )
+    stage_dir = run_dir / "adaption"
+    loggers = build_loggers(_logger_cfg(cfg, tags + ["adaption"]), stage_dir, root, f"p{cfg.data.portion}-timm-adaption", config_dict(cfg))
+    trainer, result = fit(
+        module,
+        dm,
+        run_dir=stage_dir,
+        trainer_cfg=cfg.trainer,
+        loggers=loggers,
+        monitor="val/loss",
+        mode="min",
+        max_epochs=cfg.adaption.max_epochs,
+        patience=cfg.adaption.patience,
+    )
+    if result.best_path:
+        ckpt = torch.load(result.best_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"])
+    scores = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    alphas = adaptive.mixing.alphas_dict()
+    if trainer.is_global_zero:
+        write_json(
+            run_dir / "alphas.json",
+            {"sources": [s.name for s in sources], "layers": list(alphas), "alphas": alphas},
+        )
+    summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
+    log.info("timm adaption: %d epochs, val Dice %.3f; α (first source) per layer: %s", result.epochs, summary["val_dice"] or float("nan"),
+             " ".join(f"{a[0]:.2f}" for a in alphas.values()))
+    return adaptive.release(), summary
+
+
+def write_test_results(run_dir: Path, records: list[dict[str, Any]], class_names: list[str]) -> dict[str, float]:
+    """Write ``test_per_subject.csv`` and ``test_summary.json`` (the run's finished marker)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["subject", *class_names])
+    writer.writeheader()
+    for rec in records:
+        writer.writerow({k: rec[k] for k in ["subject", *class_names]})
+    write_text(run_dir / "test_per_subject.csv", buf.getvalue())
+    n = len(records)
+    summary: dict[str, Any] = {c: sum(r[c] for r in records) / n if n else float("nan") for c in class_names}
+    summary["mean"] = sum(summary[c] for c in class_names) / len(class_names) if n else float("nan")
+    summary["n"] = n
+    write_json(run_dir / MARKER, summary)
+    return summary
+
+
+def run_sweep(cfg: TargetStageConfig) -> None:
+    """Every initialisation in ``cfg.inits``, once per seed in ``cfg.seeds``, on identical splits."""
+    for seed in cfg.seeds:
+        for init in cfg.inits:
+            run_dir = run_target(dataclasses.replace(cfg, init=init, seed=seed))
+            summary = (run_dir / MARKER).read_text() if (run_dir / MARKER).is_file() else "{}"
+            log.info("sweep p%s seed %d %-12s %s", cfg.data.portion, seed, init, summary.replace("\n", " "))
