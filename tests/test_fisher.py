@@ -1,0 +1,342 @@
+"""Empirical Fisher: equality with an independent brute-force loop, methods, options, files."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tmerge.errors import RunError
+from tmerge.fisher import (
+    FisherCallback,
+    check_finite,
+    compute_fisher_sums,
+    empirical_fisher,
+    fisher_sums,
+    load_fisher,
+    normalize_fisher,
+)
+from tmerge.io import write_safetensors
+from tmerge.nets import Isensee2017, partition
+
+N, C, K, S = 8, 2, 3, 4  # samples, input channels, classes, spatial size
+
+
+def _net(dropout: float = 0.0, norm: str | None = None) -> nn.Module:
+    torch.manual_seed(1)
+    layers: list[nn.Module] = [nn.Conv3d(C, 4, 3, padding=1)]
+    if norm == "instance":
+        layers.append(nn.InstanceNorm3d(4, affine=True))
+    elif norm == "batch":
+        layers.append(nn.BatchNorm3d(4))
+    layers += [nn.LeakyReLU(0.01), nn.Dropout3d(dropout), nn.Conv3d(4, K, 1)]
+    net = nn.Sequential(*layers)
+    if norm == "batch":  # non-trivial running statistics, used in eval mode
+        net.train()
+        with torch.no_grad():
+            net(torch.randn(4, C, S, S, S) * 2 + 1)
+    return net
+
+
+def _data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(N, C, S, S, S, generator=g), torch.randint(0, K, (N, S, S, S), generator=g)
+
+
+def _batches(x: Tensor, y: Tensor, size: int, as_dict: bool) -> list:
+    out = []
+    for i in range(0, len(x), size):
+        xb, yb = x[i : i + size], y[i : i + size]
+        out.append({"image": xb, "label": yb} if as_dict else (xb, yb))
+    return out
+
+
+def _brute_force(net: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Reference written independently: plain .backward() on one sample at a time, in eval mode."""
+    net.eval()
+    acc = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    for i in range(len(x)):
+        net.zero_grad()
+        F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]).backward()
+        for n, p in net.named_parameters():
+            acc[n] += p.grad**2
+    net.zero_grad()
+    return {n: a / len(x) for n, a in acc.items()}
+
+
+def _assert_close(a: dict[str, Tensor], b: dict[str, Tensor], rtol: float = 1e-5) -> None:
+    assert list(a) == list(b)
+    # Absolute slack relative to the largest entry overall: some entries are exactly zero in
+    # theory (a conv bias before an instance norm) and only round-off in practice.
+    scale = max(float(t.abs().max()) for t in b.values())
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=rtol * scale, msg=n)
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+@pytest.mark.parametrize(("batch_size", "as_dict"), [(1, True), (3, False), (8, True)])
+def test_equals_brute_force_for_any_batch_size(method: str, batch_size: int, as_dict: bool) -> None:
+    net = _net(norm="instance")
+    x, y = _data()
+    ref = _brute_force(net, x, y)
+    fisher = empirical_fisher(
+        net, _batches(x, y, batch_size, as_dict), F.cross_entropy, method=method, chunk_size=3
+    )
+    _assert_close(fisher, ref)
+    assert all(f.dtype == torch.float32 and f.device.type == "cpu" for f in fisher.values())
+
+
+def test_torch_dataloader_and_max_samples() -> None:
+    net = _net()
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    _assert_close(
+        empirical_fisher(net, loader, F.cross_entropy, max_samples=5), _brute_force(net, x[:5], y[:5])
+    )
+    sums, count = fisher_sums(net, loader, F.cross_entropy, max_samples=5)
+    assert count == 5
+
+
+def test_squared_batch_gradient_is_not_the_fisher() -> None:
+    """The known bug (square of the batch-mean gradient) gives a different answer: the test can fail."""
+    net = _net()
+    x, y = _data()
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    wrong = {n: p.grad**2 for n, p in net.named_parameters()}
+    fisher = empirical_fisher(net, [(x, y)], F.cross_entropy)
+    for n in fisher:
+        assert not torch.allclose(fisher[n], wrong[n], rtol=1e-2), n
+    with pytest.raises(AssertionError):
+        _assert_close(fisher, wrong)
+
+
+def test_loop_equals_vmap_on_isensee() -> None:
+    net = Isensee2017(in_channels=C, n_classes=K, base_filters=4, depth=3, dropout=0.3)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, C, 8, 16, 16, generator=g), torch.randint(0, K, (3, 8, 16, 16), generator=g)
+    fused, _ = partition(net)
+    loop = compute_fisher_sums(net, [(x, y)], F.cross_entropy, names=fused, method="loop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # vmap must work (no fallback) with InstanceNorm3d and Dropout3d
+        vmap = compute_fisher_sums(net, [(x, y)], F.cross_entropy, names=fused, method="vmap", chunk_size=2)
+    assert (loop.method, vmap.method) == ("loop", "vmap")
+    assert loop.count == vmap.count == 3
+    assert list(loop.sums) == fused
+    # Instance norm at a small bottleneck amplifies float32 round-off differently in the two
+    # evaluation orders (they agree to ~1e-5 here; see the module docstring of tmerge.fisher).
+    _assert_close(vmap.sums, loop.sums, rtol=1e-4)
+
+
+def test_dropout_model_is_deterministic_and_modes_are_restored() -> None:
+    net = _net(dropout=0.5)
+    x, y = _data()
+    net.train()
+    net[0].eval()  # a sub-module deliberately in eval mode must stay so
+    first = empirical_fisher(net, [(x, y)], F.cross_entropy, method="loop")
+    second = empirical_fisher(net, [(x, y)], F.cross_entropy, method="vmap")
+    _assert_close(first, second)
+    assert net.training and net[3].training and not net[0].training
+    _assert_close(first, _brute_force(net, x, y))  # eval mode: dropout off
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_batchnorm_in_eval_and_norm_free_models() -> None:
+    x, y = _data()
+    for norm in ("batch", None):
+        net = _net(norm=norm)
+        ref = _brute_force(net, x, y)
+        _assert_close(empirical_fisher(net, [(x, y)], F.cross_entropy, method="vmap"), ref)
+        _assert_close(empirical_fisher(net, [(x, y)], F.cross_entropy, method="loop"), ref)
+
+
+def test_names_subset_and_frozen_parameters() -> None:
+    net = _net(norm="instance")
+    x, y = _data()
+    net[0].weight.requires_grad_(False)
+    default = empirical_fisher(net, [(x, y)], F.cross_entropy)
+    assert "0.weight" not in default and "0.bias" in default
+    chosen = empirical_fisher(net, [(x, y)], F.cross_entropy, names=["4.weight", "0.weight"])
+    assert list(chosen) == ["4.weight", "0.weight"]
+    net[0].weight.requires_grad_(True)
+    ref = _brute_force(net, x, y)
+    _assert_close(chosen, {n: ref[n] for n in chosen})
+    with pytest.raises(ValueError, match="missing.weight"):
+        empirical_fisher(net, [(x, y)], F.cross_entropy, names=["missing.weight"])
+
+
+def test_vmap_failure_falls_back_to_the_loop_with_a_warning() -> None:
+    net = _net()
+    x, y = _data()
+
+    def branching_loss(out: Tensor, target: Tensor) -> Tensor:
+        loss = F.cross_entropy(out, target)
+        return loss * 2 if loss.item() > 0 else loss  # data-dependent: no vmap
+
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        result = compute_fisher_sums(net, [(x, y)], branching_loss, method="vmap")
+    assert result.method == "loop" and result.count == N
+    ref = _brute_force(net, x, y)
+    _assert_close({n: s / N for n, s in result.sums.items()}, {n: 4 * r for n, r in ref.items()})
+
+
+def test_normalisation_options() -> None:
+    net = _net()
+    x, y = _data()
+    raw = empirical_fisher(net, [(x, y)], F.cross_entropy)
+    by_sum = empirical_fisher(net, [(x, y)], F.cross_entropy, normalize="sum")
+    by_l2 = empirical_fisher(net, [(x, y)], F.cross_entropy, normalize="l2")
+    assert sum(float(f.sum()) for f in by_sum.values()) == pytest.approx(1.0, rel=1e-5)
+    assert sum(float(f.square().sum()) for f in by_l2.values()) == pytest.approx(1.0, rel=1e-5)
+    total = sum(float(f.sum()) for f in raw.values())
+    _assert_close(by_sum, {n: f / total for n, f in raw.items()})
+    with pytest.raises(ValueError, match="'max'"):
+        empirical_fisher(net, [(x, y)], F.cross_entropy, normalize="max")
+    with pytest.raises(ValueError, match="total is 0"):
+        normalize_fisher({"a": torch.zeros(3)}, "sum")
+
+
+def test_bad_arguments() -> None:
+    net = _net()
+    x, y = _data()
+    with pytest.raises(ValueError, match="'fast'"):
+        empirical_fisher(net, [(x, y)], F.cross_entropy, method="fast")
+    with pytest.raises(ValueError, match="no samples"):
+        empirical_fisher(net, [], F.cross_entropy)
+    with pytest.raises(ValueError, match="scalar"):
+        empirical_fisher(net, [(x, y)], lambda o, t: F.cross_entropy(o, t, reduction="none"), method="loop")
+    with pytest.raises(ValueError, match="'image' and 'label'"):
+        empirical_fisher(net, [{"x": x, "y": y}], F.cross_entropy)
+
+
+def test_load_fisher_roundtrip_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "fisher.safetensors"
+    write_safetensors(path, {"a.weight": torch.ones(2, 3), "b.bias": torch.zeros(4)}, {"samples": 3})
+    loaded = load_fisher(path, expected_names=["a.weight"])
+    assert set(loaded) == {"a.weight", "b.bias"} and loaded["a.weight"].shape == (2, 3)
+    with pytest.raises(RunError, match=r"fisher\.safetensors.*c\.weight, d\.bias"):
+        load_fisher(path, expected_names=["a.weight", "c.weight", "d.bias"])
+    with pytest.raises(RunError, match=r"nothere\.safetensors.*not found"):
+        load_fisher(tmp_path / "nothere.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x07\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(RunError, match=r"garbage\.safetensors.*not a readable"):
+        load_fisher(garbage)
+
+
+def test_check_finite_names_the_parameter() -> None:
+    check_finite({"a": torch.ones(2)}, "run")
+    with pytest.raises(RunError, match=r"'b\.weight'.*1 non-finite"):
+        check_finite({"a": torch.ones(2), "b.weight": torch.tensor([1.0, float("nan")])}, "run")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"normalize": "mean"}, "'mean'"),
+        ({"method": "jit"}, "'jit'"),
+        ({"max_samples": 0}, "0"),
+        ({"filename": "fisher.pt"}, "'fisher.pt'"),
+        ({"names": "conv.weight"}, "'conv.weight'"),
+        ({"num_workers": -1}, "-1"),
+    ],
+)
+def test_callback_validates_its_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FisherCallback(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# FisherCallback end to end (a subprocess per run, so that Lightning's DDP launcher can re-run it)
+# --------------------------------------------------------------------------------------------
+
+_WORKER = Path(__file__).with_name("fisher_ddp_worker.py")
+
+
+def _load_worker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fisher_ddp_worker", _WORKER)
+    assert spec is not None and spec.loader is not None
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    return worker
+
+
+def _run_worker(out: Path, devices: int):
+    """Train with FisherCallback: in this process for one device, as a subprocess for DDP."""
+    import os
+    import subprocess
+    import sys
+
+    worker = _load_worker()
+    if devices == 1:
+        worker.main(out, 1)
+        return worker
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, str(_WORKER), str(out), str(devices)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return worker
+
+
+def _single_process_fisher(worker, checkpoint: str) -> dict[str, Tensor]:
+    net = worker.make_net()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    loader = torch.utils.data.DataLoader(worker.make_dataset(), batch_size=3)
+    return empirical_fisher(net, loader, worker.sample_loss, method="loop")
+
+
+def _check_run(out: Path, devices: int) -> None:
+    import json
+
+    worker = _run_worker(out, devices)
+    info = json.loads((out / "info.json").read_text())
+    assert info["world"] == devices and info["best"] != info["last"]
+    written = load_fisher(
+        out / "fisher.safetensors", expected_names=[n for n, _ in worker.make_net().named_parameters()]
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(out / "fisher.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["samples"] == str(worker.N_SAMPLES) and meta["world_size"] == str(devices)
+    assert meta["checkpoint"] == info["best"] and meta["normalize"] == "none" and meta["method"] == "vmap"
+    # Same numbers as one process on the best checkpoint (and not the final weights).
+    _assert_close(written, _single_process_fisher(worker, info["best"]))
+    last = _single_process_fisher(worker, info["last"])
+    assert any(not torch.allclose(written[n], last[n], rtol=1e-3) for n in written)
+
+
+def test_callback_single_process(tmp_path: Path) -> None:
+    _check_run(tmp_path, devices=1)
+
+
+def test_callback_contract_errors() -> None:
+    from types import SimpleNamespace
+
+    callback = FisherCallback()
+    module = SimpleNamespace(net=nn.Linear(2, 2), sample_loss=F.mse_loss)
+    with pytest.raises(RunError, match="'net'"):
+        callback.on_train_end(SimpleNamespace(datamodule=None), SimpleNamespace())
+    with pytest.raises(RunError, match="sample_loss"):
+        callback.on_train_end(SimpleNamespace(datamodule=None), SimpleNamespace(net=nn.Linear(2, 2)))
+    with pytest.raises(RunError, match="fisher_dataset"):
+        callback.on_train_end(SimpleNamespace(datamodule=object()), module)
+
+
+@pytest.mark.slow
+def test_callback_ddp_two_processes_equals_single_process(tmp_path: Path) -> None:
+    _check_run(tmp_path, devices=2)
