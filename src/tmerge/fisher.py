@@ -43,6 +43,8 @@ the loop with a warning.
 
 from __future__ import annotations
 
+import pickle
+
 import math
 import os
 import warnings
@@ -711,10 +713,10 @@ class FisherCallback(pl.Callback):
         if not best:
             return None
         try:
-            # Our own checkpoint from this very run: it may hold non-tensor hyper-parameters.
-            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+            # Never unpickle arbitrary objects, not even from our own run folder.
+            checkpoint = torch.load(best, map_location="cpu", weights_only=True)
             state = checkpoint["state_dict"]
-        except (OSError, KeyError, RuntimeError, EOFError) as exc:
+        except (OSError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise RunError(f"{best}: cannot read the best checkpoint for the Fisher ({exc})") from None
         pl_module.load_state_dict(state)
         return str(best)

@@ -1,0 +1,44 @@
+"""Data: NIfTI reading, label mapping, cached preprocessing, seeded splits and the DataModules.
+
+``HCPDataModule`` (paper tasks 1 and 2) and ``BraTSDataModule`` (task 3) read the datasets in
+their native layouts; with ``root=None`` they generate and use the embedded default data.
+
+The DataModules are exported lazily (PEP 562), so importing a light submodule such as
+``tmerge.data.labels`` does not pull in Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BraTSDataConfig": "tmerge.data.brats",
+    "BraTSDataModule": "tmerge.data.brats",
+    "DataConfig": "tmerge.data.common",
+    "SegmentationDataModule": "tmerge.data.common",
+    "data_dir": "tmerge.data.common",
+    "HCPDataConfig": "tmerge.data.hcp",
+    "HCPDataModule": "tmerge.data.hcp",
+}
+
+__all__ = [
+    "BraTSDataConfig",
+    "BraTSDataModule",
+    "DataConfig",
+    "HCPDataConfig",
+    "HCPDataModule",
+    "SegmentationDataModule",
+    "data_dir",
+]
+
+if TYPE_CHECKING:
+    from tmerge.data.brats import BraTSDataConfig, BraTSDataModule
+    from tmerge.data.common import DataConfig, SegmentationDataModule, data_dir
+    from tmerge.data.hcp import HCPDataConfig, HCPDataModule
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tmerge.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,512 @@
+"""Code shared by the HCP and BraTS DataModules: config base, datasets, transforms, the module base.
+
+A dataset kind (``hcp.py``, ``brats.py``) only says where its files are, how subjects are
+split and how a label map becomes a training target; everything else (default data, caching,
+in-memory volumes, patch sampling, loaders, ``splits.json``) lives here once.
+
+Batch formats (``B`` batch, ``C`` modalities, ``P`` patch size, ``L`` = 1 for class indices or 3
+for BraTS regions):
+
+* training: ``{"image": (B, C, P, P, P) float32, "label": (B, L, P, P, P)}``;
+* validation / test: one whole preprocessed volume, ``{"image": (1, C, D, H, W), "label":
+  (1, L, D, H, W), "subject": [id], "meta": [dict]}`` (``meta`` feeds
+  :func:`tmerge.data.preprocess.uncrop`);
+* predict: as validation, without ``"label"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tmerge.data.preprocess import Kind, PreprocessSettings, is_cached, preprocess_cached
+from tmerge.data.splits import save_splits
+from tmerge.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming the data folder (default data and cache); ``data/`` if unset.
+DATA_ENV = "TMERGE_DATA"
+
+# Multiplier that spreads consecutive item indices over the seed space (Knuth's hash).
+_INDEX_MIX = 2654435761
+
+
+def data_dir() -> Path:
+    """The data folder: ``$TMERGE_DATA`` if set, else ``data/`` in the working directory."""
+    return Path(os.environ.get(DATA_ENV) or "data")
+
+
+@dataclass
+class DataConfig:
+    """Fields shared by every dataset's config (see :class:`HCPDataConfig`, :class:`BraTSDataConfig`)."""
+
+    # None: the embedded default data, generated on first use under <data_dir>/default/<kind>,
+    # so the framework runs out of the box; set it to a real dataset's folder otherwise.
+    root: str | None = None
+    # Grid of the generated default data: 64³ (3 mm) trains in minutes on a CPU.
+    generate_size: int = 64
+    # Fixes the splits; the same seed gives the same subjects to every initialisation method.
+    seed: int = 0
+    # Edge of the cubic training patch. 48 = 3 × 16 fits the 4× downsampling network and
+    # covers most of a 64³ brain while keeping a batch small.
+    patch_size: int = 48
+    # Two patches per step: instance norm does not need large batches, memory does.
+    batch_size: int = 2
+    # Patches drawn per training subject per epoch, so tiny portions still make an epoch.
+    samples_per_volume: int = 4
+    # 0: volumes are in memory and patching is cheap; raise it for real-size data.
+    num_workers: int = 0
+    # None: <data_dir>/cache, outside the dataset root, which may be read-only.
+    cache_dir: str | None = None
+    # Random flips and intensity scale/shift on training patches.
+    augment: bool = True
+    # N4 bias-field correction; each dataset sets the paper's choice (BraTS only, §4.2).
+    n4: bool = False
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 16 or self.patch_size % 16:
+            raise ConfigError(
+                f"patch_size: got {self.patch_size}; expected a multiple of 16 (the network downsamples 4×)"
+            )
+        for name in ("batch_size", "samples_per_volume", "generate_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: got {getattr(self, name)}; expected a positive integer")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: got {self.num_workers}; expected >= 0")
+
+    @property
+    def patch_sizes(self) -> tuple[int, int, int]:
+        """The patch size per spatial axis ``(P, P, P)``."""
+        return (self.patch_size,) * 3
+
+
+def make_config(config_class: type[DataConfig], fields: Mapping[str, Any]) -> DataConfig:
+    """Build ``config_class`` from keyword fields, rejecting unknown keys with a clear message."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(
+            f"{config_class.__name__}: unknown key(s) {unknown}; expected some of {sorted(known)}"
+        )
+    return config_class(**fields)
+
+
+@dataclass
+class Discovery:
+    """Subjects found under a dataset root: ``id -> folder`` for labelled and unlabelled ones."""
+
+    labelled: dict[str, Path]
+    unlabelled: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class Subject:
+    """One subject held in memory after setup.
+
+    Attributes:
+        id: Subject id.
+        image: ``(C, D, H, W)`` float32 preprocessed image.
+        target: ``(L, D, H, W)`` uint8 training target (class indices or region masks), or
+            ``None`` for unlabelled subjects.
+        meta: Geometry for :func:`tmerge.data.preprocess.uncrop`.
+    """
+
+    id: str
+    image: np.ndarray
+    target: np.ndarray | None
+    meta: dict[str, Any]
+
+    @functools.cached_property
+    def fg_bg(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of the target's foreground and background voxels (int32), computed once.
+
+        Finding them is most of the cost of a patch, and they never change; computed in the
+        main process, they are shared with forked loader workers instead of rebuilt in each.
+        """
+        from monai.transforms.utils import map_binary_to_indices
+
+        if self.target is None:
+            raise ValueError(f"subject {self.id} has no label")
+        fg, bg = map_binary_to_indices(torch.from_numpy(self.target))
+        # int32 halves the memory; a volume has far fewer than 2^31 voxels.
+        return torch.as_tensor(fg).to(torch.int32), torch.as_tensor(bg).to(torch.int32)
+
+
+def _to_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
+    """MONAI outputs (MetaTensor, tensor or array) → a plain tensor of ``dtype``."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(x).to(dtype)
+
+
+def train_transform(patch: Sequence[int], augment: bool) -> Callable[[dict[str, Any]], Any]:
+    """MONAI pipeline: a patch centred on foreground or background with equal odds, then light
+    augmentation.
+
+    Half the patches centre on labelled voxels so small structures (tumours) are seen often;
+    for multi-channel region targets MONAI takes the union of channels 1.. (TC ∪ WT = WT).
+    """
+    from monai.transforms import (
+        Compose,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    keys = ["image", "label"]
+    crop = RandCropByPosNegLabeld(
+        keys,
+        label_key="label",
+        spatial_size=list(patch),
+        pos=1,
+        neg=1,
+        fg_indices_key="fg",
+        bg_indices_key="bg",
+    )
+    steps: list[Any] = [crop]
+    if augment:
+        # Flips are label-safe (the paper's classes and the tumour regions are not lateralised).
+        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+        steps += [
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    return Compose(steps)
+
+
+class PatchDataset(Dataset):
+    """Random training patches: ``samples_per_volume`` items per subject, drawn afresh each time.
+
+    Each item seeds its transforms from torch's RNG (seeded per worker by the DataLoader and by
+    ``seed_everything``) mixed with the index, so workers do not repeat each other's patches.
+
+    Items: ``{"image": (C, P, P, P) float32, "label": (L, P, P, P) label_dtype}``.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Subject],
+        patch: Sequence[int],
+        samples_per_volume: int,
+        label_dtype: torch.dtype,
+        augment: bool = True,
+    ) -> None:
+        self.subjects = list(subjects)
+        self.samples_per_volume = samples_per_volume
+        self.label_dtype = label_dtype
+        self.transform = train_transform(patch, augment)
+        # Compute the voxel indices now, in the main process, so forked workers share them.
+        for subject in self.subjects:
+            _ = subject.fg_bg
+
+    def __len__(self) -> int:
+        return len(self.subjects) * self.samples_per_volume
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        subject = self.subjects[index // self.samples_per_volume]
+        fg, bg = subject.fg_bg
+        seed = (int(torch.randint(0, 2**31, ())) + index * _INDEX_MIX) % 2**32
+        self.transform.set_random_state(seed=seed)
+        data = {
+            "image": torch.from_numpy(subject.image),
+            "label": torch.from_numpy(subject.target),
+            "fg": fg,
+            "bg": bg,
+        }
+        out = self.transform(data)
+        # RandCropByPosNegLabeld returns a list of num_samples (= 1) dicts.
+        out = out[0] if isinstance(out, list) else out
+        return {
+            "image": _to_tensor(out["image"], torch.float32),
+            "label": _to_tensor(out["label"], self.label_dtype),
+        }
+
+
+class VolumeDataset(Dataset):
+    """Whole preprocessed volumes for validation, test and prediction (no augmentation).
+
+    Items: ``{"image": (C, D, H, W) float32, "label": (L, D, H, W), "subject": id, "meta": dict}``
+    (``"label"`` only for labelled subjects).
+    """
+
+    def __init__(self, subjects: Sequence[Subject], label_dtype: torch.dtype) -> None:
+        self.subjects = list(subjects)
+        self.label_dtype = label_dtype
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.subjects[index]
+        item: dict[str, Any] = {"image": torch.from_numpy(s.image), "subject": s.id, "meta": s.meta}
+        if s.target is not None:
+            item["label"] = torch.from_numpy(s.target).to(self.label_dtype)
+        return item
+
+
+class CentreCropDataset(Dataset):
+    """Deterministic centre crops of patch size, for the Fisher information (no augmentation).
+
+    The Fisher must see inputs of the training size; the volumes are cropped to the brain, so
+    the centre crop covers the middle of the brain.
+
+    Items: ``{"image": (C, P, P, P) float32, "label": (L, P, P, P)}``.
+    """
+
+    def __init__(self, subjects: Sequence[Subject], patch: Sequence[int], label_dtype: torch.dtype) -> None:
+        from monai.transforms import CenterSpatialCropd
+
+        self.subjects = list(subjects)
+        self.label_dtype = label_dtype
+        self.crop = CenterSpatialCropd(["image", "label"], roi_size=list(patch))
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        s = self.subjects[index]
+        out = self.crop({"image": torch.from_numpy(s.image), "label": torch.from_numpy(s.target)})
+        return {
+            "image": _to_tensor(out["image"], torch.float32),
+            "label": _to_tensor(out["label"], self.label_dtype),
+        }
+
+
+def collate_volumes(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images/labels; keep ``subject`` and ``meta`` as lists (default collate would mangle meta)."""
+    batch: dict[str, Any] = {
+        "image": torch.stack([i["image"] for i in items]),
+        "subject": [i["subject"] for i in items],
+        "meta": [i["meta"] for i in items],
+    }
+    if all("label" in i for i in items):
+        batch["label"] = torch.stack([i["label"] for i in items])
+    return batch
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Base of the dataset DataModules; subclasses fill in the dataset-specific hooks.
+
+    Lifecycle (Lightning): ``__init__`` validates the config and does no I/O; ``prepare_data``
+    (one process per node) generates the embedded default if needed and fills the preprocessing
+    cache; ``setup`` (every rank) computes the seeded splits, writes ``splits.json`` and loads the
+    cached volumes into memory, so the training loop never touches disk.
+
+    Attributes:
+        in_channels: Number of input modalities ``C``.
+        n_outputs: Network output channels.
+        output_mode: ``"softmax"`` (class indices, background included) or ``"sigmoid"`` (regions).
+        class_names: Names of the foreground classes / regions.
+        subjects: After setup, ``{"train", "val", "test", "predict"}`` subject id lists.
+        splits: After setup, the full split dictionary (what ``splits.json`` records).
+    """
+
+    kind: ClassVar[Kind]
+    modalities: ClassVar[tuple[str, ...]]
+    config_class: ClassVar[type[DataConfig]]
+    label_dtype: ClassVar[torch.dtype]
+    output_mode: str
+    n_outputs: int
+    class_names: list[str]
+
+    def __init__(self, run_dir: str | None = None, **fields: Any) -> None:
+        super().__init__()
+        self.config = make_config(self.config_class, fields)
+        self.run_dir = run_dir
+        self.in_channels = len(self.modalities)
+        self.save_hyperparameters({**dataclasses.asdict(self.config), "run_dir": run_dir})
+        self.splits: dict[str, Any] | None = None
+        self.subjects: dict[str, list[str]] = {}
+        self._discovery: Discovery | None = None
+        self._loaded: dict[str, Subject] = {}
+
+    @classmethod
+    def from_config(cls, config: DataConfig, run_dir: str | None = None) -> SegmentationDataModule:
+        """Build the module from its config dataclass."""
+        return cls(run_dir=run_dir, **dataclasses.asdict(config))
+
+    # ---- dataset-specific hooks -------------------------------------------------------------
+
+    def discover(self, root: Path) -> Discovery:
+        """List the subjects under ``root`` (directory listing only, no file reads)."""
+        raise NotImplementedError
+
+    def subject_files(self, folder: Path, labelled: bool) -> tuple[dict[str, Path], Path | None]:
+        """``(modality -> file in channel order, label file or None)`` of one subject folder."""
+        raise NotImplementedError
+
+    def make_splits(self, discovery: Discovery, source: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """``(full splits to record, {"train", "val", "test", "predict"} of this experiment)``."""
+        raise NotImplementedError
+
+    def to_target(self, label: np.ndarray) -> np.ndarray:
+        """Preprocessed label map ``(D, H, W)`` → training target ``(L, D, H, W)`` uint8."""
+        raise NotImplementedError
+
+    def layout_hint(self) -> str:
+        """One line describing the expected folder layout, for error messages."""
+        raise NotImplementedError
+
+    def preprocess_settings(self) -> PreprocessSettings:
+        """Settings of the cached preprocessing: volumes at least one patch wide."""
+        return PreprocessSettings(n4=self.config.n4, min_size=max(self.config.patch_sizes))
+
+    # ---- paths ------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        """The dataset root (the embedded default's folder if ``root`` is None)."""
+        if self.config.root is None:
+            return data_dir() / "default" / self.kind
+        return Path(self.config.root).expanduser()
+
+    @property
+    def cache_dir(self) -> Path:
+        """The preprocessing cache folder."""
+        return Path(self.config.cache_dir).expanduser() if self.config.cache_dir else data_dir() / "cache"
+
+    # ---- Lightning hooks --------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Generate the default data if needed, then preprocess and cache every needed subject."""
+        if self.config.root is None:
+            self._ensure_default()
+        self._resolve_splits()
+        needed = dict.fromkeys(s for part in ("train", "val", "test", "predict") for s in self.subjects[part])
+        stale = [s for s in needed if not is_cached(*self._cache_args(s))]
+        if stale:
+            log.info(
+                "%s: preprocessing %d of %d subjects into %s (once)",
+                self.kind,
+                len(stale),
+                len(needed),
+                self.cache_dir,
+            )
+        for i, subject in enumerate(stale, start=1):
+            preprocess_cached(*self._cache_args(subject))
+            if i % 25 == 0:
+                log.info("%s: preprocessed %d/%d", self.kind, i, len(stale))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Compute the splits, write ``splits.json`` (rank 0) and load the stage's volumes."""
+        self._resolve_splits()
+        if self.run_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
+            save_splits(Path(self.run_dir) / "splits.json", self._split_record())
+        parts = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": (self._predict_part(),),
+        }.get(stage or "", ("train", "val", "test"))
+        for part in parts:
+            self._subjects(part)
+
+    def train_dataloader(self) -> DataLoader:
+        """Random patches, shuffled, ``batch_size`` per batch."""
+        dataset = PatchDataset(
+            self._subjects("train"),
+            self.config.patch_sizes,
+            self.config.samples_per_volume,
+            self.label_dtype,
+            augment=self.config.augment,
+        )
+        return DataLoader(
+            dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=False, **self._loader_kwargs()
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Whole validation volumes, one per batch."""
+        return self._volume_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Whole test volumes, one per batch."""
+        return self._volume_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Whole volumes to predict (without labels): the unlabelled set where the split has one,
+        else the test subjects."""
+        return self._volume_loader(self._predict_part(), with_labels=False)
+
+    def fisher_dataset(self) -> Dataset:
+        """The training subjects as deterministic centre crops of patch size (un-batched items)."""
+        return CentreCropDataset(self._subjects("train"), self.config.patch_sizes, self.label_dtype)
+
+    def meta(self, subject: str) -> dict[str, Any]:
+        """Geometry of a loaded subject, for :func:`tmerge.data.preprocess.uncrop`."""
+        return self._loaded[subject].meta
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _predict_part(self) -> str:
+        return "predict" if self._resolve_splits()["predict"] else "test"
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.config.num_workers
+        return {"num_workers": workers, "persistent_workers": workers > 0}
+
+    def _volume_loader(self, part: str, with_labels: bool = True) -> DataLoader:
+        subjects = self._subjects(part)
+        if not with_labels:
+            subjects = [dataclasses.replace(s, target=None) for s in subjects]
+        dataset = VolumeDataset(subjects, self.label_dtype)
+        return DataLoader(
+            dataset, batch_size=1, shuffle=False, collate_fn=collate_volumes, **self._loader_kwargs()
+        )
+
+    def _ensure_default(self) -> None:
+        """Generate the embedded default data; the generator only writes what is missing, so a
+        complete copy costs a few file checks and an interrupted one is resumed."""
+        from tmerge.data.generate import generate_default
+
+        generate_default(self.root.parent, kinds=(self.kind,), size=self.config.generate_size)
+        self._discovery = None  # re-list the subjects the generator may have added
+
+    def _resolve_splits(self) -> dict[str, list[str]]:
+        """Discover subjects and compute the splits once (pure: identical on every rank)."""
+        if self._discovery is None:
+            if not self.root.is_dir():
+                hint = (
+                    " (the default data is generated by prepare_data())" if self.config.root is None else ""
+                )
+                raise DataError(f"{self.root}: dataset folder not found{hint}; expected {self.layout_hint()}")
+            discovery = self.discover(self.root)
+            self.splits, self.subjects = self.make_splits(discovery, str(self.root))
+            self._discovery = discovery
+        return self.subjects
+
+    def _split_record(self) -> dict[str, Any]:
+        return {"kind": self.kind, "root": str(self.root), **self.subjects, "splits": self.splits}
+
+    def _cache_args(self, subject: str) -> tuple[Any, ...]:
+        """Arguments of :func:`preprocess_cached` / :func:`is_cached` for one subject."""
+        assert self._discovery is not None
+        labelled = subject in self._discovery.labelled
+        folder = self._discovery.labelled[subject] if labelled else self._discovery.unlabelled[subject]
+        files, label_file = self.subject_files(folder, labelled)
+        source = str(self.root.resolve())
+        return subject, files, label_file, self.kind, self.preprocess_settings(), self.cache_dir, source
+
+    def _subjects(self, part: str) -> list[Subject]:
+        """The in-memory subjects of one split part, loading (or preprocessing) missing ones."""
+        names = self._resolve_splits()[part]
+        if not names:
+            raise DataError(f"{self.root}: the {part!r} set of this split is empty")
+        for name in names:
+            if name not in self._loaded:
+                result = preprocess_cached(*self._cache_args(name))
+                target = None if result.label is None else self.to_target(result.label)
+                self._loaded[name] = Subject(name, result.image, target, result.meta)
+        return [self._loaded[n] for n in names]

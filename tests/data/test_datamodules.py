@@ -1,0 +1,264 @@
+"""HCP and BraTS DataModules on tiny generated trees in the real datasets' layouts.
+
+The tree writers here (``write_hcp_tree``, ``write_brats_tree``) are also used by
+``test_bad_input.py``; they do not depend on ``tmerge.data.generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import tmerge.data.preprocess as pp
+from tmerge.data import BraTSDataConfig, BraTSDataModule, HCPDataConfig, HCPDataModule
+from tmerge.data.labels import aseg_to_paper, brats_regions, select_labels
+from tmerge.data.preprocess import uncrop
+from tmerge.errors import ConfigError
+
+SHAPE = (22, 20, 18)
+AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
+# A few FreeSurfer values of each hemisphere/structure, covering paper classes 1..14.
+ASEG_VALUES = np.array([8, 3, 1021, 10, 18, 11, 13, 24, 7, 2, 17, 4, 12, 28, 16, 0, 85])
+
+
+def _brain(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    centre = np.array(shape) / 2 + rng.uniform(-1, 1, 3)
+    radii = np.array(shape) * rng.uniform(0.35, 0.42, 3)
+    grid = np.indices(shape).astype(float)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) < 1
+
+
+def _save(path: Path, data: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE), path)
+
+
+def write_hcp_tree(root: Path, n: int = 58, seed: int = 0, suffix: str = ".nii.gz") -> list[str]:
+    """Write ``n`` HCP-layout subjects (T1, T2, aparc+aseg) of ``SHAPE``; return their ids."""
+    rng = np.random.default_rng(seed)
+    ids = [f"{100206 + 13 * i:06d}" for i in range(n)]
+    for sid in ids:
+        folder = root / sid / "T1w"
+        brain = _brain(SHAPE, rng)
+        aseg = np.where(brain, rng.choice(ASEG_VALUES, size=SHAPE), 0).astype(np.int32)
+        for stem, base in (("T1w_acpc_dc_restore_brain", 300.0), ("T2w_acpc_dc_restore_brain", 500.0)):
+            image = np.where(brain, base + 20 * (aseg % 9) + rng.normal(0, 5, SHAPE), 0).astype(np.float32)
+            _save(folder / f"{stem}{suffix}", image)
+        _save(folder / f"aparc+aseg{suffix}", aseg)
+    return ids
+
+
+def write_brats_tree(
+    root: Path, n_train: int = 12, n_val: int = 2, seed: int = 0, suffix: str = ".nii.gz"
+) -> tuple[list[str], list[str]]:
+    """Write BraTS-2018-layout training (HGG/LGG, with nested tumours) and validation subjects."""
+    rng = np.random.default_rng(seed)
+    train = [f"Brats18_TCIA{i % 3}_{100 + i}_1" for i in range(n_train)]
+    val = [f"Brats18_CBICA_V{i:02d}_1" for i in range(n_val)]
+    for i, sid in enumerate(train + val):
+        if i < n_train:
+            folder = root / "MICCAI_BraTS_2018_Data_Training" / ("HGG" if i % 2 else "LGG") / sid
+        else:
+            folder = root / "MICCAI_BraTS_2018_Data_Validation" / sid
+        brain = _brain(SHAPE, rng)
+        c = np.array(SHAPE) // 2 + rng.integers(-2, 3, 3)
+        dist = np.sqrt(sum((g - ci) ** 2 for g, ci in zip(np.indices(SHAPE), c, strict=True)))
+        seg = np.select([dist < 1.5, dist < 2.5, dist < 4.5], [4, 1, 2], 0).astype(np.uint8) * brain
+        for m, base in zip(("t1", "t1ce", "t2", "flair"), (200.0, 250.0, 400.0, 300.0), strict=True):
+            image = np.where(brain, base + 30 * seg + rng.normal(0, 5, SHAPE), 0).astype(np.float32)
+            _save(folder / f"{sid}_{m}{suffix}", image)
+        if i < n_train:
+            _save(folder / f"{sid}_seg{suffix}", seg)
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def hcp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hcp")
+    write_hcp_tree(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def brats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("brats")
+    write_brats_tree(root, suffix=".nii")  # real data may be uncompressed: same code path
+    return root
+
+
+def _hcp(root: Path, cache: Path, **kw: object) -> HCPDataModule:
+    return HCPDataModule(root=str(root), cache_dir=str(cache), patch_size=16, **kw)
+
+
+def _brats(root: Path, cache: Path, **kw: object) -> BraTSDataModule:
+    fields = {"test_size": 4, "pool_size": 10, "portion": 80, "n4": False, "patch_size": 16, **kw}
+    return BraTSDataModule(root=str(root), cache_dir=str(cache), **fields)
+
+
+def test_attributes_are_known_without_io() -> None:
+    hcp = HCPDataModule(root="/does/not/exist", split="task2")
+    assert (hcp.in_channels, hcp.n_outputs, hcp.output_mode) == (2, 8, "softmax")
+    assert hcp.class_names[0] == "cerebellum WM" and len(hcp.class_names) == 7
+    assert HCPDataModule(split="all").n_outputs == 15
+    assert HCPDataModule(split="all", labels="1:7").n_outputs == 8
+    brats = BraTSDataModule(root="/does/not/exist")
+    assert (brats.in_channels, brats.n_outputs, brats.output_mode) == (4, 3, "sigmoid")
+    assert brats.class_names == ["ET", "TC", "WT"]
+
+
+def test_config_round_trip_and_rejections() -> None:
+    cfg = HCPDataConfig(split="task2", patch_size=32)
+    dm = HCPDataModule(**dataclasses.asdict(cfg))
+    assert dm.config == cfg and dm.hparams["split"] == "task2"
+    assert BraTSDataModule(**dataclasses.asdict(BraTSDataConfig(portion=4))).config.portion == 4
+    with pytest.raises(ConfigError, match="unknown key.*'spilt'"):
+        HCPDataModule(spilt="task1")
+    with pytest.raises(ConfigError, match="split"):
+        HCPDataModule(split="task3")
+    with pytest.raises(ConfigError, match="patch_size"):
+        HCPDataModule(patch_size=40)
+    with pytest.raises(ConfigError, match="portion"):
+        BraTSDataModule(portion=0)
+
+
+def test_hcp_batches_splits_and_fisher(hcp_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    dm = _hcp(hcp_root, tmp_path / "cache", run_dir=str(run), batch_size=2, samples_per_volume=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.subjects["train"]), len(dm.subjects["val"]), len(dm.subjects["test"])) == (18, 5, 12)
+
+    loader = dm.train_dataloader()
+    assert len(loader.dataset) == 36
+    batch = next(iter(loader))
+    assert batch["image"].shape == (2, 2, 16, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["label"].shape == (2, 1, 16, 16, 16) and batch["label"].dtype == torch.int64
+    assert 0 <= batch["label"].min() and batch["label"].max() <= 7
+    # Patches are random but reproducible from torch's seed (what seed_everything sets).
+    torch.manual_seed(0)
+    first = loader.dataset[0]["image"]
+    torch.manual_seed(0)
+    assert torch.equal(first, loader.dataset[0]["image"])
+    assert not torch.equal(first, loader.dataset[0]["image"])
+
+    val = next(iter(dm.val_dataloader()))
+    assert val["subject"] == [dm.subjects["val"][0]] and len(val["meta"]) == 1
+    c, *spatial = val["image"].shape[1:]
+    assert val["image"].shape[0] == 1 and c == 2 and all(n % 16 == 0 for n in spatial)
+    assert val["label"].shape == (1, 1, *spatial) and val["label"].dtype == torch.int64
+    # The label goes back to the original geometry exactly.
+    sid = val["subject"][0]
+    aseg = np.asarray(nib.load(hcp_root / sid / "T1w" / "aparc+aseg.nii.gz").dataobj)
+    restored = uncrop(val["label"][0, 0].numpy(), val["meta"][0])
+    assert np.array_equal(restored, select_labels(aseg_to_paper(aseg), "1:7"))
+
+    record = json.loads((run / "splits.json").read_text())
+    assert record["train"] == dm.subjects["train"] and record["splits"]["task1"]["val"] == dm.subjects["val"]
+    assert record["labels"] == list(range(1, 8))
+
+    fisher = dm.fisher_dataset()
+    assert len(fisher) == 18
+    item = fisher[0]
+    assert item["image"].shape == (2, 16, 16, 16) and item["label"].shape == (1, 16, 16, 16)
+    assert torch.equal(item["image"], fisher[0]["image"])
+
+    dm.setup("test")
+    test = next(iter(dm.test_dataloader()))
+    assert test["subject"] == [dm.subjects["test"][0]]
+
+
+def test_two_instances_agree_and_reuse_the_cache(
+    hcp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _hcp(hcp_root, tmp_path / "cache", split="task2", run_dir=str(tmp_path / "a"))
+    first.prepare_data()
+    first.setup("fit")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("expected a cache hit")
+
+    monkeypatch.setattr(pp, "preprocess_subject", fail)
+    second = _hcp(hcp_root, tmp_path / "cache", split="task2", run_dir=str(tmp_path / "b"))
+    second.prepare_data()
+    second.setup("fit")
+    assert first.subjects == second.subjects
+    assert (tmp_path / "a" / "splits.json").read_text() == (tmp_path / "b" / "splits.json").read_text()
+    assert np.array_equal(
+        first.meta(first.subjects["val"][0])["crop_start"],
+        second.meta(second.subjects["val"][0])["crop_start"],
+    )
+
+
+def test_brats_batches_are_region_masks(brats_root: Path, tmp_path: Path) -> None:
+    dm = _brats(brats_root, tmp_path / "cache", run_dir=str(tmp_path / "run"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.subjects["train"]), len(dm.subjects["val"]), len(dm.subjects["test"])) == (6, 2, 4)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 4, 16, 16, 16) and batch["image"].dtype == torch.float32
+    label = batch["label"]
+    assert label.shape == (2, 3, 16, 16, 16) and label.dtype == torch.float32
+    et, tc, wt = label.unbind(1)
+    assert torch.all(et <= tc) and torch.all(tc <= wt) and set(label.unique().tolist()) <= {0.0, 1.0}
+
+    val = next(iter(dm.val_dataloader()))
+    sid = val["subject"][0]
+    grade = next(
+        g for g in ("HGG", "LGG") if (brats_root / "MICCAI_BraTS_2018_Data_Training" / g / sid).is_dir()
+    )
+    seg = np.asarray(
+        nib.load(brats_root / "MICCAI_BraTS_2018_Data_Training" / grade / sid / f"{sid}_seg.nii").dataobj
+    )
+    assert np.array_equal(uncrop(val["label"][0].numpy().astype(bool), val["meta"][0]), brats_regions(seg))
+    assert json.loads((tmp_path / "run" / "splits.json").read_text())["portion"] == 80
+
+
+def test_brats_full_portion_predicts_the_unlabelled_set(brats_root: Path, tmp_path: Path) -> None:
+    dm = _brats(brats_root, tmp_path / "cache", portion=100)
+    dm.prepare_data()
+    dm.setup("predict")
+    assert dm.subjects["val"] == dm.subjects["test"] and len(dm.subjects["train"]) == 8
+    batches = list(dm.predict_dataloader())
+    assert [b["subject"][0] for b in batches] == ["Brats18_CBICA_V00_1", "Brats18_CBICA_V01_1"]
+    assert "label" not in batches[0] and batches[0]["image"].shape[:2] == (1, 4)
+
+
+def test_setup_without_prepare_data_preprocesses(brats_root: Path, tmp_path: Path) -> None:
+    dm = _brats(brats_root, tmp_path / "cache")
+    dm.setup("validate")
+    assert len(list(dm.val_dataloader())) == 2
+
+
+def test_default_data_is_generated_under_tmerge_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Path, tuple[str, ...], int]] = []
+
+    def generate_default(
+        root: Path, *, kinds: tuple[str, ...] = ("hcp", "brats"), size: int = 64, **_: object
+    ) -> dict[str, int]:
+        # Like the real generator: writes only what is missing.
+        calls.append((Path(root), tuple(kinds), size))
+        if (Path(root) / "hcp").is_dir():
+            return {"hcp": 0}
+        return {"hcp": len(write_hcp_tree(Path(root) / "hcp"))}
+
+    monkeypatch.setitem(
+        sys.modules, "tmerge.data.generate", types.SimpleNamespace(generate_default=generate_default)
+    )
+    monkeypatch.setenv("TMERGE_DATA", str(tmp_path / "data"))
+    dm = HCPDataModule(patch_size=16, generate_size=24)
+    assert dm.root == tmp_path / "data" / "default" / "hcp" and not calls  # nothing in __init__
+    dm.prepare_data()
+    dm.setup("fit")
+    assert calls == [(tmp_path / "data" / "default", ("hcp",), 24)]
+    assert list((tmp_path / "data" / "cache").glob("*/*.npz"))
+    again = HCPDataModule(patch_size=16, generate_size=24)
+    again.prepare_data()
+    assert len(calls) == 2 and again.subjects == dm.subjects
