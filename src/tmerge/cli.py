@@ -106,6 +106,28 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def configure_logging() -> None:
+    """``[tmerge] …`` progress lines on stderr; Lightning's banners and known-harmless warnings
+    silenced so that what remains is worth reading."""
+    import warnings
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[tmerge] %(message)s"))
+    ours = logging.getLogger("tmerge")
+    if not ours.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for message in (
+        r".*isinstance\(treespec, LeafSpec\)",  # Lightning internals on newer torch
+        r"Checkpoint directory .* exists and is not empty",  # the run folder holds config.yaml first
+        r"The anonymous setting has no effect",  # wandb, through WandbLogger's defaults
+        r".*does not have many workers",  # in-memory datasets: workers would only add overhead
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tmerge",
@@ -133,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tmerge`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[tmerge] %(message)s", stream=sys.stderr)
+    configure_logging()
     cmd = COMMANDS[args.command]
     try:
         cfg = compose(

@@ -98,22 +98,26 @@ def compose(
         ConfigError: unknown key, wrong type, or an unreadable experiment file — naming the key
             or the file.
     """
-    base = OmegaConf.structured(schema)
-    layers: list[Any] = [base]
+    cfg = OmegaConf.structured(schema)
     if stage is not None:
         path = experiment_file(stage, profile)
         if path is not None:
             try:
-                layers.append(OmegaConf.load(path))
+                layer = OmegaConf.load(path)
             except Exception as exc:  # YAML syntax errors come in several types
                 raise ConfigError(f"{path}: not a readable YAML file ({exc})") from None
-    try:
-        dotlist = apply_aliases(overrides, aliases or {})
-        layers.append(OmegaConf.from_dotlist(dotlist))
-        cfg = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as exc:
-        where = f" (from {path})" if stage is not None and path is not None else ""
-        raise ConfigError(f"config key {_describe(exc)}{where}") from None
+            try:
+                cfg = OmegaConf.merge(cfg, layer)
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"config key {_describe(exc)} (in {path})") from None
+    # One override at a time, so an error names the whole key the user typed.
+    for item in apply_aliases(overrides, aliases or {}):
+        key = item.partition("=")[0]
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            reason = str(exc).splitlines()[0]
+            raise ConfigError(f"config key {key} (command line): {reason}") from None
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

@@ -43,10 +43,9 @@ the loop with a warning.
 
 from __future__ import annotations
 
-import pickle
-
 import math
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass

@@ -41,7 +41,8 @@ class TrainerConfig:
     check_val_every_n_epoch: int = 1
     log_every_n_steps: int = 10
     deterministic: bool = False  # True: deterministic algorithms (slower on GPU)
-    progress_bar: bool = True
+    # False: one summary line per epoch (readable in logs and under make); True: tqdm bars.
+    progress_bar: bool = False
 
 
 @dataclass
@@ -62,6 +63,65 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+class BestMetrics(Callback):
+    """Keeps the validation metrics of the epoch that the checkpoint callback considers best, so
+    stages can report per-class scores of the best model without another validation pass."""
+
+    def __init__(self, checkpoint: ModelCheckpoint, prefix: str = "val/") -> None:
+        self.checkpoint = checkpoint
+        self.prefix = prefix
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        current = trainer.callback_metrics.get(self.checkpoint.monitor or "")
+        best = self.checkpoint.best_model_score
+        # ModelCheckpoint saves in on_validation_end too; depending on callback order the best
+        # score may not be updated yet, so compare against the monitor directly.
+        improved = best is None or current is None or _better(current, best, self.checkpoint.mode) or current == best
+        if improved:
+            self.metrics = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)
+            }
+            self.metrics["epoch"] = trainer.current_epoch + 1
+
+
+class EpochSummary(Callback):
+    """One ``[tmerge]`` line per validated epoch: losses, the monitored score, best so far, time."""
+
+    def __init__(self, name: str, monitor: str, mode: str) -> None:
+        self.name, self.monitor, self.mode = name, monitor, mode
+        self.best: float | None = None
+        self.start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        score = metrics.get(self.monitor)
+        if score is not None:
+            value = float(score)
+            if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+                self.best = value
+        parts = [f"{k} {float(metrics[k]):.4f}" for k in ("train/loss", "val/loss", "val/dice") if k in metrics]
+        best = f" (best {self.monitor} {self.best:.4f})" if self.best is not None else ""
+        log.info(
+            "%s epoch %d/%d: %s%s, %.0f s",
+            self.name, trainer.current_epoch + 1, trainer.max_epochs, ", ".join(parts), best, time.perf_counter() - self.start,
+        )
+
+
+def quiet_lightning() -> None:
+    """Lightning's INFO banners (GPU/TPU availability, tips, limits) drown the progress lines."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+def _better(a: torch.Tensor, b: torch.Tensor, mode: str) -> bool:
+    return bool(a > b) if mode == "max" else bool(a < b)
+
+
 @dataclass
 class FitResult:
     """What a finished ``fit`` reports for ``metrics.json`` / ``stages.json``."""
@@ -72,6 +132,7 @@ class FitResult:
     epochs: int
     best_epoch: int | None
     wall_s: float
+    best_metrics: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -124,6 +185,7 @@ def fit(
     monitor: str = "val/dice",
     mode: str = "max",
     callbacks: Sequence[Callback] = (),
+    name: str = "",
     max_epochs: int | None = None,
     patience: int | None = None,
     test: bool = False,
@@ -139,6 +201,9 @@ def fit(
         dirpath=run_dir, filename="model", monitor=monitor, mode=mode, save_last=True, enable_version_counter=False
     )
     stopper = EarlyStopping(monitor=monitor, mode=mode, patience=patience or trainer_cfg.patience)
+    best = BestMetrics(checkpoint)
+    quiet_lightning()
+    progress: list[Callback] = [] if trainer_cfg.progress_bar else [EpochSummary(name or run_dir.name, monitor, mode)]
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=trainer_cfg.accelerator,
@@ -156,7 +221,7 @@ def fit(
         enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False,
         logger=list(loggers) or False,
-        callbacks=[checkpoint, stopper, *callbacks],
+        callbacks=[best, checkpoint, stopper, *progress, *callbacks],
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -167,18 +232,12 @@ def fit(
         best_score=None if best_score is None else float(best_score),
         monitor=monitor,
         epochs=trainer.current_epoch,
-        best_epoch=_best_epoch(checkpoint.best_model_path),
+        best_epoch=int(best.metrics["epoch"]) if "epoch" in best.metrics else None,
         wall_s=round(wall, 2),
+        best_metrics={k: v for k, v in best.metrics.items() if k != "epoch"},
     )
     return trainer, result
 
 
 def _count_or_fraction(value: float) -> float | int:
     return int(value) if value > 1 else float(value)
-
-
-def _best_epoch(path: str) -> int | None:
-    if not path or not Path(path).is_file():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return int(ckpt.get("epoch", -1)) + 1

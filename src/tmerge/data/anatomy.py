@@ -282,6 +282,10 @@ def _load_anatomy(size: int) -> Anatomy:
         )
     aseg = _resample(lab_raw.astype(np.int16), lab_affine, out_affine, size, order=0)
     aseg[~mask] = 0
+    # IBSR leaves the sulcal/extra-cerebral CSF inside the brain mask unlabelled, so FreeSurfer's
+    # CSF (24) would be ~45 voxels at 3 mm — too small to learn or score. Label the brain voxels
+    # the template calls CSF as 24 (≈2,800 voxels at 64³), so the paper's class 7 is a real task.
+    aseg[mask & (aseg == 0) & (tissue[2] > 0.5)] = 24
 
     arrays = {
         "t1": t1.astype(np.float32),

@@ -38,7 +38,7 @@ from tmerge.errors import DataError
 from tmerge.io import write_json
 
 #: Bump whenever the generated content changes, so stale folders are detected.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: sulcal CSF labelled as FreeSurfer CSF (24)
 MANIFEST_NAME = ".tmerge_manifest.json"
 #: Settings of a run in progress; replaced by the manifest when the run completes.
 PENDING_NAME = ".tmerge_generating.json"

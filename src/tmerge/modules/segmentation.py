@@ -39,7 +39,10 @@ class LossConfig:
     # "dice": multi-class soft Dice over the foreground classes/regions (Isensee et al. 2017);
     # "dice_ce": Dice + cross-entropy, converges faster on very small budgets.
     name: str = "dice"
-    sw_overlap: float = 0.25  # sliding-window overlap for volumes larger than the patch
+    # Validation/test inference window: 0 = the training patch. Whole volumes up to this edge are
+    # predicted in one pass (the CPU default sets 64 = the embedded data's grid).
+    sw_roi: int = 0
+    sw_overlap: float = 0.25  # sliding-window overlap for volumes larger than the window
     sw_batch_size: int = 2
 
 
@@ -50,16 +53,31 @@ def build_loss(name: str, output_mode: str) -> nn.Module:
     sigmoid: targets are region masks ``(B, C, ...)``, Dice over every region.
     """
     check_output_mode(output_mode)
-    kwargs: dict[str, Any]
-    if output_mode == "softmax":
-        kwargs = {"include_background": False, "to_onehot_y": True, "softmax": True}
-    else:
-        kwargs = {"include_background": True, "sigmoid": True}
-    if name == "dice":
-        return DiceLoss(**kwargs)
-    if name == "dice_ce":
-        return DiceCELoss(**kwargs)
-    raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
+    if name not in ("dice", "dice_ce"):
+        raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
+    loss_cls = DiceLoss if name == "dice" else DiceCELoss
+    # batch=True: Dice over the whole batch per class (Isensee et al. 2017), so a class absent
+    # from one patch does not push its prediction towards zero.
+    if output_mode == "sigmoid":
+        return loss_cls(include_background=True, sigmoid=True, batch=True)
+    return _IndexTargets(loss_cls(include_background=False, softmax=True, batch=True))
+
+
+class _IndexTargets(nn.Module):
+    """Feeds class-index targets ``(B, 1, ...)`` to a one-hot loss.
+
+    The one-hot encoding is an out-of-place comparison rather than MONAI's in-place
+    ``scatter_`` (``to_onehot_y``), so the loss also runs under ``torch.func.vmap`` — which the
+    batched per-sample Fisher needs.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, *([1] * (logits.ndim - 2)))
+        return self.loss(logits, (target == classes).to(logits.dtype))
 
 
 class SegmentationModule(L.LightningModule):
@@ -75,6 +93,8 @@ class SegmentationModule(L.LightningModule):
         optim: optimiser settings.
         loss: loss and inference settings.
 
+        channels_last: keep activations in NDHWC layout (faster convolutions).
+
     Logged: ``train/loss``, ``val/loss``, ``val/dice`` (mean over classes), ``val/dice_<class>``,
     and the same under ``test/``. Per-subject test Dice is kept in :attr:`test_records`.
     """
@@ -88,9 +108,13 @@ class SegmentationModule(L.LightningModule):
         patch_size: int | Sequence[int],
         optim: OptimConfig | None = None,
         loss: LossConfig | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.net = net
+        # Channels-last (NDHWC) activations: ~30 % faster 3-D convolutions on CPUs (oneDNN)
+        # and on GPUs under mixed precision. Only the memory layout changes, never the numbers.
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.net = net.to(memory_format=self.memory_format)
         self.output_mode = check_output_mode(output_mode)
         self.class_names = list(class_names)
         self.patch_size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
@@ -103,7 +127,7 @@ class SegmentationModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C_out, D, H, W)`` for images ``(B, C_in, D, H, W)``."""
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
     def sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of one sample (batch dim 1) — the per-sample loss the empirical Fisher squares."""
@@ -111,19 +135,20 @@ class SegmentationModule(L.LightningModule):
 
     def infer(self, image: torch.Tensor) -> torch.Tensor:
         """Logits for a whole volume, by sliding windows when it is larger than the patch."""
-        if all(s <= p for s, p in zip(image.shape[2:], self.patch_size, strict=True)):
-            return self.net(image)
+        roi = (self.loss_cfg.sw_roi,) * 3 if self.loss_cfg.sw_roi else self.patch_size
+        if all(s <= r for s, r in zip(image.shape[2:], roi, strict=True)):
+            return self(image)
         return sliding_window_inference(
             image,
-            roi_size=self.patch_size,
+            roi_size=roi,
             sw_batch_size=self.loss_cfg.sw_batch_size,
-            predictor=self.net,
+            predictor=self,
             overlap=self.loss_cfg.sw_overlap,
             mode="gaussian",
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self.net(batch["image"]), batch["label"])
+        loss = self.loss_fn(self(batch["image"]), batch["label"])
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"

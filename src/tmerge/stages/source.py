@@ -29,6 +29,7 @@ from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
     FisherConfig,
+    best_state_dict,
     check_architecture,
     config_dict,
     load_net,
@@ -73,7 +74,8 @@ def run_name(cfg: SourceStageConfig) -> str:
     """The run folder's name: ``cfg.name`` or, for All-HCP baselines, ``all-hcp[-1-7|-8-14]``."""
     if cfg.name:
         return cfg.name
-    labels = "" if cfg.data.labels == "all" else "-" + cfg.data.labels.replace(":", "-")
+    label_set = cfg.data.label_set  # the split's own set when `labels` is unset
+    labels = "" if label_set == "all" else "-" + label_set.replace(":", "-")
     return f"{'all-hcp' if cfg.data.split == 'all' else cfg.data.split}{labels}"
 
 
@@ -87,7 +89,7 @@ def net_meta(cfg: SourceStageConfig, dm: HCPDataModule) -> dict:
         "depth": cfg.net.depth,
         "output_mode": dm.output_mode,
         "class_names": list(dm.class_names),
-        "labels": cfg.data.labels,
+        "labels": cfg.data.label_set,
         "split": cfg.data.split,
     }
 
@@ -123,6 +125,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
         patch_size=cfg.data.patch_size,
         optim=cfg.optim,
         loss=cfg.loss,
+        channels_last=cfg.net.channels_last,
     )
     fisher = FisherCallback(
         dirpath=str(run_dir),
@@ -134,11 +137,12 @@ def run_source(cfg: SourceStageConfig) -> Path:
     )
     loggers = build_loggers(cfg.logger, run_dir, root, name, config_dict(cfg))
     trainer, result = fit(
-        module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers, callbacks=[fisher]
+        module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers, callbacks=[fisher], name=name
     )
-    # Re-validate the best checkpoint for its per-class Dice (the log holds the last epoch's).
-    scores = trainer.validate(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)[0]
+    scores = result.best_metrics
     if trainer.is_global_zero:
+        if result.best_path:
+            module.net.load_state_dict(best_state_dict(result.best_path))
         save_net(run_dir / NET_FILE, module.net, meta)
         write_json(
             run_dir / MARKER,
@@ -146,9 +150,12 @@ def run_source(cfg: SourceStageConfig) -> Path:
                 "name": name,
                 "val_dice": scores.get("val/dice"),
                 "val_dice_per_class": {c: scores.get(f"val/dice_{c}") for c in dm.class_names},
-                **result.as_dict(),
-                "fused_parameters": len(fused),
-                "task_specific_parameters": len(specific),
+                "epochs": result.epochs,
+                "best_epoch": result.best_epoch,
+                "wall_s": result.wall_s,
+                "checkpoint": result.best_path,
+                "fused_tensors": len(fused),
+                "task_specific_tensors": len(specific),
             },
         )
     log.info("%s: best val Dice %.3f after %d epochs (%.0f s)", name, scores.get("val/dice", float("nan")), result.epochs, result.wall_s)

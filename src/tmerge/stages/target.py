@@ -215,10 +215,13 @@ def run_target(cfg: TargetStageConfig) -> Path:
             net, stages["adaption"] = _adapt(cfg, dm, net, sources, fishers, layers, run_dir, root, tags)
 
     module = SegmentationModule(
-        net, output_mode=dm.output_mode, class_names=dm.class_names, patch_size=cfg.data.patch_size, optim=cfg.optim, loss=cfg.loss
+        net, output_mode=dm.output_mode, class_names=dm.class_names, patch_size=cfg.data.patch_size, optim=cfg.optim, loss=cfg.loss,
+        channels_last=cfg.net.channels_last,
     )
     loggers = build_loggers(_logger_cfg(cfg, tags + ["finetune"]), run_dir, root, f"p{cfg.data.portion}-{cfg.init}", config_dict(run_cfg))
-    trainer, result = fit(module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers)
+    trainer, result = fit(
+        module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers, name=f"p{cfg.data.portion}/{cfg.init} fine-tune"
+    )
     stages["finetune"] = result.as_dict()
     trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)
     if trainer.is_global_zero:
@@ -258,6 +261,7 @@ def _adapt(
         patch_size=cfg.data.patch_size,
         optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr),
         loss=cfg.loss,
+        channels_last=cfg.net.channels_last,
     )
     stage_dir = run_dir / "adaption"
     loggers = build_loggers(_logger_cfg(cfg, tags + ["adaption"]), stage_dir, root, f"p{cfg.data.portion}-timm-adaption", config_dict(cfg))
@@ -269,6 +273,7 @@ def _adapt(
         loggers=loggers,
         monitor="val/loss",
         mode="min",
+        name=f"p{cfg.data.portion}/timm adaption",
         max_epochs=cfg.adaption.max_epochs,
         patience=cfg.adaption.patience,
     )

@@ -1,0 +1,27 @@
+"""Shared fixtures: one tiny generated dataset (32³) for every test that needs real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Offline, silent W&B for every test; nothing may reach the network.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_default(tmp_path_factory) -> Path:
+    """The embedded default layout at 32³ with a small BraTS pool: ``<root>/{hcp,brats}``.
+
+    58 HCP-like subjects (the paper's splits need all of them), 24 labelled and 2 unlabelled
+    BraTS-like subjects — use ``data.test_size=8 data.pool_size=16`` with it.
+    """
+    pytest.importorskip("tmerge.data.anatomy").template_dir()
+    from tmerge.data.generate import generate_default
+
+    root = tmp_path_factory.mktemp("tiny_default")
+    generate_default(root, size=32, seed=0, n_hcp=58, n_brats=24, n_brats_val=2, workers=2, progress=False)
+    return root

@@ -1,0 +1,124 @@
+"""End to end through the CLI on tiny generated data: task1 → task2 → timm, the other
+initialisations, skipping finished runs, and the errors a user meets on the way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tmerge.cli import main
+
+pytestmark = pytest.mark.slow
+
+# A network and schedule small enough for seconds per stage on two cores.
+TINY = [
+    "net.base_filters=4",
+    "net.depth=3",
+    "data.patch_size=16",
+    "data.batch_size=2",
+    "data.samples_per_volume=1",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "loss.sw_roi=32",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_default, tmp_path_factory):
+    """task1 and task2 trained once for the whole module."""
+    runs = tmp_path_factory.mktemp("runs")
+    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", *TINY]
+    assert main(["task1", *hcp]) == 0
+    assert main(["task2", *hcp]) == 0
+    return runs
+
+
+def brats_args(tiny_default, runs):
+    return [
+        f"data.root={tiny_default / 'brats'}",
+        f"runs_dir={runs}",
+        "portion=50",
+        "data.test_size=8",
+        "data.pool_size=16",
+        "adaption.max_epochs=1",
+        *TINY,
+    ]
+
+
+def test_source_runs_write_their_artefacts(runs):
+    for name in ("task1", "task2"):
+        run = runs / name
+        for f in ("model.ckpt", "net.safetensors", "fisher.safetensors", "splits.json", "config.yaml", "metrics.json"):
+            assert (run / f).is_file(), f"{run / f} missing"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert 0.0 <= metrics["val_dice"] <= 1.0
+        assert len(metrics["val_dice_per_class"]) == 7
+        fisher = load_file(str(run / "fisher.safetensors"))
+        net = load_file(str(run / "net.safetensors"))
+        # every fused parameter (convolutions except the heads) has a finite, non-negative Fisher
+        assert set(fisher) == {n for n in net if not n.startswith("seg_heads") and n.endswith("conv.weight")}
+        for name_, f in fisher.items():
+            assert f.shape == net[name_].shape and torch.isfinite(f).all() and (f >= 0).all()
+
+
+def test_task2_starts_from_task1(runs):
+    """M2 is trained incrementally from M1: with one tiny epoch its fused weights stay close to
+    M1's and far closer than to a fresh initialisation."""
+    m1 = load_file(str(runs / "task1" / "net.safetensors"))
+    m2 = load_file(str(runs / "task2" / "net.safetensors"))
+    name = "encoder.1.conv.conv.weight"
+    fresh = torch.nn.init.kaiming_normal_(torch.empty_like(m1[name]), a=0.01)
+    assert (m2[name] - m1[name]).norm() < 0.5 * (fresh - m1[name]).norm()
+
+
+def test_finished_run_is_skipped(runs, tiny_default, caplog):
+    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", *TINY]
+    before = (runs / "task1" / "metrics.json").stat().st_mtime_ns
+    assert main(["task1", *hcp]) == 0
+    assert (runs / "task1" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_changed_config_is_refused(runs, tiny_default, capsys):
+    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", *TINY, "optim.lr=0.1"]
+    assert main(["task1", *hcp]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_timm_end_to_end(runs, tiny_default):
+    assert main(["timm", *brats_args(tiny_default, runs)]) == 0
+    run = runs / "brats" / "p50" / "timm"
+    summary = json.loads((run / "test_summary.json").read_text())
+    assert set(summary) == {"ET", "TC", "WT", "mean", "n"} and summary["n"] == 8
+    alphas = json.loads((run / "alphas.json").read_text())
+    assert alphas["sources"] == ["task1", "task2"]
+    for pair in alphas["alphas"].values():
+        assert len(pair) == 2 and abs(sum(pair) - 1) < 1e-5 and min(pair) >= 0
+    stages = json.loads((run / "stages.json").read_text())
+    assert {"adaption", "finetune"} <= set(stages)
+    rows = (run / "test_per_subject.csv").read_text().splitlines()
+    assert rows[0] == "subject,ET,TC,WT" and len(rows) == 9
+
+
+@pytest.mark.parametrize("init", ["none", "m2", "imm", "mean-imm"])
+def test_other_initialisations(runs, tiny_default, init):
+    assert main(["target", f"init={init}", *brats_args(tiny_default, runs)]) == 0
+    assert (runs / "brats" / "p50" / init / "test_summary.json").is_file()
+
+
+def test_missing_source_is_one_clear_error(tiny_default, tmp_path, capsys):
+    args = brats_args(tiny_default, tmp_path)
+    assert main(["timm", *args]) == 2
+    err = capsys.readouterr().err
+    assert "task1" in err and "net.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "brats").exists()  # nothing written into a run folder
+
+
+def test_task2_without_task1_is_one_clear_error(tiny_default, tmp_path, capsys):
+    assert main(["task2", f"data.root={tiny_default / 'hcp'}", f"runs_dir={tmp_path}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "task1" in err and "make task1" in err
+    assert not (tmp_path / "task2").exists()
