@@ -4,6 +4,10 @@ initialisations, skipping finished runs, and the errors a user meets on the way.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,3 +126,24 @@ def test_task2_without_task1_is_one_clear_error(tiny_default, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "task1" in err and "make task1" in err
     assert not (tmp_path / "task2").exists()
+
+
+def test_timm_under_ddp_agrees_across_ranks(runs, tiny_default, tmp_path):
+    """Adaption and fine-tuning on two CPU processes: both ranks end with the same α, and every
+    test subject is scored exactly once."""
+    ddp_runs = tmp_path / "runs"
+    for name in ("task1", "task2"):
+        shutil.copytree(runs / name, ddp_runs / name)
+    cmd = [
+        sys.executable, "-m", "tmerge.cli", "timm", *brats_args(tiny_default, ddp_runs),
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = ddp_runs / "brats" / "p50" / "timm"
+    alphas = json.loads((run / "alphas.json").read_text())
+    assert alphas["world_size"] == 2 and alphas["ranks_agree"] is True
+    rows = (run / "test_per_subject.csv").read_text().splitlines()[1:]
+    subjects = [r.split(",")[0] for r in rows]
+    assert len(subjects) == len(set(subjects)) == 8

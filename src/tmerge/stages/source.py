@@ -101,19 +101,22 @@ def run_source(cfg: SourceStageConfig) -> Path:
     run_dir = root / name
     if cfg.init_from == name:
         raise ConfigError(f"init_from: a run cannot start from itself ({name!r})")
+    # Everything that can fail on the user's input is checked before the run folder is touched
+    # (the DataModule does no I/O before prepare_data).
+    dm = HCPDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
+    meta = net_meta(cfg, dm)
     init_state = _load_init(root, cfg) if cfg.init_from else None
+    if init_state is not None:
+        check_architecture(init_state[2], init_state[1], meta, ARCH_KEYS)
     if not start_run(run_dir, cfg, MARKER, force=cfg.force):
         log.info("%s is finished (%s); pass force=true to train it again", run_dir, run_dir / MARKER)
         return run_dir
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = HCPDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
-    meta = net_meta(cfg, dm)
     fused, specific = partition(net)
     if init_state is not None:
-        state, init_meta, path = init_state
-        check_architecture(path, init_meta, meta, ARCH_KEYS)
+        state, _, path = init_state
         heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
         report = transfer_parameters(net, state, exclude=heads)
         log.info("%s: initialised from %s — %s", name, path, report.summary())

@@ -164,9 +164,9 @@ def load_sources(cfg: TargetStageConfig, names: list[str], fused: list[str], wit
             raise RunError(f"{path}: source of another architecture than the target net: {', '.join(diffs)}")
         fisher = None
         if with_fisher:
-            # Only the layers that are merged need a Fisher; a shape-mismatched first layer is skipped later.
-            in_source = [n for n in fused if n in state and state[n].shape is not None]
-            fisher = load_fisher(root / name / FISHER_FILE, expected_names=in_source)
+            # Every fused parameter of the source has a Fisher (its first layer included, though
+            # a first layer of another shape than the target's is not merged).
+            fisher = load_fisher(root / name / FISHER_FILE, expected_names=[n for n in fused if n in state])
         sources.append(Source(name, state, meta, fisher))
     return sources
 
@@ -180,21 +180,20 @@ def run_target(cfg: TargetStageConfig) -> Path:
     source_names = init.source(cfg)
     if init.kind in ("imm", "timm") and len(source_names) < 2:
         raise ConfigError(f"sources: init={cfg.init} merges at least 2 source runs, got {source_names}")
-    # Fail on a missing source before anything is written into the run folder.
-    for name in source_names:
-        if not (runs_dir(cfg.runs_dir) / name / NET_FILE).is_file():
-            load_sources(cfg, [name], [], with_fisher=False)
     run_cfg = dataclasses.replace(cfg, inits=[cfg.init], seeds=[cfg.seed])
-    if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
-        log.info("%s is finished; pass force=true to run it again", run_dir)
-        return run_dir
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Everything that can fail on the user's input (sources, architectures, Fishers) is checked
+    # before the run folder is touched. The DataModule does no I/O before prepare_data.
     dm = BraTSDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
     fused, specific = partition(net)
     heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
     sources = load_sources(cfg, source_names, fused, with_fisher=init.fisher and init.kind in ("imm", "timm"))
+    if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
+        log.info("%s is finished; pass force=true to run it again", run_dir)
+        return run_dir
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    net = cfg.net.build(dm.in_channels, dm.n_outputs)  # fresh initialisation under the run's seed
     root = runs_dir(cfg.runs_dir)
     tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
     stages: dict[str, Any] = {"init": cfg.init, "sources": source_names}
@@ -277,15 +276,28 @@ def _adapt(
         max_epochs=cfg.adaption.max_epochs,
         patience=cfg.adaption.patience,
     )
-    if result.best_path:
+    if result.best_path:  # continue from the adaption epoch with the lowest validation loss
         ckpt = torch.load(result.best_path, map_location="cpu", weights_only=True)
         module.load_state_dict(ckpt["state_dict"])
-    scores = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    scores = result.best_metrics
     alphas = adaptive.mixing.alphas_dict()
+    # δ's gradients are all-reduced like any parameter's, so every rank must hold the same α;
+    # check it rather than trust it (a rank that diverged would fine-tune another model).
+    deltas = trainer.strategy.all_gather(adaptive.mixing.delta.detach())
+    deltas = deltas.reshape(-1, *adaptive.mixing.delta.shape)
+    spread = float((deltas - deltas[0]).abs().max())
+    if spread > 1e-6:
+        raise RunError(f"timm adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})")
     if trainer.is_global_zero:
         write_json(
             run_dir / "alphas.json",
-            {"sources": [s.name for s in sources], "layers": list(alphas), "alphas": alphas},
+            {
+                "sources": [s.name for s in sources],
+                "layers": list(alphas),
+                "alphas": alphas,
+                "world_size": trainer.world_size,
+                "ranks_agree": True,
+            },
         )
     summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
     log.info("timm adaption: %d epochs, val Dice %.3f; α (first source) per layer: %s", result.epochs, summary["val_dice"] or float("nan"),

@@ -1,0 +1,69 @@
+"""Bad inputs a user meets between stages: each is one clear error (exit status 2) and nothing is
+written into the run folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tmerge.cli import main
+from tmerge.io import write_safetensors
+from tmerge.nets import Isensee2017, partition
+from tmerge.stages.common import save_net
+
+SMALL = ["net.base_filters=4", "net.depth=3", "data.patch_size=16"]
+
+
+def fake_source(runs, name, *, base_filters=4, fisher_drop=0, in_channels=2):
+    """A source run folder with weights (and a Fisher) of a small Isensee2017."""
+    net = Isensee2017(in_channels, 8, base_filters=base_filters, depth=3)
+    meta = {"arch": "Isensee2017", "in_channels": in_channels, "n_classes": 8, "base_filters": base_filters, "depth": 3}
+    save_net(runs / name / "net.safetensors", net, meta)
+    fused, _ = partition(net)
+    fisher = {n: torch.rand_like(p) for n, p in net.named_parameters() if n in fused[fisher_drop:]}
+    write_safetensors(runs / name / "fisher.safetensors", fisher)
+
+
+def run(args, capsys):
+    status = main(args)
+    err = capsys.readouterr().err
+    return status, err
+
+
+def test_task2_refuses_task1_of_another_architecture(tmp_path, capsys):
+    fake_source(tmp_path, "task1", base_filters=8)
+    status, err = run(["task2", f"runs_dir={tmp_path}", *SMALL], capsys)
+    assert status == 2
+    assert "another architecture" in err and "base_filters" in err and "net.safetensors" in err
+    assert not (tmp_path / "task2").exists()
+
+
+def test_timm_refuses_source_of_another_architecture(tmp_path, capsys):
+    fake_source(tmp_path, "task1")
+    fake_source(tmp_path, "task2", base_filters=8)
+    status, err = run(["timm", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
+    assert status == 2 and "task2" in err and "another architecture" in err
+    assert not (tmp_path / "brats").exists()
+
+
+def test_timm_refuses_fisher_missing_keys(tmp_path, capsys):
+    fake_source(tmp_path, "task1")
+    fake_source(tmp_path, "task2", fisher_drop=2)
+    status, err = run(["timm", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
+    assert status == 2 and "fisher.safetensors" in err and "missing" in err
+    assert not (tmp_path / "brats").exists()
+
+
+def test_truncated_weights_are_one_clear_error(tmp_path, capsys):
+    fake_source(tmp_path, "task1")
+    path = tmp_path / "task1" / "net.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    status, err = run(["task2", f"runs_dir={tmp_path}", *SMALL], capsys)
+    assert status == 2 and str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("init", ["imm", "timm"])
+def test_merging_needs_two_sources(tmp_path, capsys, init):
+    fake_source(tmp_path, "task1")
+    status, err = run(["target", f"init={init}", "sources=[task1]", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
+    assert status == 2 and "at least 2" in err
