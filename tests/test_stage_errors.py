@@ -50,7 +50,7 @@ def test_timm_refuses_fisher_missing_keys(tmp_path, capsys):
     fake_source(tmp_path, "task1")
     fake_source(tmp_path, "task2", fisher_drop=2)
     status, err = run(["timm", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
-    assert status == 2 and "fisher.safetensors" in err and "missing" in err
+    assert status == 2 and "fisher.safetensors" in err and "lacks 2 expected" in err
     assert not (tmp_path / "brats").exists()
 
 

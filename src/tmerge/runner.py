@@ -157,6 +157,9 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, runs_root: Path, name: str, 
     if mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
+        if mode == "offline":
+            # wandb's own banners and deprecation notes say nothing useful offline.
+            os.environ.setdefault("WANDB_SILENT", "true")
         (runs_root / "wandb").mkdir(parents=True, exist_ok=True)
         loggers.append(
             WandbLogger(
@@ -173,6 +176,14 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, runs_root: Path, name: str, 
             )
         )
     return loggers
+
+
+def close_loggers(loggers: Sequence[Logger]) -> None:
+    """Finish the W&B run of a stage, so that the next stage of the same process starts its own
+    (WandbLogger otherwise reuses the run in progress)."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
 
 
 def fit(

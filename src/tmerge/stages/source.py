@@ -24,7 +24,7 @@ from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationMod
 from tmerge.nets import partition
 from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, fit
+from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
@@ -142,6 +142,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
     trainer, result = fit(
         module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers, callbacks=[fisher], name=name
     )
+    close_loggers(loggers)
     scores = result.best_metrics
     if trainer.is_global_zero:
         if result.best_path:

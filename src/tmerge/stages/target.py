@@ -47,7 +47,7 @@ from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationMod
 from tmerge.nets import layer_groups, partition
 from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, fit
+from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
@@ -223,6 +223,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     )
     stages["finetune"] = result.as_dict()
     trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)
+    close_loggers(loggers)
     if trainer.is_global_zero:
         write_json(run_dir / "stages.json", stages)
         summary = write_test_results(run_dir, module.test_records, dm.class_names)
@@ -276,6 +277,7 @@ def _adapt(
         max_epochs=cfg.adaption.max_epochs,
         patience=cfg.adaption.patience,
     )
+    close_loggers(loggers)
     if result.best_path:  # continue from the adaption epoch with the lowest validation loss
         ckpt = torch.load(result.best_path, map_location="cpu", weights_only=True)
         module.load_state_dict(ckpt["state_dict"])
