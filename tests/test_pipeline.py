@@ -56,7 +56,14 @@ def brats_args(tiny_default, runs):
 def test_source_runs_write_their_artefacts(runs):
     for name in ("task1", "task2"):
         run = runs / name
-        for f in ("model.ckpt", "net.safetensors", "fisher.safetensors", "splits.json", "config.yaml", "metrics.json"):
+        for f in (
+            "model.ckpt",
+            "net.safetensors",
+            "fisher.safetensors",
+            "splits.json",
+            "config.yaml",
+            "metrics.json",
+        ):
             assert (run / f).is_file(), f"{run / f} missing"
         metrics = json.loads((run / "metrics.json").read_text())
         assert 0.0 <= metrics["val_dice"] <= 1.0
@@ -135,8 +142,14 @@ def test_timm_under_ddp_agrees_across_ranks(runs, tiny_default, tmp_path):
     for name in ("task1", "task2"):
         shutil.copytree(runs / name, ddp_runs / name)
     cmd = [
-        sys.executable, "-m", "tmerge.cli", "timm", *brats_args(tiny_default, ddp_runs),
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        sys.executable,
+        "-m",
+        "tmerge.cli",
+        "timm",
+        *brats_args(tiny_default, ddp_runs),
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)

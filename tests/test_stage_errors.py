@@ -17,7 +17,13 @@ SMALL = ["net.base_filters=4", "net.depth=3", "data.patch_size=16"]
 def fake_source(runs, name, *, base_filters=4, fisher_drop=0, in_channels=2):
     """A source run folder with weights (and a Fisher) of a small Isensee2017."""
     net = Isensee2017(in_channels, 8, base_filters=base_filters, depth=3)
-    meta = {"arch": "Isensee2017", "in_channels": in_channels, "n_classes": 8, "base_filters": base_filters, "depth": 3}
+    meta = {
+        "arch": "Isensee2017",
+        "in_channels": in_channels,
+        "n_classes": 8,
+        "base_filters": base_filters,
+        "depth": 3,
+    }
     save_net(runs / name / "net.safetensors", net, meta)
     fused, _ = partition(net)
     fisher = {n: torch.rand_like(p) for n, p in net.named_parameters() if n in fused[fisher_drop:]}
@@ -65,5 +71,24 @@ def test_truncated_weights_are_one_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("init", ["imm", "timm"])
 def test_merging_needs_two_sources(tmp_path, capsys, init):
     fake_source(tmp_path, "task1")
-    status, err = run(["target", f"init={init}", "sources=[task1]", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
+    status, err = run(
+        ["target", f"init={init}", "sources=[task1]", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys
+    )
     assert status == 2 and "at least 2" in err
+
+
+def test_truncated_nifti_mid_stage_leaves_no_run_folder(tiny_default, tmp_path, capsys):
+    """A data error met while preprocessing (inside Lightning's prepare_data) is still one line
+    with exit status 2, and the run folder the stage had begun is removed again."""
+    import shutil
+
+    brats = tmp_path / "brats"
+    shutil.copytree(tiny_default / "brats", brats)
+    for victim in (brats / "MICCAI_BraTS_2018_Data_Training").glob("*/*/*_flair.nii.gz"):
+        victim.write_bytes(victim.read_bytes()[:200])
+    runs = tmp_path / "runs"
+    args = ["target", "init=none", f"data.root={brats}", f"runs_dir={runs}", "portion=50"]
+    status, err = run([*args, "data.test_size=8", "data.pool_size=16", "trainer.max_epochs=1", *SMALL], capsys)
+    assert status == 2, err
+    assert "_flair.nii.gz" in err and "Traceback" not in err
+    assert not (runs / "brats" / "p50" / "none").exists()

@@ -95,14 +95,63 @@ def _run_sweep() -> Callable[[Any], Any]:
 
 
 COMMANDS: dict[str, Command] = {
-    "data": Command("generate the embedded default datasets (HCP-like and BraTS-like)", _data_schema, _run_data, experiment="data"),
-    "task1": Command("train M1 on HCP labels 1:7 (paper task 1) and compute its Fisher", _source_schema, _run_source, _source_aliases, "task1"),
-    "task2": Command("train M2 from M1 on HCP labels 8:14 (paper task 2) and compute its Fisher", _source_schema, _run_source, _source_aliases, "task2"),
-    "source": Command("train another source model, e.g. the All-HCP baselines (labels=all split=all)", _source_schema, _run_source, _source_aliases, "source"),
-    "timm": Command("T-IMM on BraTS: adaption (learn α per layer) then fine-tune and test", _target_schema, _run_target, _target_aliases, "brats", ("init=timm",)),
-    "imm": Command("IMM on BraTS: uniform Fisher-weighted merge, fine-tune and test", _target_schema, _run_target, _target_aliases, "brats", ("init=imm",)),
-    "target": Command("one BraTS run with any initialisation (init=none|m1|m2|imm|mean-imm|timm|all-hcp…)", _target_schema, _run_target, _target_aliases, "brats"),
-    "sweep": Command("every initialisation in `inits` (per seed in `seeds`) on identical splits", _target_schema, _run_sweep, _target_aliases, "brats"),
+    "data": Command(
+        "generate the embedded default datasets (HCP-like and BraTS-like)",
+        _data_schema,
+        _run_data,
+        experiment="data",
+    ),
+    "task1": Command(
+        "train M1 on HCP labels 1:7 (paper task 1) and compute its Fisher",
+        _source_schema,
+        _run_source,
+        _source_aliases,
+        "task1",
+    ),
+    "task2": Command(
+        "train M2 from M1 on HCP labels 8:14 (paper task 2) and compute its Fisher",
+        _source_schema,
+        _run_source,
+        _source_aliases,
+        "task2",
+    ),
+    "source": Command(
+        "train another source model, e.g. the All-HCP baselines (labels=all split=all)",
+        _source_schema,
+        _run_source,
+        _source_aliases,
+        "source",
+    ),
+    "timm": Command(
+        "T-IMM on BraTS: adaption (learn α per layer) then fine-tune and test",
+        _target_schema,
+        _run_target,
+        _target_aliases,
+        "brats",
+        ("init=timm",),
+    ),
+    "imm": Command(
+        "IMM on BraTS: uniform Fisher-weighted merge, fine-tune and test",
+        _target_schema,
+        _run_target,
+        _target_aliases,
+        "brats",
+        ("init=imm",),
+    ),
+    "target": Command(
+        "one BraTS run with any initialisation (init=none|m1|m2|imm|mean-imm|timm|all-hcp…)",
+        _target_schema,
+        _run_target,
+        _target_aliases,
+        "brats",
+    ),
+    "sweep": Command(
+        "every initialisation in `inits` (per seed in `seeds`) on identical splits",
+        _target_schema,
+        _run_sweep,
+        _target_aliases,
+        "brats",
+    ),
 }
 
 
@@ -159,7 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = COMMANDS[args.command]
     try:
         cfg = compose(
-            cmd.schema(), cmd.experiment, [*cmd.preset, *args.overrides], profile=args.profile, aliases=cmd.aliases()
+            cmd.schema(),
+            cmd.experiment,
+            [*cmd.preset, *args.overrides],
+            profile=args.profile,
+            aliases=cmd.aliases(),
         )
         if args.show_config:
             print(to_yaml(cfg), end="")

@@ -79,7 +79,9 @@ class BestMetrics(Callback):
         best = self.checkpoint.best_model_score
         # ModelCheckpoint saves in on_validation_end too; depending on callback order the best
         # score may not be updated yet, so compare against the monitor directly.
-        improved = best is None or current is None or _better(current, best, self.checkpoint.mode) or current == best
+        improved = (
+            best is None or current is None or _better(current, best, self.checkpoint.mode) or current == best
+        )
         if improved:
             self.metrics = {
                 k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)
@@ -104,11 +106,18 @@ class EpochSummary(Callback):
             value = float(score)
             if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
                 self.best = value
-        parts = [f"{k} {float(metrics[k]):.4f}" for k in ("train/loss", "val/loss", "val/dice") if k in metrics]
+        parts = [
+            f"{k} {float(metrics[k]):.4f}" for k in ("train/loss", "val/loss", "val/dice") if k in metrics
+        ]
         best = f" (best {self.monitor} {self.best:.4f})" if self.best is not None else ""
         log.info(
             "%s epoch %d/%d: %s%s, %.0f s",
-            self.name, trainer.current_epoch + 1, trainer.max_epochs, ", ".join(parts), best, time.perf_counter() - self.start,
+            self.name,
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            ", ".join(parts),
+            best,
+            time.perf_counter() - self.start,
         )
 
 
@@ -146,7 +155,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, runs_root: Path, name: str, config: dict[str, Any]) -> list[Logger]:
+def build_loggers(
+    cfg: LoggerConfig, run_dir: Path, runs_root: Path, name: str, config: dict[str, Any]
+) -> list[Logger]:
     """A CSV logger in ``run_dir/logs`` always, plus W&B unless disabled.
 
     The W&B run directory is ``<runs_root>/wandb``; offline runs are synced later with
@@ -209,12 +220,19 @@ def fit(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir, filename="model", monitor=monitor, mode=mode, save_last=True, enable_version_counter=False
+        dirpath=run_dir,
+        filename="model",
+        monitor=monitor,
+        mode=mode,
+        save_last=True,
+        enable_version_counter=False,
     )
     stopper = EarlyStopping(monitor=monitor, mode=mode, patience=patience or trainer_cfg.patience)
     best = BestMetrics(checkpoint)
     quiet_lightning()
-    progress: list[Callback] = [] if trainer_cfg.progress_bar else [EpochSummary(name or run_dir.name, monitor, mode)]
+    progress: list[Callback] = (
+        [] if trainer_cfg.progress_bar else [EpochSummary(name or run_dir.name, monitor, mode)]
+    )
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=trainer_cfg.accelerator,

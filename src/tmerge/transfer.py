@@ -23,7 +23,9 @@ class TransferReport:
         if self.skipped:
             parts.append(f"re-initialised {len(self.skipped)} by design")
         if self.mismatched:
-            parts.append(f"re-initialised {len(self.mismatched)} of other shape ({', '.join(self.mismatched[:4])})")
+            parts.append(
+                f"re-initialised {len(self.mismatched)} of other shape ({', '.join(self.mismatched[:4])})"
+            )
         if self.missing:
             parts.append(f"{len(self.missing)} absent from the source ({', '.join(self.missing[:4])})")
         return "; ".join(parts)

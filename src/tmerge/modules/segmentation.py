@@ -154,7 +154,14 @@ class SegmentationModule(L.LightningModule):
                 f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
                 + (f" (subjects {batch['subject']})" if "subject" in batch else "")
             )
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log(
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch["image"].shape[0],
+        )
         return loss
 
     def _evaluate(self, batch: dict[str, Any], split: str, metric: PerClassMean) -> torch.Tensor:
@@ -162,7 +169,9 @@ class SegmentationModule(L.LightningModule):
         loss = self.loss_fn(logits, batch["label"])
         dice = dice_per_class(logits, batch["label"], self.output_mode)
         metric.update(dice)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=dice.shape[0])
+        self.log(
+            f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=dice.shape[0]
+        )
         return dice
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -195,7 +204,10 @@ class SegmentationModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=self.optim.plateau_factor, patience=self.optim.plateau_patience, min_lr=self.optim.min_lr
+            optimizer,
+            factor=self.optim.plateau_factor,
+            patience=self.optim.plateau_patience,
+            min_lr=self.optim.min_lr,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 

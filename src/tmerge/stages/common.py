@@ -9,11 +9,12 @@ run made with a different config is refused rather than silently reused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,11 @@ from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from tmerge.config import config_hash, save_config, to_container
-from tmerge.errors import RunError
+from tmerge.errors import RunError, TmergeError
 from tmerge.io import write_safetensors
+from tmerge.modules.segmentation import LossConfig, OptimConfig
+from tmerge.nets.config import NetConfig
+from tmerge.runner import LoggerConfig, TrainerConfig
 
 log = logging.getLogger("tmerge")
 
@@ -40,6 +44,35 @@ class FisherConfig:
     max_samples: int | None = None  # None: every training volume (18 for a paper task)
     normalize: str = "none"  # "none" | "sum" (the original T-IMM code) | "l2"
     method: str = "auto"  # "auto" | "loop" | "vmap" — all give the same numbers
+
+
+@dataclass
+class RunConfig:
+    """What every training stage's config holds; each stage adds its data and its own sections."""
+
+    seed: int = 0  # training seed (initialisation, patch sampling); splits have data.seed
+    force: bool = False  # run again even if the run folder holds a finished run
+    runs_dir: str | None = None  # None: $TMERGE_RUNS or ./runs
+    net: NetConfig = field(default_factory=NetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@contextlib.contextmanager
+def discard_on_input_error(run_dir: Path) -> Iterator[None]:
+    """Remove ``run_dir`` again if it did not exist before and the stage fails on the user's
+    input (a :class:`~tmerge.errors.TmergeError`, e.g. a truncated NIfTI met while
+    preprocessing): such a folder holds nothing worth keeping. Other failures (a crash, a kill)
+    keep it, with its checkpoints, for inspection and resuming."""
+    existed = run_dir.exists()
+    try:
+        yield
+    except TmergeError:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:
@@ -90,9 +123,13 @@ def load_net(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise RunError(f"{path}: not a readable safetensors weight file ({exc})") from None
 
 
-def check_architecture(path: Path, meta: Mapping[str, Any], expected: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+def check_architecture(
+    path: Path, meta: Mapping[str, Any], expected: Mapping[str, Any], keys: tuple[str, ...]
+) -> None:
     """Refuse weights whose architecture (``keys`` of the metadata) differs from ``expected``."""
-    diffs = [f"{k}={meta.get(k)!r} (expected {expected.get(k)!r})" for k in keys if meta.get(k) != expected.get(k)]
+    diffs = [
+        f"{k}={meta.get(k)!r} (expected {expected.get(k)!r})" for k in keys if meta.get(k) != expected.get(k)
+    ]
     if diffs:
         raise RunError(f"{path}: weights of another architecture: {', '.join(diffs)}")
 

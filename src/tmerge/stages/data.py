@@ -26,7 +26,9 @@ def run_data(cfg: DataStageConfig) -> None:
     from tmerge.data.generate import generate_default
 
     root = data_dir(cfg.data_dir) / "default"
-    written = generate_default(root, kinds=tuple(cfg.kinds), size=cfg.size, seed=cfg.seed, workers=cfg.workers)
+    written = generate_default(
+        root, kinds=tuple(cfg.kinds), size=cfg.size, seed=cfg.seed, workers=cfg.workers
+    )
     for kind in cfg.kinds:
         n = written.get(kind, 0)
         log.info("%s: %s", root / kind, f"wrote {n} subjects" if n else "already complete")

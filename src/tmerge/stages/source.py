@@ -20,18 +20,19 @@ from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import FisherCallback
 from tmerge.io import write_json
-from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
+from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import partition
-from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, close_loggers, fit
+from tmerge.runner import build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
     FisherConfig,
+    RunConfig,
     best_state_dict,
     check_architecture,
     config_dict,
+    discard_on_input_error,
     load_net,
     save_net,
     start_run,
@@ -46,7 +47,7 @@ ARCH_KEYS = ("in_channels", "base_filters", "depth")
 
 
 @dataclass
-class SourceStageConfig:
+class SourceStageConfig(RunConfig):
     """Config of a source-model run (``tmerge task1``, ``tmerge task2``, ``tmerge source``)."""
 
     # Run folder name under runs/. None: derived from the data (all-hcp, all-hcp-1-7, …).
@@ -54,16 +55,8 @@ class SourceStageConfig:
     # Run whose weights initialise this one ("task1" for M2: incremental training keeps the
     # parameters of the source models in correspondence, paper §3.1). None: fresh He init.
     init_from: str | None = None
-    seed: int = 0
-    force: bool = False  # retrain even if the run folder holds a finished run
-    runs_dir: str | None = None  # None: $TMERGE_RUNS or ./runs
     data: HCPDataConfig = field(default_factory=HCPDataConfig)
-    net: NetConfig = field(default_factory=NetConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fisher: FisherConfig = field(default_factory=FisherConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 #: Short command-line keys: ``tmerge source labels=all split=all``.
@@ -108,62 +101,75 @@ def run_source(cfg: SourceStageConfig) -> Path:
     init_state = _load_init(root, cfg) if cfg.init_from else None
     if init_state is not None:
         check_architecture(init_state[2], init_state[1], meta, ARCH_KEYS)
-    if not start_run(run_dir, cfg, MARKER, force=cfg.force):
-        log.info("%s is finished (%s); pass force=true to train it again", run_dir, run_dir / MARKER)
-        return run_dir
+    with discard_on_input_error(run_dir):
+        if not start_run(run_dir, cfg, MARKER, force=cfg.force):
+            log.info("%s is finished (%s); pass force=true to train it again", run_dir, run_dir / MARKER)
+            return run_dir
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    net = cfg.net.build(dm.in_channels, dm.n_outputs)
-    fused, specific = partition(net)
-    if init_state is not None:
-        state, _, path = init_state
-        heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
-        report = transfer_parameters(net, state, exclude=heads)
-        log.info("%s: initialised from %s — %s", name, path, report.summary())
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        net = cfg.net.build(dm.in_channels, dm.n_outputs)
+        fused, specific = partition(net)
+        if init_state is not None:
+            state, _, path = init_state
+            heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
+            report = transfer_parameters(net, state, exclude=heads)
+            log.info("%s: initialised from %s — %s", name, path, report.summary())
 
-    module = SegmentationModule(
-        net,
-        output_mode=dm.output_mode,
-        class_names=dm.class_names,
-        patch_size=cfg.data.patch_size,
-        optim=cfg.optim,
-        loss=cfg.loss,
-        channels_last=cfg.net.channels_last,
-    )
-    fisher = FisherCallback(
-        dirpath=str(run_dir),
-        filename=FISHER_FILE,
-        max_samples=cfg.fisher.max_samples,
-        normalize=cfg.fisher.normalize,
-        method=cfg.fisher.method,
-        names=fused,
-    )
-    loggers = build_loggers(cfg.logger, run_dir, root, name, config_dict(cfg))
-    trainer, result = fit(
-        module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers, callbacks=[fisher], name=name
-    )
-    close_loggers(loggers)
-    scores = result.best_metrics
-    if trainer.is_global_zero:
-        if result.best_path:
-            module.net.load_state_dict(best_state_dict(result.best_path))
-        save_net(run_dir / NET_FILE, module.net, meta)
-        write_json(
-            run_dir / MARKER,
-            {
-                "name": name,
-                "val_dice": scores.get("val/dice"),
-                "val_dice_per_class": {c: scores.get(f"val/dice_{c}") for c in dm.class_names},
-                "epochs": result.epochs,
-                "best_epoch": result.best_epoch,
-                "wall_s": result.wall_s,
-                "checkpoint": result.best_path,
-                "fused_tensors": len(fused),
-                "task_specific_tensors": len(specific),
-            },
+        module = SegmentationModule(
+            net,
+            output_mode=dm.output_mode,
+            class_names=dm.class_names,
+            patch_size=cfg.data.patch_size,
+            optim=cfg.optim,
+            loss=cfg.loss,
+            channels_last=cfg.net.channels_last,
         )
-    log.info("%s: best val Dice %.3f after %d epochs (%.0f s)", name, scores.get("val/dice", float("nan")), result.epochs, result.wall_s)
-    return run_dir
+        fisher = FisherCallback(
+            dirpath=str(run_dir),
+            filename=FISHER_FILE,
+            max_samples=cfg.fisher.max_samples,
+            normalize=cfg.fisher.normalize,
+            method=cfg.fisher.method,
+            names=fused,
+        )
+        loggers = build_loggers(cfg.logger, run_dir, root, name, config_dict(cfg))
+        trainer, result = fit(
+            module,
+            dm,
+            run_dir=run_dir,
+            trainer_cfg=cfg.trainer,
+            loggers=loggers,
+            callbacks=[fisher],
+            name=name,
+        )
+        close_loggers(loggers)
+        scores = result.best_metrics
+        if trainer.is_global_zero:
+            if result.best_path:
+                module.net.load_state_dict(best_state_dict(result.best_path))
+            save_net(run_dir / NET_FILE, module.net, meta)
+            write_json(
+                run_dir / MARKER,
+                {
+                    "name": name,
+                    "val_dice": scores.get("val/dice"),
+                    "val_dice_per_class": {c: scores.get(f"val/dice_{c}") for c in dm.class_names},
+                    "epochs": result.epochs,
+                    "best_epoch": result.best_epoch,
+                    "wall_s": result.wall_s,
+                    "checkpoint": result.best_path,
+                    "fused_tensors": len(fused),
+                    "task_specific_tensors": len(specific),
+                },
+            )
+        log.info(
+            "%s: best val Dice %.3f after %d epochs (%.0f s)",
+            name,
+            scores.get("val/dice", float("nan")),
+            result.epochs,
+            result.wall_s,
+        )
+        return run_dir
 
 
 def _load_init(root: Path, cfg: SourceStageConfig):

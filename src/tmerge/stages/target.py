@@ -43,15 +43,16 @@ from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import load_fisher
 from tmerge.io import write_json, write_text
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
-from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
+from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
-from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.runner import LoggerConfig, TrainerConfig, build_loggers, close_loggers, fit
+from tmerge.runner import LoggerConfig, build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
+    RunConfig,
     config_dict,
+    discard_on_input_error,
     load_net,
     start_run,
 )
@@ -74,25 +75,17 @@ class AdaptionConfig:
 
 
 @dataclass
-class TargetStageConfig:
+class TargetStageConfig(RunConfig):
     """Config of a BraTS run (``tmerge timm``, ``tmerge imm``, ``tmerge target init=…``, sweeps)."""
 
     init: str = "timm"  # one of INITS (see the module docstring)
     sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # source run names
-    seed: int = 0
     # A sweep runs every entry of `inits` once per seed in `seeds`; with one seed the runs go
     # to runs/brats/p<portion>/<init>, with several to runs/brats/p<portion>/seed<k>/<init>.
     inits: list[str] = field(default_factory=lambda: ["none", "m1", "m2", "imm", "timm"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    force: bool = False
-    runs_dir: str | None = None
     data: BraTSDataConfig = field(default_factory=BraTSDataConfig)
-    net: NetConfig = field(default_factory=NetConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 ALIASES = {"portion": "data.portion", "epochs": "trainer.max_epochs"}
@@ -110,7 +103,9 @@ class Initialisation:
 def _nth(i: int) -> Callable[[TargetStageConfig], list[str]]:
     def pick(cfg: TargetStageConfig) -> list[str]:
         if len(cfg.sources) <= i:
-            raise ConfigError(f"sources: init=m{i + 1} needs at least {i + 1} source runs, got {list(cfg.sources)}")
+            raise ConfigError(
+                f"sources: init=m{i + 1} needs at least {i + 1} source runs, got {list(cfg.sources)}"
+            )
         return [cfg.sources[i]]
 
     return pick
@@ -148,7 +143,9 @@ class Source:
     fisher: dict[str, torch.Tensor] | None
 
 
-def load_sources(cfg: TargetStageConfig, names: list[str], fused: list[str], with_fisher: bool) -> list[Source]:
+def load_sources(
+    cfg: TargetStageConfig, names: list[str], fused: list[str], with_fisher: bool
+) -> list[Source]:
     """Load source runs by name, checking they exist and match the target architecture."""
     root = runs_dir(cfg.runs_dir)
     expected = {"base_filters": cfg.net.base_filters, "depth": cfg.net.depth}
@@ -159,7 +156,9 @@ def load_sources(cfg: TargetStageConfig, names: list[str], fused: list[str], wit
             hint = f"make {name}" if name in ("task1", "task2") else f"tmerge source … name={name}"
             raise RunError(f"source model {name!r} not found: {path} does not exist; train it first ({hint})")
         state, meta = load_net(path)
-        diffs = [f"{k}={meta.get(k)!r} (target {expected[k]!r})" for k in ARCH_KEYS if meta.get(k) != expected[k]]
+        diffs = [
+            f"{k}={meta.get(k)!r} (target {expected[k]!r})" for k in ARCH_KEYS if meta.get(k) != expected[k]
+        ]
         if diffs:
             raise RunError(f"{path}: source of another architecture than the target net: {', '.join(diffs)}")
         fisher = None
@@ -188,47 +187,75 @@ def run_target(cfg: TargetStageConfig) -> Path:
     fused, specific = partition(net)
     heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
     sources = load_sources(cfg, source_names, fused, with_fisher=init.fisher and init.kind in ("imm", "timm"))
-    if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
-        log.info("%s is finished; pass force=true to run it again", run_dir)
+    with discard_on_input_error(run_dir):
+        if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
+            log.info("%s is finished; pass force=true to run it again", run_dir)
+            return run_dir
+
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        net = cfg.net.build(dm.in_channels, dm.n_outputs)  # fresh initialisation under the run's seed
+        root = runs_dir(cfg.runs_dir)
+        tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
+        stages: dict[str, Any] = {"init": cfg.init, "sources": source_names}
+
+        if init.kind == "transfer":
+            report = transfer_parameters(net, sources[0].state, exclude=heads)
+            log.info("%s: transfer from %s — %s", cfg.init, sources[0].name, report.summary())
+        elif init.kind in ("imm", "timm"):
+            layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
+            if mismatched:
+                log.info(
+                    "%s: layers of other shape in the sources, re-initialised and trained with S: %s",
+                    cfg.init,
+                    ", ".join(mismatched),
+                )
+            fishers = [s.fisher for s in sources] if init.fisher else None
+            if init.kind == "imm":
+                alphas = torch.full((len(sources),), 1.0 / len(sources))
+                merged = imm_merge(
+                    [s.state for s in sources], fishers, alphas, layers=layers, eps=cfg.adaption.eps
+                )
+                net.load_state_dict({**net.state_dict(), **merged})
+            else:
+                net, stages["adaption"] = _adapt(cfg, dm, net, sources, fishers, layers, run_dir, root, tags)
+
+        module = SegmentationModule(
+            net,
+            output_mode=dm.output_mode,
+            class_names=dm.class_names,
+            patch_size=cfg.data.patch_size,
+            optim=cfg.optim,
+            loss=cfg.loss,
+            channels_last=cfg.net.channels_last,
+        )
+        loggers = build_loggers(
+            _logger_cfg(cfg, tags + ["finetune"]),
+            run_dir,
+            root,
+            f"p{cfg.data.portion}-{cfg.init}",
+            config_dict(run_cfg),
+        )
+        trainer, result = fit(
+            module,
+            dm,
+            run_dir=run_dir,
+            trainer_cfg=cfg.trainer,
+            loggers=loggers,
+            name=f"p{cfg.data.portion}/{cfg.init} fine-tune",
+        )
+        stages["finetune"] = result.as_dict()
+        trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)
+        close_loggers(loggers)
+        if trainer.is_global_zero:
+            write_json(run_dir / "stages.json", stages)
+            summary = write_test_results(run_dir, module.test_records, dm.class_names)
+            log.info(
+                "%s p%s: test Dice %s",
+                cfg.init,
+                cfg.data.portion,
+                ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "n"),
+            )
         return run_dir
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    net = cfg.net.build(dm.in_channels, dm.n_outputs)  # fresh initialisation under the run's seed
-    root = runs_dir(cfg.runs_dir)
-    tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
-    stages: dict[str, Any] = {"init": cfg.init, "sources": source_names}
-
-    if init.kind == "transfer":
-        report = transfer_parameters(net, sources[0].state, exclude=heads)
-        log.info("%s: transfer from %s — %s", cfg.init, sources[0].name, report.summary())
-    elif init.kind in ("imm", "timm"):
-        layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
-        if mismatched:
-            log.info("%s: layers of other shape in the sources, re-initialised and trained with S: %s", cfg.init, ", ".join(mismatched))
-        fishers = [s.fisher for s in sources] if init.fisher else None
-        if init.kind == "imm":
-            alphas = torch.full((len(sources),), 1.0 / len(sources))
-            merged = imm_merge([s.state for s in sources], fishers, alphas, layers=layers, eps=cfg.adaption.eps)
-            net.load_state_dict({**net.state_dict(), **merged})
-        else:
-            net, stages["adaption"] = _adapt(cfg, dm, net, sources, fishers, layers, run_dir, root, tags)
-
-    module = SegmentationModule(
-        net, output_mode=dm.output_mode, class_names=dm.class_names, patch_size=cfg.data.patch_size, optim=cfg.optim, loss=cfg.loss,
-        channels_last=cfg.net.channels_last,
-    )
-    loggers = build_loggers(_logger_cfg(cfg, tags + ["finetune"]), run_dir, root, f"p{cfg.data.portion}-{cfg.init}", config_dict(run_cfg))
-    trainer, result = fit(
-        module, dm, run_dir=run_dir, trainer_cfg=cfg.trainer, loggers=loggers, name=f"p{cfg.data.portion}/{cfg.init} fine-tune"
-    )
-    stages["finetune"] = result.as_dict()
-    trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)
-    close_loggers(loggers)
-    if trainer.is_global_zero:
-        write_json(run_dir / "stages.json", stages)
-        summary = write_test_results(run_dir, module.test_records, dm.class_names)
-        log.info("%s p%s: test Dice %s", cfg.init, cfg.data.portion, ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "n"))
-    return run_dir
 
 
 def _logger_cfg(cfg: TargetStageConfig, tags: list[str]) -> LoggerConfig:
@@ -264,7 +291,13 @@ def _adapt(
         channels_last=cfg.net.channels_last,
     )
     stage_dir = run_dir / "adaption"
-    loggers = build_loggers(_logger_cfg(cfg, tags + ["adaption"]), stage_dir, root, f"p{cfg.data.portion}-timm-adaption", config_dict(cfg))
+    loggers = build_loggers(
+        _logger_cfg(cfg, tags + ["adaption"]),
+        stage_dir,
+        root,
+        f"p{cfg.data.portion}-timm-adaption",
+        config_dict(cfg),
+    )
     trainer, result = fit(
         module,
         dm,
@@ -289,7 +322,9 @@ def _adapt(
     deltas = deltas.reshape(-1, *adaptive.mixing.delta.shape)
     spread = float((deltas - deltas[0]).abs().max())
     if spread > 1e-6:
-        raise RunError(f"timm adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})")
+        raise RunError(
+            f"timm adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})"
+        )
     if trainer.is_global_zero:
         write_json(
             run_dir / "alphas.json",
@@ -302,12 +337,18 @@ def _adapt(
             },
         )
     summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
-    log.info("timm adaption: %d epochs, val Dice %.3f; α (first source) per layer: %s", result.epochs, summary["val_dice"] or float("nan"),
-             " ".join(f"{a[0]:.2f}" for a in alphas.values()))
+    log.info(
+        "timm adaption: %d epochs, val Dice %.3f; α (first source) per layer: %s",
+        result.epochs,
+        summary["val_dice"] or float("nan"),
+        " ".join(f"{a[0]:.2f}" for a in alphas.values()),
+    )
     return adaptive.release(), summary
 
 
-def write_test_results(run_dir: Path, records: list[dict[str, Any]], class_names: list[str]) -> dict[str, float]:
+def write_test_results(
+    run_dir: Path, records: list[dict[str, Any]], class_names: list[str]
+) -> dict[str, float]:
     """Write ``test_per_subject.csv`` and ``test_summary.json`` (the run's finished marker)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["subject", *class_names])
