@@ -69,3 +69,7 @@ imm: install
 
 sweep: install
 	$(TMERGE) sweep --profile $(PROFILE) portion=$(PORTION) $(ARGS)
+
+.PHONY: forgetting
+forgetting: install
+	$(TMERGE) forgetting --profile $(PROFILE) portion=$(PORTION) $(ARGS)

@@ -160,3 +160,30 @@ def test_timm_under_ddp_agrees_across_ranks(runs, tiny_default, tmp_path):
     rows = (run / "test_per_subject.csv").read_text().splitlines()[1:]
     subjects = [r.split(",")[0] for r in rows]
     assert len(subjects) == len(set(subjects)) == 8
+
+
+def test_all_hcp_baseline_is_named_by_its_labels(tiny_default, runs):
+    """``tmerge source labels=8-14 split=all`` trains on all 46 training subjects → runs/all-hcp-8-14."""
+    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", *TINY]
+    assert main(["source", "labels=8-14", "split=all", *hcp]) == 0
+    run = runs / "all-hcp-8-14"
+    splits = json.loads((run / "splits.json").read_text())
+    assert len(splits["train"]) == 36 and len(splits["val"]) == 10
+    assert (run / "fisher.safetensors").is_file()
+
+
+def test_forgetting_table(tiny_default, runs):
+    """Table 4 from the trained sources (and the T-IMM α when the timm run exists)."""
+    args = [
+        f"data.root={tiny_default / 'hcp'}",
+        f"runs_dir={runs}",
+        "portion=50",
+        *TINY[:3],
+        "loss.sw_roi=32",
+    ]
+    assert main(["forgetting", *args]) == 0
+    table = json.loads((runs / "forgetting" / "p50" / "table4.json").read_text())
+    assert {"M1", "M2", "IMM"} <= set(table)
+    for row in table.values():
+        assert set(row) == {"labels 1:7", "labels 8:14"} and all(0.0 <= v <= 1.0 for v in row.values())
+    assert "| M1 |" in (runs / "forgetting" / "p50" / "table4.md").read_text()

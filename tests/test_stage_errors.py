@@ -88,7 +88,9 @@ def test_truncated_nifti_mid_stage_leaves_no_run_folder(tiny_default, tmp_path, 
         victim.write_bytes(victim.read_bytes()[:200])
     runs = tmp_path / "runs"
     args = ["target", "init=none", f"data.root={brats}", f"runs_dir={runs}", "portion=50"]
-    status, err = run([*args, "data.test_size=8", "data.pool_size=16", "trainer.max_epochs=1", *SMALL], capsys)
+    status, err = run(
+        [*args, "data.test_size=8", "data.pool_size=16", "trainer.max_epochs=1", *SMALL], capsys
+    )
     assert status == 2, err
     assert "_flair.nii.gz" in err and "Traceback" not in err
     assert not (runs / "brats" / "p50" / "none").exists()

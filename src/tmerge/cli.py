@@ -94,6 +94,18 @@ def _run_sweep() -> Callable[[Any], Any]:
     return run_sweep
 
 
+def _forgetting_schema() -> type:
+    from tmerge.stages.forgetting import ForgettingConfig
+
+    return ForgettingConfig
+
+
+def _run_forgetting() -> Callable[[Any], Any]:
+    from tmerge.stages.forgetting import run_forgetting
+
+    return run_forgetting
+
+
 COMMANDS: dict[str, Command] = {
     "data": Command(
         "generate the embedded default datasets (HCP-like and BraTS-like)",
@@ -144,6 +156,12 @@ COMMANDS: dict[str, Command] = {
         _run_target,
         _target_aliases,
         "brats",
+    ),
+    "forgetting": Command(
+        "paper Table 4: P of M1, M2, IMM and T-IMM with the source tasks' S on the HCP test split",
+        _forgetting_schema,
+        _run_forgetting,
+        experiment="forgetting",
     ),
     "sweep": Command(
         "every initialisation in `inits` (per seed in `seeds`) on identical splits",

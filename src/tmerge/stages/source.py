@@ -101,6 +101,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
     init_state = _load_init(root, cfg) if cfg.init_from else None
     if init_state is not None:
         check_architecture(init_state[2], init_state[1], meta, ARCH_KEYS)
+    dm.check_layout()
     with discard_on_input_error(run_dir):
         if not start_run(run_dir, cfg, MARKER, force=cfg.force):
             log.info("%s is finished (%s); pass force=true to train it again", run_dir, run_dir / MARKER)

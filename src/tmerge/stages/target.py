@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     fused, specific = partition(net)
     heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
     sources = load_sources(cfg, source_names, fused, with_fisher=init.fisher and init.kind in ("imm", "timm"))
+    dm.check_layout()
     with discard_on_input_error(run_dir):
         if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
             log.info("%s is finished; pass force=true to run it again", run_dir)
@@ -369,5 +371,6 @@ def run_sweep(cfg: TargetStageConfig) -> None:
     for seed in cfg.seeds:
         for init in cfg.inits:
             run_dir = run_target(dataclasses.replace(cfg, init=init, seed=seed))
-            summary = (run_dir / MARKER).read_text() if (run_dir / MARKER).is_file() else "{}"
-            log.info("sweep p%s seed %d %-12s %s", cfg.data.portion, seed, init, summary.replace("\n", " "))
+            summary = json.loads((run_dir / MARKER).read_text())
+            scores = ", ".join(f"{k} {summary[k]:.3f}" for k in ("ET", "TC", "WT", "mean"))
+            log.info("sweep p%s seed %d %-12s test Dice %s (n=%d)", cfg.data.portion, seed, init, scores, summary["n"])

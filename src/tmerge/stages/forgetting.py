@@ -1,0 +1,133 @@
+"""Catastrophic forgetting (paper §4.3, Table 4): how much of tasks 1 and 2 the fused
+parameters P of each initialisation still hold.
+
+For each candidate P — M1's, M2's, IMM's (uniform α) and T-IMM's (the α learned by the adaption
+stage of ``runs/brats/p<portion>/timm``) — and each source task t, the network made of that P
+and task t's own task-specific parameters S_t (instance norms and heads) is evaluated on the
+shared HCP test split with task t's labels. Output: ``runs/forgetting/p<portion>/table4.json``
+and ``table4.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tmerge.data.hcp import HCPDataConfig, HCPDataModule
+from tmerge.errors import RunError
+from tmerge.fisher import load_fisher
+from tmerge.io import read_json, write_json, write_text
+from tmerge.merge import imm_merge
+from tmerge.metrics import dice_per_class
+from tmerge.modules.segmentation import LossConfig, SegmentationModule
+from tmerge.nets import layer_groups, partition
+from tmerge.nets.config import NetConfig
+from tmerge.paths import runs_dir
+from tmerge.stages.common import FISHER_FILE, NET_FILE, load_net
+
+log = logging.getLogger("tmerge")
+
+
+@dataclass
+class ForgettingConfig:
+    """Config of ``tmerge forgetting``."""
+
+    sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # M1, M2 run names
+    portion: int = 4  # whose T-IMM α to evaluate (runs/brats/p<portion>/timm/alphas.json)
+    eps: float = 1e-8  # as in the merge stages
+    runs_dir: str | None = None
+    data: HCPDataConfig = field(default_factory=HCPDataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+ALIASES = {"portion": "portion"}
+
+
+def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """The fused parameters P of M1, M2, IMM and T-IMM, keyed by the paper's row names."""
+    root = runs_dir(cfg.runs_dir)
+    loaded = [load_net(root / name / NET_FILE) for name in cfg.sources]
+    states = [state for state, _ in loaded]
+    meta = loaded[0][1]
+    template = cfg.net.build(meta.get("in_channels", 2), meta.get("n_classes", 8))
+    fused, _ = partition(template)
+    layers = layer_groups(template, fused)
+    fishers = [load_fisher(root / name / FISHER_FILE, expected_names=fused) for name in cfg.sources]
+    n = len(states)
+    uniform = torch.full((n,), 1.0 / n)
+    out = {f"M{i + 1}": {k: s[k] for k in fused} for i, s in enumerate(states)}
+    out["IMM"] = imm_merge(states, fishers, uniform, layers=layers, eps=cfg.eps)
+    alphas_path = root / "brats" / f"p{cfg.portion}" / "timm" / "alphas.json"
+    if alphas_path.is_file():
+        learned = read_json(alphas_path)["alphas"]
+        # Layers the adaption did not mix (the first convolution: 2 HCP vs 4 BraTS channels)
+        # keep IMM's uniform ratios.
+        per_layer = {layer: torch.tensor(learned.get(layer, uniform.tolist())) for layer in layers}
+        out["T-IMM"] = imm_merge(states, fishers, per_layer, layers=layers, eps=cfg.eps)
+    else:
+        log.info(
+            "forgetting: %s not found; the T-IMM row is left out (run `make timm PORTION=%d`)",
+            alphas_path,
+            cfg.portion,
+        )
+    return out
+
+
+@torch.no_grad()
+def mean_test_dice(net: torch.nn.Module, dm: HCPDataModule, loss: LossConfig, patch_size: int) -> float:
+    """Mean over test subjects of the mean foreground Dice."""
+    module = SegmentationModule(
+        net, output_mode=dm.output_mode, class_names=dm.class_names, patch_size=patch_size, loss=loss
+    ).eval()
+    scores = [
+        dice_per_class(module.infer(b["image"]), b["label"], dm.output_mode).mean()
+        for b in dm.test_dataloader()
+    ]
+    return float(torch.stack(scores).mean())
+
+
+def run_forgetting(cfg: ForgettingConfig) -> Path:
+    """Evaluate every candidate P with every source task's S; write Table 4."""
+    root = runs_dir(cfg.runs_dir)
+    candidates = candidate_parameters(cfg)
+    table: dict[str, dict[str, float]] = {row: {} for row in candidates}
+    for name in cfg.sources:
+        state, meta = load_net(root / name / NET_FILE)
+        labels = meta.get("labels")
+        if labels is None:
+            raise RunError(
+                f"{root / name / NET_FILE}: no label set in the metadata; retrain {name} with this version"
+            )
+        data = dataclasses.replace(cfg.data, split=meta.get("split", name), labels=labels)
+        dm = HCPDataModule(**dataclasses.asdict(data))
+        dm.prepare_data()
+        dm.setup("test")
+        for row, fused in candidates.items():
+            net = cfg.net.build(dm.in_channels, dm.n_outputs)
+            net.load_state_dict({**state, **fused})
+            table[row][f"labels {labels}"] = mean_test_dice(net.eval(), dm, cfg.loss, data.patch_size)
+            log.info(
+                "forgetting: P of %-5s with S of %s on labels %s: Dice %.3f",
+                row,
+                name,
+                labels,
+                table[row][f"labels {labels}"],
+            )
+    out = root / "forgetting" / f"p{cfg.portion}"
+    write_json(out / "table4.json", table)
+    columns = list(next(iter(table.values())))
+    lines = ["| P from | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {row} | " + " | ".join(f"{v[c]:.2f}" for c in columns) + " |" for row, v in table.items()]
+    write_text(
+        out / "table4.md",
+        "Mean test Dice of each initialisation's P with the source tasks' S (paper Table 4).\n\n"
+        + "\n".join(lines)
+        + "\n",
+    )
+    log.info("forgetting: wrote %s", out / "table4.md")
+    return out
