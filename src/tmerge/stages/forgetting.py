@@ -27,7 +27,7 @@ from tmerge.modules.segmentation import LossConfig, SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.stages.common import FISHER_FILE, NET_FILE, load_net
+from tmerge.stages.common import FISHER_FILE, NET_FILE, fisher_epsilon, load_net
 
 log = logging.getLogger("tmerge")
 
@@ -38,7 +38,7 @@ class ForgettingConfig:
 
     sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # M1, M2 run names
     portion: int = 4  # whose T-IMM α to evaluate (runs/brats/p<portion>/timm/alphas.json)
-    eps: float = 1e-8  # as in the merge stages
+    eps: float = 1e-8  # relative to the mean Fisher entry, as in the merge stages
     runs_dir: str | None = None
     data: HCPDataConfig = field(default_factory=HCPDataConfig)
     net: NetConfig = field(default_factory=NetConfig)
@@ -58,17 +58,18 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
     fused, _ = partition(template)
     layers = layer_groups(template, fused)
     fishers = [load_fisher(root / name / FISHER_FILE, expected_names=fused) for name in cfg.sources]
+    eps = fisher_epsilon(fishers, cfg.eps)
     n = len(states)
     uniform = torch.full((n,), 1.0 / n)
     out = {f"M{i + 1}": {k: s[k] for k in fused} for i, s in enumerate(states)}
-    out["IMM"] = imm_merge(states, fishers, uniform, layers=layers, eps=cfg.eps)
+    out["IMM"] = imm_merge(states, fishers, uniform, layers=layers, eps=eps)
     alphas_path = root / "brats" / f"p{cfg.portion}" / "timm" / "alphas.json"
     if alphas_path.is_file():
         learned = read_json(alphas_path)["alphas"]
         # Layers the adaption did not mix (the first convolution: 2 HCP vs 4 BraTS channels)
         # keep IMM's uniform ratios.
         per_layer = {layer: torch.tensor(learned.get(layer, uniform.tolist())) for layer in layers}
-        out["T-IMM"] = imm_merge(states, fishers, per_layer, layers=layers, eps=cfg.eps)
+        out["T-IMM"] = imm_merge(states, fishers, per_layer, layers=layers, eps=eps)
     else:
         log.info(
             "forgetting: %s not found; the T-IMM row is left out (run `make timm PORTION=%d`)",

@@ -54,6 +54,7 @@ from tmerge.stages.common import (
     RunConfig,
     config_dict,
     discard_on_input_error,
+    fisher_epsilon,
     load_net,
     start_run,
 )
@@ -72,7 +73,8 @@ class AdaptionConfig:
     max_epochs: int = 20  # a short stage (paper Table 3: 10–20 epochs)
     patience: int = 4  # stop when the validation loss stops improving
     lr: float = 5e-3  # δ lives in sigmoid space: a larger step than the network's
-    eps: float = 1e-8  # added to the Fisher in eq. 2's denominator
+    # ε of eq. 2, relative to the mean Fisher entry (see stages.common.fisher_epsilon).
+    eps: float = 1e-8
 
 
 @dataclass
@@ -212,14 +214,15 @@ def run_target(cfg: TargetStageConfig) -> Path:
                     ", ".join(mismatched),
                 )
             fishers = [s.fisher for s in sources] if init.fisher else None
+            eps = fisher_epsilon(fishers, cfg.adaption.eps)
             if init.kind == "imm":
                 alphas = torch.full((len(sources),), 1.0 / len(sources))
-                merged = imm_merge(
-                    [s.state for s in sources], fishers, alphas, layers=layers, eps=cfg.adaption.eps
-                )
+                merged = imm_merge([s.state for s in sources], fishers, alphas, layers=layers, eps=eps)
                 net.load_state_dict({**net.state_dict(), **merged})
             else:
-                net, stages["adaption"] = _adapt(cfg, dm, net, sources, fishers, layers, run_dir, root, tags)
+                net, stages["adaption"] = _adapt(
+                    cfg, dm, net, sources, fishers, layers, eps, run_dir, root, tags
+                )
 
         module = SegmentationModule(
             net,
@@ -276,13 +279,14 @@ def _adapt(
     sources: list[Source],
     fishers: list[dict[str, torch.Tensor]] | None,
     layers: dict[str, list[str]],
+    eps: float,
     run_dir: Path,
     root: Path,
     tags: list[str],
 ) -> tuple[nn.Module, dict[str, Any]]:
     """T-IMM adaption stage: train δ and S on the target with the sources frozen; return the net
     with P materialised from the learned α (S kept) and the stage's summary."""
-    adaptive = AdaptiveMerge(net, [s.state for s in sources], fishers, layers, eps=cfg.adaption.eps)
+    adaptive = AdaptiveMerge(net, [s.state for s in sources], fishers, layers, eps=eps)
     module = SegmentationModule(
         adaptive,
         output_mode=dm.output_mode,
@@ -373,4 +377,11 @@ def run_sweep(cfg: TargetStageConfig) -> None:
             run_dir = run_target(dataclasses.replace(cfg, init=init, seed=seed))
             summary = json.loads((run_dir / MARKER).read_text())
             scores = ", ".join(f"{k} {summary[k]:.3f}" for k in ("ET", "TC", "WT", "mean"))
-            log.info("sweep p%s seed %d %-12s test Dice %s (n=%d)", cfg.data.portion, seed, init, scores, summary["n"])
+            log.info(
+                "sweep p%s seed %d %-12s test Dice %s (n=%d)",
+                cfg.data.portion,
+                seed,
+                init,
+                scores,
+                summary["n"],
+            )
