@@ -187,3 +187,12 @@ def test_forgetting_table(tiny_default, runs):
     for row in table.values():
         assert set(row) == {"labels 1:7", "labels 8:14"} and all(0.0 <= v <= 1.0 for v in row.values())
     assert "| M1 |" in (runs / "forgetting" / "p50" / "table4.md").read_text()
+
+
+def test_timm_with_channel_map_merges_the_first_layer(runs, tiny_default):
+    """With channel_map the 2-channel HCP input layer feeds the 4 BraTS channels and stays in P."""
+    args = [a.replace("portion=50", "portion=25") for a in brats_args(tiny_default, runs)]
+    assert main(["timm", "channel_map=[0,0,1,1]", *args]) == 0
+    alphas = json.loads((runs / "brats" / "p25" / "timm" / "alphas.json").read_text())
+    # depth 3: 9 encoder + 6 decoder convolutions are fused, the input layer now among them
+    assert "encoder.0.conv.conv" in alphas["layers"] and len(alphas["layers"]) == 15

@@ -94,3 +94,19 @@ def test_truncated_nifti_mid_stage_leaves_no_run_folder(tiny_default, tmp_path, 
     assert status == 2, err
     assert "_flair.nii.gz" in err and "Traceback" not in err
     assert not (runs / "brats" / "p50" / "none").exists()
+
+
+def test_map_input_channels_reuses_and_rescales_filters():
+    from tmerge.errors import ConfigError
+    from tmerge.stages.target import map_input_channels
+
+    w = torch.arange(2 * 2 * 1.0).reshape(2, 2, 1)  # (C_out=2, C_in=2, k=1)
+    target = {"w": torch.zeros(2, 4, 1), "other": torch.zeros(3)}
+    out = map_input_channels({"w": w, "other": torch.ones(3)}, target, [0, 0, 1, 1], rescale=True)
+    assert out["w"].shape == (2, 4, 1)
+    assert torch.equal(out["w"][:, 0], w[:, 0] / 2) and torch.equal(out["w"][:, 3], w[:, 1] / 2)
+    assert torch.equal(out["other"], torch.ones(3))  # same shape: untouched
+    fisher = map_input_channels({"w": w}, target, [0, 0, 1, 1], rescale=False)
+    assert torch.equal(fisher["w"][:, 1], w[:, 0])
+    with pytest.raises(ConfigError, match="channel_map"):
+        map_input_channels({"w": w}, target, [0, 1, 2, 3], rescale=True)

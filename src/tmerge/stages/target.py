@@ -87,6 +87,11 @@ class TargetStageConfig(RunConfig):
     # to runs/brats/p<portion>/<init>, with several to runs/brats/p<portion>/seed<k>/<init>.
     inits: list[str] = field(default_factory=lambda: ["none", "m1", "m2", "imm", "timm"])
     seeds: list[int] = field(default_factory=lambda: [0])
+    # How the sources' input channels feed the target's: entry i is the source channel whose
+    # filters the target's channel i reuses, e.g. [0, 0, 1, 1] for HCP (T1, T2) → BraTS (t1,
+    # t1ce, t2, flair). None: a first layer of another shape is re-initialised and trained with
+    # S (what the original code effectively did); with a map it stays in P and is merged.
+    channel_map: list[int] | None = None
     data: BraTSDataConfig = field(default_factory=BraTSDataConfig)
     adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
 
@@ -146,10 +151,64 @@ class Source:
     fisher: dict[str, torch.Tensor] | None
 
 
+def map_input_channels(
+    tensors: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    channel_map: list[int],
+    *,
+    rescale: bool,
+) -> dict[str, torch.Tensor]:
+    """Rebuild tensors whose input-channel axis (dim 1) differs from the target's by reusing the
+    source channels named in ``channel_map``.
+
+    Args:
+        tensors: a source state dict or Fisher, name → ``(C_out, C_in_source, k, k, k)``, ….
+        target: the target network's state dict (for the shapes).
+        channel_map: ``C_in_target`` source-channel indices.
+        rescale: divide each reused filter by the number of target channels that share its
+            source channel, so the layer's response to inputs that look alike stays the same
+            (weights yes; Fishers no).
+
+    Returns:
+        A copy of ``tensors`` with the mapped tensors replaced.
+
+    Raises:
+        ConfigError: the map names a source channel that does not exist.
+    """
+    out = dict(tensors)
+    index = torch.tensor(channel_map)
+    copies = torch.bincount(index).clamp(min=1)
+    for name, tensor in tensors.items():
+        want = target.get(name)
+        if want is None or tensor.ndim < 2 or tensor.shape == want.shape:
+            continue
+        if (
+            tensor.shape[0] != want.shape[0]
+            or tensor.shape[2:] != want.shape[2:]
+            or want.shape[1] != len(channel_map)
+        ):
+            continue
+        if int(index.max()) >= tensor.shape[1] or int(index.min()) < 0:
+            raise ConfigError(
+                f"channel_map: {channel_map} names source channel {int(index.max())}, "
+                f"but {name} has {tensor.shape[1]} input channels (0…{tensor.shape[1] - 1})"
+            )
+        mapped = tensor.index_select(1, index)
+        if rescale:
+            mapped = mapped / copies[index].view(1, -1, *([1] * (tensor.ndim - 2))).to(mapped.dtype)
+        out[name] = mapped
+    return out
+
+
 def load_sources(
-    cfg: TargetStageConfig, names: list[str], fused: list[str], with_fisher: bool
+    cfg: TargetStageConfig,
+    names: list[str],
+    fused: list[str],
+    with_fisher: bool,
+    target: dict[str, torch.Tensor] | None = None,
 ) -> list[Source]:
-    """Load source runs by name, checking they exist and match the target architecture."""
+    """Load source runs by name, checking they exist and match the target architecture; with
+    ``cfg.channel_map``, adapt their input layer to the ``target`` state dict's shapes."""
     root = runs_dir(cfg.runs_dir)
     expected = {"base_filters": cfg.net.base_filters, "depth": cfg.net.depth}
     sources = []
@@ -169,6 +228,12 @@ def load_sources(
             # Every fused parameter of the source has a Fisher (its first layer included, though
             # a first layer of another shape than the target's is not merged).
             fisher = load_fisher(root / name / FISHER_FILE, expected_names=[n for n in fused if n in state])
+        if cfg.channel_map is not None:
+            if target is None:
+                raise ValueError("load_sources: channel_map needs the target state dict")
+            state = map_input_channels(state, target, list(cfg.channel_map), rescale=True)
+            if fisher is not None:
+                fisher = map_input_channels(fisher, target, list(cfg.channel_map), rescale=False)
         sources.append(Source(name, state, meta, fisher))
     return sources
 
@@ -189,7 +254,13 @@ def run_target(cfg: TargetStageConfig) -> Path:
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
     fused, specific = partition(net)
     heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
-    sources = load_sources(cfg, source_names, fused, with_fisher=init.fisher and init.kind in ("imm", "timm"))
+    sources = load_sources(
+        cfg,
+        source_names,
+        fused,
+        with_fisher=init.fisher and init.kind in ("imm", "timm"),
+        target=net.state_dict(),
+    )
     dm.check_layout()
     with discard_on_input_error(run_dir):
         if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
