@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 # Offline, silent W&B for every test; nothing may reach the network.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Caches and default runs of the tests go to a temporary folder, never into the checkout.
+os.environ["TMERGE_DATA"] = tempfile.mkdtemp(prefix="tmerge-test-data-")
+os.environ["TMERGE_RUNS"] = tempfile.mkdtemp(prefix="tmerge-test-runs-")
 
 
 @pytest.fixture(scope="session")

@@ -178,11 +178,15 @@ def configure_logging() -> None:
     silenced so that what remains is worth reading."""
     import warnings
 
+    ours = logging.getLogger("tmerge")
+    # Bind to the sys.stderr of *this* call (a previous call's stream may be gone, e.g. when
+    # main() runs several times in one process, as in the tests).
+    for old in [h for h in ours.handlers if getattr(h, "tmerge_cli", False)]:
+        ours.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[tmerge] %(message)s"))
-    ours = logging.getLogger("tmerge")
-    if not ours.handlers:
-        ours.addHandler(handler)
+    handler.tmerge_cli = True  # type: ignore[attr-defined]
+    ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
