@@ -112,6 +112,23 @@ def test_forward_equals_plain_net_with_materialized_weights() -> None:
     torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
+def test_merged_weights_follow_the_nets_memory_format() -> None:
+    """A channels-last net gets channels-last merged weights (a layout mismatch would cost a
+    conversion in every convolution) — with the same values and the same output."""
+    sds, fs = _sources(2)
+    model = AdaptiveMerge(TinyNet(), sds, fs, LAYERS)
+    _random_delta(model)
+    x = torch.randn(1, 2, 5, 5, 5)
+    expected = model(x)
+    reference = model.merged_parameters()
+    model.to(memory_format=torch.channels_last_3d)
+    merged = model.merged_parameters()
+    assert merged["conv1.weight"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert not merged["conv1.weight"].is_contiguous()
+    torch.testing.assert_close(merged["conv1.weight"], reference["conv1.weight"])
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last_3d)), expected)
+
+
 def test_one_hot_alpha_reproduces_a_source() -> None:
     sds, fs = _sources(2)
     model = AdaptiveMerge(TinyNet(), sds, fs, LAYERS)

@@ -242,6 +242,14 @@ class AdaptiveMerge(nn.Module):
                 f"AdaptiveMerge: alpha must have shape ({self.n_models}, {len(self._slots)}), got {tuple(alpha.shape)}"
             )
         alpha_t = alpha.t()  # (N, T): row i mixes layer i
+        # Give each merged tensor the memory layout of the net's own parameter: with
+        # channels-last activations, a contiguous-format conv weight costs a layout conversion in
+        # every convolution (measured on 2 CPU cores, base 8, 2×48³: 1.38× a plain step unmatched, 1.08× matched).
+        formats = {
+            n: torch.channels_last_3d
+            for n, p in self.net.named_parameters()
+            if p.ndim == 5 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last_3d)
+        }
         out: dict[str, Tensor] = {}
         for i, slots in enumerate(self._slots):
             packed = self._buffers[self._packed_names[i]]
@@ -250,7 +258,10 @@ class AdaptiveMerge(nn.Module):
             # concatenates the parameters' gradients instead of zero-padding each to L_i and summing.
             # They carry the buffers' dtype, which follows the module's .to()/.double() like the net's.
             for s, part in zip(slots, flat.split(self._sizes[i]), strict=True):
-                out[s.name] = part.view(s.shape)
+                merged = part.view(s.shape)
+                out[s.name] = (
+                    merged.contiguous(memory_format=formats[s.name]) if s.name in formats else merged
+                )
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
