@@ -26,7 +26,7 @@ from torch import nn
 from tmerge.config import config_hash, save_config, to_container
 from tmerge.errors import RunError, TmergeError
 from tmerge.io import write_safetensors
-from tmerge.modules.segmentation import LossConfig, OptimConfig
+from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
 from tmerge.nets.config import NetConfig
 from tmerge.runner import LoggerConfig, TrainerConfig
 
@@ -73,6 +73,28 @@ def discard_on_input_error(run_dir: Path) -> Iterator[None]:
         if not existed:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def segmentation_module(
+    net: nn.Module, dm: Any, cfg: RunConfig, patch_size: int, optim: OptimConfig | None = None
+) -> SegmentationModule:
+    """The stage's LightningModule for ``net`` on ``dm``'s task, from the run config."""
+    return SegmentationModule(
+        net,
+        output_mode=dm.output_mode,
+        class_names=dm.class_names,
+        patch_size=patch_size,
+        optim=optim or cfg.optim,
+        loss=cfg.loss,
+        channels_last=cfg.net.channels_last,
+    )
+
+
+def head_names(net: nn.Module, specific: Sequence[str]) -> list[str]:
+    """The task-specific parameters that belong to the segmentation heads (re-created for every
+    new task, unlike the instance norms, which a transfer may keep)."""
+    prefixes = tuple(getattr(net, "head_prefixes", ()))
+    return [n for n in specific if prefixes and n.startswith(prefixes)]
 
 
 def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:

@@ -20,7 +20,6 @@ from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import FisherCallback
 from tmerge.io import write_json
-from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import partition
 from tmerge.paths import runs_dir
 from tmerge.runner import build_loggers, close_loggers, fit
@@ -33,8 +32,10 @@ from tmerge.stages.common import (
     check_architecture,
     config_dict,
     discard_on_input_error,
+    head_names,
     load_net,
     save_net,
+    segmentation_module,
     start_run,
 )
 from tmerge.transfer import transfer_parameters
@@ -112,19 +113,10 @@ def run_source(cfg: SourceStageConfig) -> Path:
         fused, specific = partition(net)
         if init_state is not None:
             state, _, path = init_state
-            heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
-            report = transfer_parameters(net, state, exclude=heads)
+            report = transfer_parameters(net, state, exclude=head_names(net, specific))
             log.info("%s: initialised from %s — %s", name, path, report.summary())
 
-        module = SegmentationModule(
-            net,
-            output_mode=dm.output_mode,
-            class_names=dm.class_names,
-            patch_size=cfg.data.patch_size,
-            optim=cfg.optim,
-            loss=cfg.loss,
-            channels_last=cfg.net.channels_last,
-        )
+        module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
         fisher = FisherCallback(
             dirpath=str(run_dir),
             filename=FISHER_FILE,

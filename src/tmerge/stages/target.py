@@ -44,7 +44,6 @@ from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import load_fisher
 from tmerge.io import write_json, write_text
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
-from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.runner import LoggerConfig, build_loggers, close_loggers, fit
@@ -55,7 +54,9 @@ from tmerge.stages.common import (
     config_dict,
     discard_on_input_error,
     fisher_epsilon,
+    head_names,
     load_net,
+    segmentation_module,
     start_run,
 )
 from tmerge.transfer import transfer_parameters
@@ -253,7 +254,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     dm = BraTSDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
     fused, specific = partition(net)
-    heads = [n for n in specific if n.startswith(tuple(getattr(net, "head_prefixes", ())))]
+    heads = head_names(net, specific)
     sources = load_sources(
         cfg,
         source_names,
@@ -295,15 +296,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
                     cfg, dm, net, sources, fishers, layers, eps, run_dir, root, tags
                 )
 
-        module = SegmentationModule(
-            net,
-            output_mode=dm.output_mode,
-            class_names=dm.class_names,
-            patch_size=cfg.data.patch_size,
-            optim=cfg.optim,
-            loss=cfg.loss,
-            channels_last=cfg.net.channels_last,
-        )
+        module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
         loggers = build_loggers(
             _logger_cfg(cfg, tags + ["finetune"]),
             run_dir,
@@ -358,14 +351,8 @@ def _adapt(
     """T-IMM adaption stage: train δ and S on the target with the sources frozen; return the net
     with P materialised from the learned α (S kept) and the stage's summary."""
     adaptive = AdaptiveMerge(net, [s.state for s in sources], fishers, layers, eps=eps)
-    module = SegmentationModule(
-        adaptive,
-        output_mode=dm.output_mode,
-        class_names=dm.class_names,
-        patch_size=cfg.data.patch_size,
-        optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr),
-        loss=cfg.loss,
-        channels_last=cfg.net.channels_last,
+    module = segmentation_module(
+        adaptive, dm, cfg, cfg.data.patch_size, optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr)
     )
     stage_dir = run_dir / "adaption"
     loggers = build_loggers(
