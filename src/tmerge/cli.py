@@ -193,7 +193,6 @@ def configure_logging() -> None:
     for message in (
         r".*isinstance\(treespec, LeafSpec\)",  # Lightning internals on newer torch
         r"Checkpoint directory .* exists and is not empty",  # the run folder holds config.yaml first
-        r"The anonymous setting has no effect",  # wandb, through WandbLogger's defaults
         r".*does not have many workers",  # in-memory datasets: workers would only add overhead
     ):
         warnings.filterwarnings("ignore", message=message)

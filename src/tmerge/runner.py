@@ -172,20 +172,22 @@ def build_loggers(
             # wandb's own banners and deprecation notes say nothing useful offline.
             os.environ.setdefault("WANDB_SILENT", "true")
         (runs_root / "wandb").mkdir(parents=True, exist_ok=True)
-        loggers.append(
-            WandbLogger(
-                name=name,
-                save_dir=str(runs_root),
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity,
-                group=cfg.wandb.group,
-                tags=list(cfg.wandb.tags),
-                mode=mode,
-                config=config,
-                # No network: never wait on a connection or print retry noise.
-                settings={"silent": True, "console": "off"} if mode == "offline" else None,
-            )
+        wandb_logger = WandbLogger(
+            name=name,
+            save_dir=str(runs_root),
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            group=cfg.wandb.group,
+            tags=list(cfg.wandb.tags),
+            mode=mode,
+            config=config,
+            # No network: never wait on a connection or print retry noise.
+            settings={"silent": True, "console": "off"} if mode == "offline" else None,
         )
+        # Lightning always forwards `anonymous`, which wandb >= 0.19 deprecates with a warning on
+        # every run; the setting has no effect there, so leave it out.
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 
