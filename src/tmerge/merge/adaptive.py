@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from tmerge.errors import RunError
-from tmerge.merge.imm import check_fishers, check_layers, combine_packed, fisher_weights, listed, pack_terms
+from tmerge.merge.imm import (
+    check_fishers,
+    check_layers,
+    check_merge_args,
+    combine_packed,
+    fisher_weights,
+    listed,
+    pack_terms,
+)
 from tmerge.merge.mixing import LayerwiseMixing
 
 
@@ -121,16 +129,7 @@ class AdaptiveMerge(nn.Module):
     ) -> None:
         super().__init__()
         n_models = len(sources)
-        if n_models < 2:
-            raise RunError(f"AdaptiveMerge needs at least 2 source models, got {n_models}")
-        if fishers is not None and len(fishers) != n_models:
-            raise RunError(
-                f"AdaptiveMerge: got {n_models} sources but {len(fishers)} Fishers; expected one per source"
-            )
-        if eps <= 0:
-            raise RunError(f"AdaptiveMerge: eps must be > 0, got {eps}")
-        if fisher_floor < 0:
-            raise RunError(f"AdaptiveMerge: fisher_floor must be ≥ 0, got {fisher_floor}")
+        check_merge_args("AdaptiveMerge", "source model", n_models, fishers, eps, fisher_floor)
         layer_map = check_layers(layers)
         params = dict(net.named_parameters())
 

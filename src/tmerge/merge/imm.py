@@ -27,6 +27,7 @@ and :func:`merge_tensor`;
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -278,6 +279,29 @@ def _alpha_per_name(
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_merge_args(
+    who: str, item: str, n_models: int, fishers: Sequence[Any] | None, eps: float, fisher_floor: float
+) -> None:
+    """The argument checks every eq.-2 merge shares (``who`` and ``item`` name them in messages).
+
+    Raises:
+        RunError: fewer than 2 models, a Fisher count that differs from the model count, eps ≤ 0
+            or a negative fisher_floor.
+    """
+    if n_models < 2:
+        raise RunError(f"{who} needs at least 2 {item}s to merge, got {n_models}")
+    if fishers is not None and len(fishers) != n_models:
+        raise RunError(
+            f"{who}: got {n_models} {item}s but {len(fishers)} Fishers; expected one Fisher per {item}"
+        )
+    if eps <= 0:
+        raise RunError(
+            f"{who}: eps must be > 0 (it keeps the merge defined where all Fishers are 0), got {eps}"
+        )
+    if fisher_floor < 0:
+        raise RunError(f"{who}: fisher_floor must be ≥ 0, got {fisher_floor}")
+
+
 def imm_merge(
     state_dicts: Sequence[Mapping[str, Tensor]],
     fishers: Sequence[Mapping[str, Tensor]] | None,
@@ -315,18 +339,7 @@ def imm_merge(
             negative Fishers; alphas of the wrong form or shape, negative, or not summing to 1.
     """
     n_models = len(state_dicts)
-    if n_models < 2:
-        raise RunError(f"imm_merge needs at least 2 models to merge, got {n_models}")
-    if fishers is not None and len(fishers) != n_models:
-        raise RunError(
-            f"imm_merge: got {n_models} state dicts but {len(fishers)} Fishers; expected one Fisher per model"
-        )
-    if eps <= 0:
-        raise RunError(
-            f"imm_merge: eps must be > 0 (it keeps the merge defined where all Fishers are 0), got {eps}"
-        )
-    if fisher_floor < 0:
-        raise RunError(f"imm_merge: fisher_floor must be ≥ 0, got {fisher_floor}")
+    check_merge_args("imm_merge", "model", n_models, fishers, eps, fisher_floor)
     layer_map = check_layers(layers) if layers is not None else None
 
     if names is not None:
