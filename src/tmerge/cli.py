@@ -14,10 +14,11 @@ user's input (files, keys, missing runs) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,145 +30,65 @@ log = logging.getLogger("tmerge")
 
 @dataclass(frozen=True)
 class Command:
-    """A sub-command: its config schema, experiment file, short keys and runner (imported lazily
-    so that ``tmerge --help`` does not import torch)."""
+    """A sub-command: the stage module that owns it, the names of its config schema and runner
+    there (imported lazily, so that ``tmerge --help`` does not import torch), its experiment file
+    and the overrides it presets. Short keys come from the module's ``ALIASES``, if any."""
 
     help: str
-    schema: Callable[[], type]
-    run: Callable[[], Callable[[Any], Any]]
-    aliases: Callable[[], dict[str, str]] = dict
+    module: str
+    schema: str
+    run: str
     experiment: str | None = None
     preset: tuple[str, ...] = ()  # overrides applied before the user's (e.g. init=timm)
 
-
-def _source_schema() -> type:
-    from tmerge.stages.source import SourceStageConfig
-
-    return SourceStageConfig
+    def load(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self.module), attr)
 
 
-def _source_aliases() -> dict[str, str]:
-    from tmerge.stages.source import ALIASES
-
-    return ALIASES
-
-
-def _run_source() -> Callable[[Any], Any]:
-    from tmerge.stages.source import run_source
-
-    return run_source
-
-
-def _data_schema() -> type:
-    from tmerge.stages.data import DataStageConfig
-
-    return DataStageConfig
-
-
-def _run_data() -> Callable[[Any], Any]:
-    from tmerge.stages.data import run_data
-
-    return run_data
-
-
-def _target_schema() -> type:
-    from tmerge.stages.target import TargetStageConfig
-
-    return TargetStageConfig
-
-
-def _target_aliases() -> dict[str, str]:
-    from tmerge.stages.target import ALIASES
-
-    return ALIASES
-
-
-def _run_target() -> Callable[[Any], Any]:
-    from tmerge.stages.target import run_target
-
-    return run_target
-
-
-def _run_sweep() -> Callable[[Any], Any]:
-    from tmerge.stages.target import run_sweep
-
-    return run_sweep
-
-
-def _forgetting_schema() -> type:
-    from tmerge.stages.forgetting import ForgettingConfig
-
-    return ForgettingConfig
-
-
-def _run_forgetting() -> Callable[[Any], Any]:
-    from tmerge.stages.forgetting import run_forgetting
-
-    return run_forgetting
-
+_SOURCE = ("tmerge.stages.source", "SourceStageConfig", "run_source")
+_TARGET = ("tmerge.stages.target", "TargetStageConfig", "run_target")
 
 COMMANDS: dict[str, Command] = {
     "data": Command(
         "generate the embedded default datasets (HCP-like and BraTS-like)",
-        _data_schema,
-        _run_data,
-        experiment="data",
+        "tmerge.stages.data",
+        "DataStageConfig",
+        "run_data",
+        "data",
     ),
-    "task1": Command(
-        "train M1 on HCP labels 1:7 (paper task 1) and compute its Fisher",
-        _source_schema,
-        _run_source,
-        _source_aliases,
-        "task1",
-    ),
+    "task1": Command("train M1 on HCP labels 1:7 (paper task 1) and compute its Fisher", *_SOURCE, "task1"),
     "task2": Command(
-        "train M2 from M1 on HCP labels 8:14 (paper task 2) and compute its Fisher",
-        _source_schema,
-        _run_source,
-        _source_aliases,
-        "task2",
+        "train M2 from M1 on HCP labels 8:14 (paper task 2) and compute its Fisher", *_SOURCE, "task2"
     ),
     "source": Command(
-        "train another source model, e.g. the All-HCP baselines (labels=all split=all)",
-        _source_schema,
-        _run_source,
-        _source_aliases,
-        "source",
+        "train another source model, e.g. the All-HCP baselines (labels=all split=all)", *_SOURCE, "source"
     ),
     "timm": Command(
         "T-IMM on BraTS: adaption (learn α per layer) then fine-tune and test",
-        _target_schema,
-        _run_target,
-        _target_aliases,
+        *_TARGET,
         "brats",
         ("init=timm",),
     ),
     "imm": Command(
-        "IMM on BraTS: uniform Fisher-weighted merge, fine-tune and test",
-        _target_schema,
-        _run_target,
-        _target_aliases,
-        "brats",
-        ("init=imm",),
+        "IMM on BraTS: uniform Fisher-weighted merge, fine-tune and test", *_TARGET, "brats", ("init=imm",)
     ),
     "target": Command(
         "one BraTS run with any initialisation (init=none|m1|m2|imm|mean-imm|timm|all-hcp…)",
-        _target_schema,
-        _run_target,
-        _target_aliases,
+        *_TARGET,
         "brats",
     ),
     "forgetting": Command(
         "paper Table 4: P of M1, M2, IMM and T-IMM with the source tasks' S on the HCP test split",
-        _forgetting_schema,
-        _run_forgetting,
-        experiment="forgetting",
+        "tmerge.stages.forgetting",
+        "ForgettingConfig",
+        "run_forgetting",
+        "forgetting",
     ),
     "sweep": Command(
         "every initialisation in `inits` (per seed in `seeds`) on identical splits",
-        _target_schema,
-        _run_sweep,
-        _target_aliases,
+        "tmerge.stages.target",
+        "TargetStageConfig",
+        "run_sweep",
         "brats",
     ),
 }
@@ -229,16 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = COMMANDS[args.command]
     try:
         cfg = compose(
-            cmd.schema(),
+            cmd.load(cmd.schema),
             cmd.experiment,
             [*cmd.preset, *args.overrides],
             profile=args.profile,
-            aliases=cmd.aliases(),
+            aliases=getattr(importlib.import_module(cmd.module), "ALIASES", {}),
         )
         if args.show_config:
             print(to_yaml(cfg), end="")
             return 0
-        cmd.run()(cfg)
+        cmd.load(cmd.run)(cfg)
     except TmergeError as exc:
         print(f"tmerge {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
-from tmerge.config import config_hash, save_config, to_container
+from tmerge.config import config_hash, save_config
 from tmerge.errors import RunError, TmergeError
 from tmerge.io import write_safetensors
 from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
@@ -179,8 +179,3 @@ def best_state_dict(ckpt_path: str, prefix: str = "net.") -> dict[str, torch.Ten
         raise RunError(f"{ckpt_path}: not a readable checkpoint ({exc})") from None
     state = ckpt.get("state_dict", {})
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as a plain dict (for loggers)."""
-    return to_container(cfg)

@@ -45,9 +45,6 @@ class ForgettingConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-ALIASES = {"portion": "portion"}
-
-
 def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The fused parameters P of M1, M2, IMM and T-IMM, keyed by the paper's row names."""
     root = runs_dir(cfg.runs_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 
+from tmerge.config import to_container
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import FisherCallback
@@ -30,7 +31,6 @@ from tmerge.stages.common import (
     RunConfig,
     best_state_dict,
     check_architecture,
-    config_dict,
     discard_on_input_error,
     head_names,
     load_net,
@@ -125,7 +125,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
             method=cfg.fisher.method,
             names=fused,
         )
-        loggers = build_loggers(cfg.logger, run_dir, root, name, config_dict(cfg))
+        loggers = build_loggers(cfg.logger, run_dir, root, name, to_container(cfg))
         trainer, result = fit(
             module,
             dm,

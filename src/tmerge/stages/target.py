@@ -39,6 +39,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from tmerge.config import to_container
 from tmerge.data.brats import BraTSDataConfig, BraTSDataModule
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import load_fisher
@@ -51,7 +52,6 @@ from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
     RunConfig,
-    config_dict,
     discard_on_input_error,
     fisher_epsilon,
     head_names,
@@ -302,7 +302,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
             run_dir,
             root,
             f"p{cfg.data.portion}-{cfg.init}",
-            config_dict(run_cfg),
+            to_container(run_cfg),
         )
         trainer, result = fit(
             module,
@@ -360,7 +360,7 @@ def _adapt(
         stage_dir,
         root,
         f"p{cfg.data.portion}-timm-adaption",
-        config_dict(cfg),
+        to_container(cfg),
     )
     trainer, result = fit(
         module,
