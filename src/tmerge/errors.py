@@ -12,6 +12,9 @@ class TmergeError(Exception):
     """Base class of errors whose message is meant for the user, not a traceback."""
 
     exit_code = 2
+    #: The user's input caused it: a run folder the failing stage created holds nothing worth
+    #: keeping and is removed. False for stops whose folder must survive (to resume, inspect).
+    input_error = True
 
 
 class ConfigError(TmergeError):
@@ -24,3 +27,17 @@ class DataError(TmergeError):
 
 class RunError(TmergeError):
     """A run folder or artefact (checkpoint, Fisher, alphas) that is missing or inconsistent."""
+
+
+class NonFiniteError(RunError):
+    """A loss or Fisher that became NaN/inf; the run folder is kept for inspection."""
+
+    input_error = False
+
+
+class Interrupted(TmergeError):
+    """The stage was stopped by SIGTERM after saving a checkpoint to resume from (exit status 143,
+    the conventional 128 + SIGTERM)."""
+
+    exit_code = 143
+    input_error = False

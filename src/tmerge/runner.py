@@ -19,8 +19,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from tmerge.errors import Interrupted
+from tmerge.io import read_json, write_json
+from tmerge.resume import RngState, SaveOnSigterm, checkpoint_progress, is_rank_zero, resume_point
 
 log = logging.getLogger("tmerge")
+
+#: Written when a fit has finished: a re-run skips training (see :mod:`tmerge.resume`).
+FIT_FILE = "fit.json"
 
 
 @dataclass
@@ -65,12 +73,28 @@ class LoggerConfig:
 
 class BestMetrics(Callback):
     """Keeps the validation metrics of the epoch that the checkpoint callback considers best, so
-    stages can report per-class scores of the best model without another validation pass."""
+    stages can report per-class scores of the best model without another validation pass.
+
+    Its state (those metrics and the training time of earlier attempts) travels in the
+    checkpoint, so a resumed run reports the same as an uninterrupted one."""
 
     def __init__(self, checkpoint: ModelCheckpoint, prefix: str = "val/") -> None:
         self.checkpoint = checkpoint
         self.prefix = prefix
         self.metrics: dict[str, float] = {}
+        self.previous_wall_s = 0.0  # training time of attempts before a resume
+        self._start = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = self.previous_wall_s + time.perf_counter() - self._start
+        return {"metrics": dict(self.metrics), "wall_s": elapsed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.metrics = dict(state.get("metrics", {}))
+        self.previous_wall_s = float(state.get("wall_s", 0.0))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -163,6 +187,7 @@ def build_loggers(
     The W&B run directory is ``<runs_root>/wandb``; offline runs are synced later with
     ``wandb sync <runs_root>/wandb/offline-run-*``.
     """
+    _keep_previous_csv(run_dir / "logs")
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
     if mode != "disabled":
@@ -191,6 +216,15 @@ def build_loggers(
     return loggers
 
 
+def _keep_previous_csv(log_dir: Path) -> None:
+    """Lightning's CSV logger deletes a ``metrics.csv`` it finds; a resumed run keeps the earlier
+    attempt's as ``metrics.attempt<k>.csv``."""
+    current = log_dir / "metrics.csv"
+    if current.is_file() and is_rank_zero():
+        k = 1 + sum(1 for _ in log_dir.glob("metrics.attempt*.csv"))
+        current.rename(log_dir / f"metrics.attempt{k}.csv")
+
+
 def close_loggers(loggers: Sequence[Logger]) -> None:
     """Finish the W&B run of a stage, so that the next stage of the same process starts its own
     (WandbLogger otherwise reuses the run in progress)."""
@@ -212,14 +246,22 @@ def fit(
     name: str = "",
     max_epochs: int | None = None,
     patience: int | None = None,
-    test: bool = False,
 ) -> tuple[L.Trainer, FitResult]:
-    """Fit ``module`` with checkpointing (``run_dir/model.ckpt`` best, ``last.ckpt``) and early
-    stopping on ``monitor``; optionally test the best checkpoint.
+    """Fit ``module`` with checkpointing (``run_dir/model.ckpt`` best, ``last.ckpt`` every
+    validation) and early stopping on ``monitor``.
+
+    Resumable (see :mod:`tmerge.resume`): a ``last.ckpt`` left by a killed attempt is resumed
+    from; a finished fit (``fit.json``) is not repeated — its result is returned with a fresh
+    trainer, ready for ``trainer.test(ckpt_path=result.best_path)``.
 
     Returns:
         The trainer (for ``trainer.test`` and callbacks) and a :class:`FitResult`.
+
+    Raises:
+        Interrupted: SIGTERM arrived; ``last.ckpt`` was written first.
+        RunError: ``last.ckpt`` cannot be loaded (truncated, not a checkpoint, unsafe pickle).
     """
+    label = name or run_dir.name
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir,
@@ -231,10 +273,9 @@ def fit(
     )
     stopper = EarlyStopping(monitor=monitor, mode=mode, patience=patience or trainer_cfg.patience)
     best = BestMetrics(checkpoint)
+    sigterm = SaveOnSigterm(run_dir)
     quiet_lightning()
-    progress: list[Callback] = (
-        [] if trainer_cfg.progress_bar else [EpochSummary(name or run_dir.name, monitor, mode)]
-    )
+    progress: list[Callback] = [] if trainer_cfg.progress_bar else [EpochSummary(label, monitor, mode)]
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=trainer_cfg.accelerator,
@@ -252,10 +293,22 @@ def fit(
         enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False,
         logger=list(loggers) or False,
-        callbacks=[best, checkpoint, stopper, *progress, *callbacks],
+        callbacks=[best, checkpoint, stopper, RngState(), sigterm, *progress, *callbacks],
     )
+    done = run_dir / FIT_FILE
+    if done.is_file():
+        log.info("%s: already trained (%s); continuing after training", label, done)
+        return trainer, FitResult(**read_json(done))
+    resume = resume_point(run_dir)
+    if resume is not None:
+        epoch, step = checkpoint_progress(resume)
+        log.info("%s: resuming from %s (saved in epoch %d, after step %d)", label, resume, epoch + 1, step)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        where = f"; {sigterm.path} saved" if sigterm.saved else ""
+        raise Interrupted(f"{label}: stopped by SIGTERM{where}; run the same command again to resume") from None
     wall = time.perf_counter() - start
     best_score = checkpoint.best_model_score
     result = FitResult(
@@ -264,9 +317,11 @@ def fit(
         monitor=monitor,
         epochs=trainer.current_epoch,
         best_epoch=int(best.metrics["epoch"]) if "epoch" in best.metrics else None,
-        wall_s=round(wall, 2),
+        wall_s=round(wall + best.previous_wall_s, 2),
         best_metrics={k: v for k, v in best.metrics.items() if k != "epoch"},
     )
+    if trainer.is_global_zero:
+        write_json(done, result.as_dict())
     return trainer, result
 
 

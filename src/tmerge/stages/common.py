@@ -25,9 +25,10 @@ from torch import nn
 
 from tmerge.config import config_hash, save_config
 from tmerge.errors import RunError, TmergeError
-from tmerge.io import write_safetensors
+from tmerge.io import read_json, write_json, write_safetensors
 from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
 from tmerge.nets.config import NetConfig
+from tmerge.resume import is_rank_zero, run_lock
 from tmerge.runner import LoggerConfig, TrainerConfig
 
 log = logging.getLogger("tmerge")
@@ -35,6 +36,7 @@ log = logging.getLogger("tmerge")
 NET_FILE = "net.safetensors"
 FISHER_FILE = "fisher.safetensors"
 CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -69,8 +71,8 @@ def discard_on_input_error(run_dir: Path) -> Iterator[None]:
     existed = run_dir.exists()
     try:
         yield
-    except TmergeError:
-        if not existed:
+    except TmergeError as exc:
+        if not existed and exc.input_error:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -100,10 +102,17 @@ def head_names(net: nn.Module, specific: Sequence[str]) -> list[str]:
 def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:
     """Prepare ``run_dir`` for a stage; return ``False`` if it is finished and should be skipped.
 
+    Call it holding :func:`stage_guard`. An unfinished folder of the same config is kept (its
+    ``last.ckpt`` is resumed from); ``config.yaml`` and ``run.json`` (seed, git commit, command,
+    versions, attempts) are written. Only global rank 0 prepares: the other DDP ranks are this
+    run's own processes, started after rank 0 got here.
+
     Raises:
         RunError: the folder holds an (unfinished or finished) run of a *different* config and
             ``force`` is not set.
     """
+    if not is_rank_zero():
+        return True
     cfg_hash = config_hash(cfg, ignore=("force",))
     saved = run_dir / CONFIG_FILE
     if run_dir.exists() and force:
@@ -121,7 +130,70 @@ def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:
             return False
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
+    _record_run(run_dir / RUN_FILE, cfg)
     return True
+
+
+@contextlib.contextmanager
+def stage_guard(run_dir: Path) -> Iterator[None]:
+    """What surrounds every stage's work on ``run_dir``: an exclusive lock (a second process on
+    the same folder is refused) and removal of a folder this stage created if it then fails on
+    the user's input (see :func:`discard_on_input_error`)."""
+    with run_lock(run_dir), discard_on_input_error(run_dir):
+        yield
+
+
+def _record_run(path: Path, cfg: Any) -> None:
+    """``run.json``: what makes a run reproducible and traceable, one entry per attempt."""
+    import platform
+    import sys
+    from datetime import datetime, timezone
+
+    import lightning
+
+    previous = read_json(path) if path.is_file() else {}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    commit, dirty = git_commit()
+    write_json(
+        path,
+        {
+            "seed": getattr(cfg, "seed", None),
+            "config_hash": config_hash(cfg, ignore=("force",)),
+            "commit": commit,
+            "dirty": dirty,
+            "started": previous.get("started", now),
+            "attempts": [*previous.get("attempts", []), {"at": now, "command": sys.argv, "commit": commit}],
+            "host": platform.node(),
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+            },
+        },
+    )
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """The commit of the tmerge source tree and whether it has uncommitted changes; ``(None,
+    None)`` outside a git checkout (e.g. an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
 
 
 def fisher_epsilon(fishers: Sequence[Mapping[str, torch.Tensor]] | None, relative: float) -> float:

@@ -20,7 +20,7 @@ from tmerge.config import to_container
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import FisherCallback
-from tmerge.io import write_json
+from tmerge.io import file_sha256, write_json
 from tmerge.nets import partition
 from tmerge.paths import runs_dir
 from tmerge.runner import build_loggers, close_loggers, fit
@@ -31,11 +31,11 @@ from tmerge.stages.common import (
     RunConfig,
     best_state_dict,
     check_architecture,
-    discard_on_input_error,
     head_names,
     load_net,
     save_net,
     segmentation_module,
+    stage_guard,
     start_run,
 )
 from tmerge.transfer import transfer_parameters
@@ -103,7 +103,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
     if init_state is not None:
         check_architecture(init_state[2], init_state[1], meta, ARCH_KEYS)
     dm.check_layout()
-    with discard_on_input_error(run_dir):
+    with stage_guard(run_dir):
         if not start_run(run_dir, cfg, MARKER, force=cfg.force):
             log.info("%s is finished (%s); pass force=true to train it again", run_dir, run_dir / MARKER)
             return run_dir
@@ -140,7 +140,11 @@ def run_source(cfg: SourceStageConfig) -> Path:
         if trainer.is_global_zero:
             if result.best_path:
                 module.net.load_state_dict(best_state_dict(result.best_path))
-            save_net(run_dir / NET_FILE, module.net, meta)
+            # The weights name their Fisher by its hash: a Fisher file swapped in from another
+            # model (or run) is refused when the two are merged.
+            fisher_file = run_dir / FISHER_FILE
+            fisher_sha = file_sha256(fisher_file) if fisher_file.is_file() else None
+            save_net(run_dir / NET_FILE, module.net, {**meta, "fisher_sha256": fisher_sha})
             write_json(
                 run_dir / MARKER,
                 {
