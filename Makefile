@@ -73,3 +73,7 @@ sweep: install
 .PHONY: forgetting
 forgetting: install
 	$(TMERGE) forgetting --profile $(PROFILE) portion=$(PORTION) $(ARGS)
+
+.PHONY: report
+report: install
+	$(TMERGE) report --profile $(PROFILE) $(ARGS)

@@ -28,6 +28,7 @@ def fake_source(runs, name, *, base_filters=4, fisher_drop=0, in_channels=2):
     fused, _ = partition(net)
     fisher = {n: torch.rand_like(p) for n, p in net.named_parameters() if n in fused[fisher_drop:]}
     write_safetensors(runs / name / "fisher.safetensors", fisher)
+    (runs / name / "metrics.json").write_text("{}")  # a finished run
 
 
 def run(args, capsys):
@@ -110,3 +111,13 @@ def test_map_input_channels_reuses_and_rescales_filters():
     assert torch.equal(fisher["w"][:, 1], w[:, 0])
     with pytest.raises(ConfigError, match="channel_map"):
         map_input_channels({"w": w}, target, [0, 1, 2, 3], rescale=True)
+
+
+def test_unfinished_source_is_refused(tmp_path, capsys):
+    """A source run killed after its weights but before its marker (e.g. during the Fisher)."""
+    fake_source(tmp_path, "task1")
+    fake_source(tmp_path, "task2")
+    (tmp_path / "task2" / "metrics.json").unlink()
+    status, err = run(["timm", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
+    assert status == 2 and "task2 is unfinished (no metrics.json)" in err and "make task2" in err
+    assert not (tmp_path / "brats").exists()

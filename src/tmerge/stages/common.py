@@ -29,7 +29,7 @@ from tmerge.io import read_json, write_json, write_safetensors
 from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
 from tmerge.nets.config import NetConfig
 from tmerge.resume import is_rank_zero, run_lock
-from tmerge.runner import LoggerConfig, TrainerConfig
+from tmerge.runner import LoggerConfig, TrainerConfig, resolve_compile
 
 log = logging.getLogger("tmerge")
 
@@ -37,6 +37,8 @@ NET_FILE = "net.safetensors"
 FISHER_FILE = "fisher.safetensors"
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
+#: A source run (task1, task2, all-hcp…) is finished when this exists (written last).
+SOURCE_MARKER = "metrics.json"
 
 
 @dataclass
@@ -45,7 +47,7 @@ class FisherConfig:
 
     max_samples: int | None = None  # None: every training volume (18 for a paper task)
     normalize: str = "none"  # "none" | "sum" (the original T-IMM code) | "l2"
-    method: str = "auto"  # "auto" | "loop" | "vmap" — all give the same numbers
+    method: str = "auto"  # "auto" | "loop" | "vmap" | "compile" — all give the same numbers
 
 
 @dataclass
@@ -89,6 +91,7 @@ def segmentation_module(
         optim=optim or cfg.optim,
         loss=cfg.loss,
         channels_last=cfg.net.channels_last,
+        compile=resolve_compile(cfg.trainer.compile, cfg.trainer.accelerator),
     )
 
 
@@ -209,6 +212,19 @@ def fisher_epsilon(fishers: Sequence[Mapping[str, torch.Tensor]] | None, relativ
     total = sum(float(t.double().sum()) for f in fishers for t in f.values())
     count = sum(t.numel() for f in fishers for t in f.values())
     return relative * (total / count if count and total > 0 else 1.0)
+
+
+def check_source_finished(path: Path, hint: str) -> None:
+    """Refuse the weights ``path`` of a source run that has not finished (no ``metrics.json``
+    beside them: killed during its Fisher, say) — its Fisher may be missing or stale.
+
+    Raises:
+        RunError: naming the run folder and how to finish it.
+    """
+    if not (path.parent / SOURCE_MARKER).is_file():
+        raise RunError(
+            f"source run {path.parent} is unfinished (no {SOURCE_MARKER}); re-run `{hint}` to finish it"
+        )
 
 
 def save_net(path: Path, net: nn.Module, meta: Mapping[str, Any]) -> Path:

@@ -4,30 +4,34 @@ parameters P of each initialisation still hold.
 For each candidate P — M1's, M2's, IMM's (uniform α) and T-IMM's (the α learned by the adaption
 stage of ``runs/brats/p<portion>/timm``) — and each source task t, the network made of that P
 and task t's own task-specific parameters S_t (instance norms and heads) is evaluated on the
-shared HCP test split with task t's labels. Output: ``runs/forgetting/p<portion>/table4.json``
-and ``table4.md``.
+shared HCP test split with task t's labels. Output: ``runs/forgetting/p<portion>/table4.json``,
+``table4.md`` and ``examples.npz`` (one axial slice of one test subject with each candidate's
+prediction per task, for the report's Fig. 3; see :func:`save_examples`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import RunError
 from tmerge.fisher import load_fisher
-from tmerge.io import read_json, write_json, write_text
+from tmerge.io import atomic_path, read_json, write_json, write_text
 from tmerge.merge import imm_merge
 from tmerge.metrics import dice_per_class
 from tmerge.modules.segmentation import LossConfig, SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.stages.common import FISHER_FILE, NET_FILE, fisher_epsilon, load_net
+from tmerge.stages.common import FISHER_FILE, NET_FILE, check_source_finished, fisher_epsilon, load_net
 
 log = logging.getLogger("tmerge")
 
@@ -48,6 +52,8 @@ class ForgettingConfig:
 def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The fused parameters P of M1, M2, IMM and T-IMM, keyed by the paper's row names."""
     root = runs_dir(cfg.runs_dir)
+    for name in cfg.sources:
+        check_source_finished(root / name / NET_FILE, f"make {name}")
     loaded = [load_net(root / name / NET_FILE) for name in cfg.sources]
     states = [state for state, _ in loaded]
     meta = loaded[0][1]
@@ -77,16 +83,69 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
 
 
 @torch.no_grad()
-def mean_test_dice(net: torch.nn.Module, dm: HCPDataModule, loss: LossConfig, patch_size: int) -> float:
-    """Mean over test subjects of the mean foreground Dice."""
+def mean_test_dice(
+    net: torch.nn.Module, dm: HCPDataModule, loss: LossConfig, patch_size: int, keep: str | None = None
+) -> tuple[float, dict[str, np.ndarray] | None]:
+    """Mean over test subjects of the mean foreground Dice, and for subject ``keep`` (if given
+    and in the test split) its first image channel, ground truth and predicted class indices,
+    each ``(D, H, W)``."""
     module = SegmentationModule(
         net, output_mode=dm.output_mode, class_names=dm.class_names, patch_size=patch_size, loss=loss
     ).eval()
-    scores = [
-        dice_per_class(module.infer(b["image"]), b["label"], dm.output_mode).mean()
-        for b in dm.test_dataloader()
-    ]
-    return float(torch.stack(scores).mean())
+    scores, kept = [], None
+    for b in dm.test_dataloader():
+        logits = module.infer(b["image"])
+        scores.append(dice_per_class(logits, b["label"], dm.output_mode).mean())
+        if keep is not None and b["subject"][0] == keep:
+            kept = {
+                "image": b["image"][0, 0].float().numpy(),
+                "truth": b["label"][0, 0].numpy().astype(np.uint8),
+                "pred": logits[0].argmax(0).numpy().astype(np.uint8),
+            }
+    return float(torch.stack(scores).mean()), kept
+
+
+def busiest_slice(label: np.ndarray) -> int:
+    """Index along the last (axial) axis of the slice with the most labelled voxels."""
+    return int(np.count_nonzero(label, axis=(0, 1)).argmax())
+
+
+def save_examples(path: Path, subject: str, examples: dict[str, dict[str, Any]], rows: list[str]) -> Path:
+    """Write Fig. 3's parcellation example: one axial slice per source task, atomically.
+
+    Args:
+        path: the ``.npz`` file.
+        subject: the test subject shown.
+        examples: task name → ``{"labels", "class_names", "image", "truth", "pred": {row: (D, H, W)}}``
+            (volumes of :func:`mean_test_dice`'s ``keep``).
+        rows: candidate names (``M1``, …) in table order.
+
+    The file holds ``<task>/image`` (float32), ``<task>/truth`` and ``<task>/<row>`` (uint8) of
+    the slice with the most labelled voxels of the first task's ground truth (the same slice for
+    every task, so the rows are comparable), and ``meta``, a JSON string with the subject, the
+    slice index, the rows and each task's labels and class names.
+    """
+    first = next(iter(examples.values()))
+    k = busiest_slice(first["truth"])
+    arrays: dict[str, np.ndarray] = {}
+    for task, ex in examples.items():
+        arrays[f"{task}/image"] = ex["image"][..., k].astype(np.float32)
+        arrays[f"{task}/truth"] = ex["truth"][..., k].astype(np.uint8)
+        for row, pred in ex["pred"].items():
+            arrays[f"{task}/{row}"] = pred[..., k].astype(np.uint8)
+    meta = {
+        "subject": subject,
+        "slice": k,
+        "axis": "last (axial) axis of the preprocessed volume",
+        "rows": rows,
+        "tasks": [
+            {"name": t, "labels": ex["labels"], "class_names": ex["class_names"]}
+            for t, ex in examples.items()
+        ],
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz
+        np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
+    return path
 
 
 def run_forgetting(cfg: ForgettingConfig) -> Path:
@@ -94,6 +153,8 @@ def run_forgetting(cfg: ForgettingConfig) -> Path:
     root = runs_dir(cfg.runs_dir)
     candidates = candidate_parameters(cfg)
     table: dict[str, dict[str, float]] = {row: {} for row in candidates}
+    subject: str | None = None  # the example of Fig. 3: the first task's first test subject
+    examples: dict[str, dict[str, Any]] = {}
     for name in cfg.sources:
         state, meta = load_net(root / name / NET_FILE)
         labels = meta.get("labels")
@@ -105,10 +166,16 @@ def run_forgetting(cfg: ForgettingConfig) -> Path:
         dm = HCPDataModule(**dataclasses.asdict(data))
         dm.prepare_data()
         dm.setup("test")
+        subject = subject or dm.subjects["test"][0]
+        example: dict[str, Any] = {"labels": labels, "class_names": list(dm.class_names), "pred": {}}
         for row, fused in candidates.items():
             net = cfg.net.build(dm.in_channels, dm.n_outputs)
             net.load_state_dict({**state, **fused})
-            table[row][f"labels {labels}"] = mean_test_dice(net.eval(), dm, cfg.loss, data.patch_size)
+            dice, kept = mean_test_dice(net.eval(), dm, cfg.loss, data.patch_size, keep=subject)
+            table[row][f"labels {labels}"] = dice
+            if kept is not None:
+                example.update(image=kept["image"], truth=kept["truth"])
+                example["pred"][row] = kept["pred"]
             log.info(
                 "forgetting: P of %-5s with S of %s on labels %s: Dice %.3f",
                 row,
@@ -116,8 +183,14 @@ def run_forgetting(cfg: ForgettingConfig) -> Path:
                 labels,
                 table[row][f"labels {labels}"],
             )
+        if example["pred"]:
+            examples[name] = example
+        else:
+            log.info("forgetting: %s is not in %s's test split; no example slice for it", subject, name)
     out = root / "forgetting" / f"p{cfg.portion}"
     write_json(out / "table4.json", table)
+    if examples and subject is not None:
+        save_examples(out / "examples.npz", subject, examples, list(candidates))
     columns = list(next(iter(table.values())))
     lines = ["| P from | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {row} | " + " | ".join(f"{v[c]:.2f}" for c in columns) + " |" for row, v in table.items()]

@@ -27,10 +27,12 @@ from tmerge.runner import build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
+    SOURCE_MARKER,
     FisherConfig,
     RunConfig,
     best_state_dict,
     check_architecture,
+    check_source_finished,
     head_names,
     load_net,
     save_net,
@@ -42,7 +44,7 @@ from tmerge.transfer import transfer_parameters
 
 log = logging.getLogger("tmerge")
 
-MARKER = "metrics.json"
+MARKER = SOURCE_MARKER
 #: Architecture keys that must agree between a model and the weights it is initialised from.
 ARCH_KEYS = ("in_channels", "base_filters", "depth")
 
@@ -176,5 +178,6 @@ def _load_init(root: Path, cfg: SourceStageConfig):
             f"{run_name(cfg)} starts from the model of run {cfg.init_from!r}, but {path} does not exist; "
             f"train it first (e.g. `make {cfg.init_from}`)"
         )
+    check_source_finished(path, f"make {cfg.init_from}")
     state, meta = load_net(path)
     return state, meta, path

@@ -1,0 +1,161 @@
+"""``tmerge report``: the paper's tables and figures, with paired statistics, from finished runs.
+
+Reads every run folder under the runs root (:mod:`tmerge.report.runs`) and writes
+``<runs>/report/``:
+
+=================== =========================================================================
+``table2.md/.csv``  test Dice (ET, TC, WT, mean) and HD95 per initialisation and portion
+``table3.md``       epochs and validation scores of T-IMM's adaption and fine-tune stages
+``table4.md``       forgetting: P of M1, M2, IMM, T-IMM with each source task's S
+``stats.md``        T-IMM − other per subject: mean, bootstrap CI, Wilcoxon p (Holm-adjusted)
+``fig4_paired.png`` per-subject Dice differences, subjects sorted by T-IMM's Dice
+``fig5_alphas.png`` learned α per layer and source model
+``fig3_examples.png`` one axial slice per method: parcellation (forgetting) and tumours
+``report.md``       links to all of the above; config, settings and commit of every run
+=================== =========================================================================
+
+Only finished runs are used; missing and unfinished ones are shown as such, never filled in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tmerge.errors import ConfigError, RunError
+from tmerge.io import write_text
+from tmerge.paths import runs_dir
+
+log = logging.getLogger("tmerge")
+
+
+@dataclass
+class ReportConfig:
+    """Config of ``tmerge report``."""
+
+    runs_dir: str | None = None  # None: $TMERGE_RUNS or ./runs
+    out_dir: str | None = None  # None: <runs>/report
+    reference: str = "timm"  # the initialisation every other one is compared with
+    # Rows and columns shown even without runs (as "—"), so that gaps are visible: the paper's
+    # portions and the default sweep. Portions and initialisations found on disk are added.
+    portions: list[int] = field(default_factory=lambda: [4, 8, 100])
+    inits: list[str] = field(default_factory=lambda: ["none", "m1", "m2", "imm", "timm"])
+    bootstrap: int = 10_000  # resamples per CI: the usual size for percentile intervals, < 1 s each
+    seed: int = 0  # of every comparison's numpy Generator: the same runs give the same report
+    # Fewer pairs get no test: a two-sided Wilcoxon test cannot reach p < 0.05 below 6 pairs.
+    min_pairs: int = 6
+    level: float = 0.95  # coverage of the bootstrap CI
+
+
+ALIASES = {"out": "out_dir"}
+
+
+def check_config(cfg: ReportConfig) -> None:
+    """Reject settings no report can be made with, naming the key."""
+    if cfg.bootstrap < 1:
+        raise ConfigError(f"bootstrap: expected a number of resamples >= 1, got {cfg.bootstrap}")
+    if not 0.0 < cfg.level < 1.0:
+        raise ConfigError(f"level: expected a coverage in (0, 1), got {cfg.level}")
+    if cfg.min_pairs < 1:
+        raise ConfigError(f"min_pairs: expected >= 1, got {cfg.min_pairs}")
+    if any(p <= 0 or p > 100 for p in cfg.portions):
+        raise ConfigError(f"portions: expected percentages in 1..100, got {list(cfg.portions)}")
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    """Write the report of the runs under ``cfg.runs_dir``; return its folder.
+
+    Raises:
+        RunError: the runs folder does not exist.
+        ConfigError: an invalid setting (see :func:`check_config`).
+    """
+    from tmerge.report import figures
+    from tmerge.report.document import report_markdown
+    from tmerge.report.examples import parcellation_rows, tumour_rows
+    from tmerge.report.paired import compare_row, stats_markdown
+    from tmerge.report.panels import alpha_panels, paired_panels
+    from tmerge.report.runs import discover
+    from tmerge.report.tables import (
+        table2_csv,
+        table2_markdown,
+        table3_markdown,
+        table4_markdown,
+        table_inits,
+        table_rows,
+    )
+
+    check_config(cfg)
+    root = runs_dir(cfg.runs_dir)
+    if not root.is_dir():
+        raise RunError(
+            f"{root}: runs folder not found; train first (make task1 task2 timm) or set runs_dir / TMERGE_RUNS"
+        )
+    out = Path(cfg.out_dir) if cfg.out_dir else root / "report"
+    index = discover(root)
+    rows = table_rows(index, cfg.portions)
+    inits = table_inits(index, [*cfg.inits, cfg.reference])
+    log.info(
+        "report: %d BraTS run folders (%d finished), %d source runs, %d forgetting folders under %s",
+        len(index.targets),
+        len(index.usable()),
+        len(index.sources),
+        len(index.forgetting),
+        root,
+    )
+
+    table2 = table2_markdown(index, rows, inits)
+    write_text(out / "table2.md", table2)
+    write_text(out / "table2.csv", table2_csv(index, rows, inits))
+    write_text(out / "table3.md", table3_markdown(index, rows, inits, cfg.reference))
+    write_text(out / "table4.md", table4_markdown(index.forgetting))
+
+    stats = dict(n_boot=cfg.bootstrap, seed=cfg.seed, min_pairs=cfg.min_pairs)
+    comparisons = {
+        row: compare_row(index, row, inits, cfg.reference, **stats, level=cfg.level) for row in rows
+    }
+    write_text(out / "stats.md", stats_markdown(comparisons, inits, cfg.reference, **stats, level=cfg.level))
+
+    notes: dict[str, list[str]] = {}
+    panels = paired_panels(index, comparisons, cfg.reference)
+    if not panels:
+        notes["fig4_paired.png"] = [f"no row has a finished {cfg.reference} run and another finished run"]
+    figures.plot_paired(panels, out / "fig4_paired.png", empty="; ".join(notes.get("fig4_paired.png", [])))
+    alphas = alpha_panels(index, rows, cfg.reference)
+    if not alphas:
+        notes["fig5_alphas.png"] = [f"no finished {cfg.reference} run with alphas.json"]
+    figures.plot_alphas(alphas, out / "fig5_alphas.png", empty="; ".join(notes.get("fig5_alphas.png", [])))
+    parcellation, p_notes = parcellation_rows(index.forgetting)
+    if not index.forgetting:
+        p_notes = ["no forgetting/p<portion>/ folder (make forgetting PORTION=…)"]
+    tumours, t_notes = tumour_rows(index, rows, inits, cfg.reference)
+    if not tumours and not t_notes:
+        t_notes = ["no finished BraTS run"]
+    figures.plot_examples(
+        [
+            ("Parcellation of the source tasks by each P (forgetting, paper Fig. 3)", parcellation, p_notes),
+            (
+                "Tumour segmentation per initialisation (FLAIR; red NCR/NET, green oedema, yellow ET)",
+                tumours,
+                t_notes,
+            ),
+        ],
+        out / "fig3_examples.png",
+    )
+    notes["fig3_examples.png"] = [*p_notes, *t_notes]
+
+    main_table = table2.split("\n## ", 2)[1] if "\n## " in table2 else ""
+    write_text(
+        out / "report.md",
+        report_markdown(
+            index,
+            rows,
+            [*cfg.inits, cfg.reference],
+            out,
+            "### Table 2 — " + main_table if main_table else "",
+            notes,
+            asdict(cfg),
+        ),
+    )
+    log.info("report: wrote %s", out / "report.md")
+    return out

@@ -1,0 +1,80 @@
+"""What Fig. 4 and Fig. 5 draw, gathered from the runs: one panel per table row with data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from tmerge.report.figures import AlphaPanel, PairedPanel
+from tmerge.report.paired import Comparison, subject_means
+from tmerge.report.runs import RunIndex
+from tmerge.report.tables import Row, row_runs
+
+
+def _legend(c: Comparison) -> str:
+    r = c.result
+    text = f"{c.scores.other}: {r.mean_diff:+.3f}" if r.mean_diff is not None else c.scores.other
+    if r.ci is not None:
+        text += f" [{r.ci[0]:+.3f}, {r.ci[1]:+.3f}]"
+    if r.p is not None:
+        text += f", p={r.p:.2g}"
+    elif r.note:
+        text += f" ({r.note})"
+    if c.scores.seeds:
+        text += f", seeds {','.join(map(str, c.scores.seeds))}"
+    return text
+
+
+def paired_panels(
+    index: RunIndex, comparisons: Mapping[Row, Sequence[Comparison]], reference: str
+) -> list[PairedPanel]:
+    """Fig. 4's panels: per row, every comparison's per-subject differences. The x order is the
+    reference's per-subject score (averaged over all its finished seeds for a sweep)."""
+    panels = []
+    for row, found in comparisons.items():
+        if not found:
+            continue
+        panels.append(
+            PairedPanel(
+                title=f"{row.label()}: {reference} − other, per test subject "
+                "(legend: mean difference [bootstrap CI], Wilcoxon p)",
+                reference=reference,
+                reference_scores=subject_means(row_runs(index, row, reference)),
+                series=[(_legend(c), c.scores.differences()) for c in found],
+            )
+        )
+    return panels
+
+
+def alpha_panels(index: RunIndex, rows: Sequence[Row], reference: str) -> list[AlphaPanel]:
+    """Fig. 5's panels: α per layer and source of each row's ``reference`` runs (mean ± std over
+    a sweep's seeds, on the layers every seed mixed)."""
+    panels = []
+    for row in rows:
+        runs = [r for r in row_runs(index, row, reference) if r.alphas and r.alphas.get("alphas")]
+        if not runs:
+            continue
+        first = runs[0].alphas or {}
+        layers = [
+            layer
+            for layer in first.get("layers", list(first["alphas"]))
+            if all(layer in (r.alphas or {})["alphas"] for r in runs)
+        ]
+        stack = np.array([[(r.alphas or {})["alphas"][layer] for layer in layers] for r in runs], dtype=float)
+        n_sources = stack.shape[2] if stack.ndim == 3 else 0
+        sources = list(first.get("sources") or [f"source {t + 1}" for t in range(n_sources)])
+        seeds = [r.seed for r in runs if r.seed is not None]
+        title = f"{row.label()}: α after the adaption stage"
+        if len(runs) > 1:
+            title += f" (mean ± std over seeds {','.join(map(str, seeds))})"
+        panels.append(
+            AlphaPanel(
+                title=title,
+                layers=layers,
+                sources=sources,
+                mean=stack.mean(axis=0),
+                std=stack.std(axis=0, ddof=1) if len(runs) > 1 else None,
+            )
+        )
+    return panels

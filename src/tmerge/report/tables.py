@@ -1,0 +1,292 @@
+"""The paper's tables from run folders: Table 2 (test Dice and HD95), Table 3 (stage lengths and
+validation scores), Table 4 (forgetting).
+
+Rows are portions; a portion swept over several seeds gets a second row with the mean ± sample
+standard deviation (ddof = 1) across seeds next to its single-seed row. A cell without a
+finished run is "—": nothing is filled in or carried over from elsewhere. Values are computed
+from each run's per-subject CSV (the summary file is only cross-checked), so every number in a
+table can be traced to ``test_per_subject.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from tmerge.report.runs import REGIONS, SINGLE, SWEEP, ForgettingRun, RunIndex, TargetRun, ordered_inits
+
+MISSING = "—"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a portion's single-seed runs, or its sweep over ``seeds``."""
+
+    portion: int
+    group: str  # SINGLE or SWEEP
+    seeds: tuple[int, ...] = ()
+
+    def label(self) -> str:
+        if self.group == SINGLE:
+            return f"{self.portion} %"
+        return f"{self.portion} %, seeds {','.join(map(str, self.seeds))}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table entry: the value of one run, or the mean ± std of a sweep's runs.
+
+    ``n_runs`` is how many runs contributed (0: missing); ``left_out`` counts per-subject values
+    that were not finite (an HD95 with an empty mask) and so not averaged.
+    """
+
+    value: float | None
+    std: float | None = None
+    n_runs: int = 0
+    left_out: int = 0
+
+    @classmethod
+    def of(cls, values: Iterable[float | None], left_out: int = 0) -> Cell:
+        vals = [v for v in values if v is not None and math.isfinite(v)]
+        if not vals:
+            return cls(None, left_out=left_out)
+        std = statistics.stdev(vals) if len(vals) > 1 else None
+        return cls(statistics.fmean(vals), std, len(vals), left_out)
+
+    def format(self, digits: int, group: str = SINGLE, n_seeds: int = 1) -> str:
+        if self.value is None:
+            return MISSING
+        text = f"{self.value:.{digits}f}"
+        if self.std is not None:
+            text += f" ± {self.std:.{digits}f}"
+        if group == SWEEP and self.n_runs < n_seeds:
+            text += f" ({self.n_runs}/{n_seeds} seeds)"
+        if self.left_out:
+            text += f" ({self.left_out} n/a)"
+        return text
+
+
+def table_rows(index: RunIndex, portions: Iterable[int]) -> list[Row]:
+    """A single-seed row for every expected or found portion, a sweep row where seeds were run."""
+    rows = []
+    for portion in sorted(set(portions) | set(index.portions())):
+        rows.append(Row(portion, SINGLE))
+        seeds = index.seeds(portion)
+        if seeds:
+            rows.append(Row(portion, SWEEP, tuple(seeds)))
+    return rows
+
+
+def row_runs(index: RunIndex, row: Row, init: str) -> list[TargetRun]:
+    """The finished, readable runs of ``init`` in ``row`` (one per seed for a sweep)."""
+    seeds: Sequence[int | None] = [None] if row.group == SINGLE else row.seeds
+    runs = [index.find(row.portion, init, s) for s in seeds]
+    return [r for r in runs if r is not None and r.usable]
+
+
+def table_inits(index: RunIndex, expected: Iterable[str]) -> list[str]:
+    """Columns: the expected initialisations and every one found on disk, in the paper's order."""
+    return ordered_inits([*expected, *(r.init for r in index.targets)])
+
+
+def run_mean(run: TargetRun, column: str) -> tuple[float | None, int]:
+    """Mean of a per-subject column over its finite values, and how many were not finite."""
+    values = list(run.subject_values(column).values())
+    finite = [v for v in values if math.isfinite(v)]
+    return (statistics.fmean(finite) if finite else None), len(values) - len(finite)
+
+
+def metric_cell(runs: Sequence[TargetRun], column: str) -> Cell:
+    means = [run_mean(r, column) for r in runs]
+    return Cell.of((m for m, _ in means), left_out=sum(k for _, k in means))
+
+
+def stage_cell(runs: Sequence[TargetRun], get: Callable[[dict], float | None]) -> Cell:
+    return Cell.of(get(r.stages) if r.stages else None for r in runs)
+
+
+def n_subjects(runs: Iterable[TargetRun]) -> str:
+    """Distinct test-set sizes of ``runs``: "40", "38–40" or "—"."""
+    sizes = sorted({len(r.per_subject) for r in runs})
+    if not sizes:
+        return MISSING
+    return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- Table 2 -------------------------------------------------------------------------------
+
+#: (section title, per-subject column, digits) of Table 2's sub-tables.
+TABLE2_METRICS: tuple[tuple[str, str, int], ...] = (
+    ("Dice, mean of ET, TC and WT (the paper's Table 2)", "dice_mean", 3),
+    *((f"Dice {r}", f"dice_{r}", 3) for r in REGIONS),
+    *((f"HD95 {r} (mm)", f"hd95_{r}", 1) for r in REGIONS),
+)
+
+
+def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
+    """``table2.md``: one sub-table per metric, rows = portions, columns = initialisations."""
+    parts = [
+        "# Table 2 — test scores per initialisation and portion\n",
+        'Mean over the test subjects of each run\'s `test_per_subject.csv`. Rows "p %" are the '
+        'single-seed runs (`brats/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
+        "(`brats/p<portion>/seed<k>/<init>/`) as mean ± sample std across seeds, with "
+        '"(k/n seeds)" where only k of the n seeds finished. n: test subjects per run. '
+        f"{MISSING}: no finished run. HD95 is averaged over the subjects where it is finite; "
+        '"(k n/a)" counts the values left out (an empty prediction or ground truth).\n',
+    ]
+    for title, column, digits in TABLE2_METRICS:
+        body = []
+        for row in rows:
+            cells = {init: row_runs(index, row, init) for init in inits}
+            all_runs = [r for runs in cells.values() for r in runs]
+            body.append(
+                [
+                    row.label(),
+                    n_subjects(all_runs),
+                    *(metric_cell(cells[i], column).format(digits, row.group, len(row.seeds)) for i in inits),
+                ]
+            )
+        parts.append(f"## {title}\n\n" + md_table(["portion", "n", *inits], body))
+    return "\n".join(parts)
+
+
+def table2_csv(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
+    """``table2.csv``, one line per (portion, runs, initialisation, metric); empty value = missing."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        ["portion", "runs", "seeds", "init", "metric", "value", "std", "n_runs", "n_subjects", "n_left_out"]
+    )
+    for row in rows:
+        for init in inits:
+            runs = row_runs(index, row, init)
+            for _, column, _ in TABLE2_METRICS:
+                cell = metric_cell(runs, column)
+                writer.writerow(
+                    [
+                        row.portion,
+                        row.group,
+                        " ".join(map(str, row.seeds)),
+                        init,
+                        column,
+                        "" if cell.value is None else repr(cell.value),
+                        "" if cell.std is None else repr(cell.std),
+                        cell.n_runs,
+                        n_subjects(runs).replace(MISSING, ""),
+                        cell.left_out,
+                    ]
+                )
+    return buf.getvalue()
+
+
+# ---- Table 3 -------------------------------------------------------------------------------
+
+
+def _get(stage: str, *keys: str) -> Callable[[dict], float | None]:
+    """Getter of ``stages[stage][key]`` (first key present, ``a/b`` looks into best_metrics)."""
+
+    def get(stages: dict) -> float | None:
+        block = stages.get(stage) or {}
+        for key in keys:
+            node = block.get("best_metrics", {}).get(key) if "/" in key else block.get(key)
+            if node is not None:
+                return float(node)
+        return None
+
+    return get
+
+
+#: Table 3's columns: (header, getter, digits).
+TABLE3_COLUMNS: tuple[tuple[str, Callable[[dict], float | None], int], ...] = (
+    ("adaption epochs", _get("adaption", "epochs"), 0),
+    ("adaption best epoch", _get("adaption", "best_epoch"), 0),
+    ("adaption val Dice", _get("adaption", "val_dice", "val/dice"), 3),
+    ("adaption val loss", _get("adaption", "val_loss", "val/loss"), 3),
+    ("fine-tune epochs", _get("finetune", "epochs"), 0),
+    ("fine-tune best epoch", _get("finetune", "best_epoch"), 0),
+    ("fine-tune val Dice", _get("finetune", "val/dice", "best_score"), 3),
+)
+
+
+def _digits(cell: Cell, digits: int) -> int:
+    # Epoch counts are whole numbers for one run; a mean over seeds needs a decimal.
+    return max(digits, 1) if cell.std is not None or cell.n_runs > 1 else digits
+
+
+def table3_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str], reference: str) -> str:
+    """``table3.md``: T-IMM's adaption and fine-tune stages (paper Table 3), then the fine-tune
+    stage of every initialisation."""
+    body = []
+    for row in rows:
+        runs = row_runs(index, row, reference)
+        cells = [(stage_cell(runs, get), d) for _, get, d in TABLE3_COLUMNS]
+        body.append([row.label(), *(c.format(_digits(c, d), row.group, len(row.seeds)) for c, d in cells)])
+    parts = [
+        "# Table 3 — stage lengths and validation scores\n",
+        f"From each `{reference}` run's `stages.json`. Epochs: epochs run (early stopping included); "
+        "best epoch: the epoch of the checkpoint kept, as `stages.json` records it. "
+        "Adaption val Dice/loss: at the adaption checkpoint kept (lowest validation loss); "
+        "fine-tune val Dice: the best validation Dice. Sweeps: mean ± std across seeds. "
+        f"{MISSING}: no finished run.\n",
+        f"## {reference} (paper Table 3)\n\n"
+        + md_table(["portion", *(h for h, _, _ in TABLE3_COLUMNS)], body),
+    ]
+    epochs, best = _get("finetune", "epochs"), _get("finetune", "val/dice", "best_score")
+    body = []
+    for row in rows:
+        line = [row.label()]
+        for init in inits:
+            runs = row_runs(index, row, init)
+            e, v = stage_cell(runs, epochs), stage_cell(runs, best)
+            if e.value is None and v.value is None:
+                line.append(MISSING)
+            else:
+                line.append(f"{e.format(_digits(e, 0))} / {v.format(3, row.group, len(row.seeds))}")
+        body.append(line)
+    parts.append(
+        "## Fine-tune stage of every initialisation (epochs / best val Dice)\n\n"
+        + md_table(["portion", *inits], body)
+    )
+    return "\n".join(parts)
+
+
+# ---- Table 4 -------------------------------------------------------------------------------
+
+#: Table 4's rows as ``tmerge.stages.forgetting`` names them.
+TABLE4_ROWS: tuple[str, ...] = ("M1", "M2", "IMM", "T-IMM")
+
+
+def table4_markdown(forgetting: Sequence[ForgettingRun]) -> str:
+    """``table4.md``: per portion, the mean test Dice of each P with the source tasks' S."""
+    parts = [
+        "# Table 4 — forgetting of the source tasks\n",
+        "Mean HCP test Dice of the fused parameters P of each initialisation combined with each "
+        "source task's own S (instance norms and head), from `forgetting/p<portion>/table4.json` "
+        "(`make forgetting PORTION=…`). T-IMM uses the α learned at that portion. "
+        f"{MISSING}: not computed (no T-IMM run at that portion when the table was made).\n",
+    ]
+    found = [f for f in sorted(forgetting, key=lambda f: f.portion) if f.table is not None]
+    if not found:
+        parts.append("No `forgetting/p<portion>/table4.json` found.\n")
+    for run in found:
+        table = run.table or {}
+        columns = list(dict.fromkeys(c for values in table.values() for c in values))
+        names = [*TABLE4_ROWS, *(r for r in table if r not in TABLE4_ROWS)]
+        body = [[name, *(_fmt(table.get(name, {}).get(c)) for c in columns)] for name in names]
+        parts.append(f"## {run.portion} %\n\n" + md_table(["P from", *columns], body))
+    return "\n".join(parts)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
