@@ -70,6 +70,11 @@ imm: install
 sweep: install
 	$(TMERGE) sweep --profile $(PROFILE) portion=$(PORTION) $(ARGS)
 
+# Fast paths side by side (runs/bench/results.{json,md}): CPU 64³ in ≤ 2 minutes; GPU 128³, batch 2.
+.PHONY: bench
+bench: install
+	$(call RUN,bench)
+
 .PHONY: forgetting
 forgetting: install
 	$(TMERGE) forgetting --profile $(PROFILE) portion=$(PORTION) $(ARGS)

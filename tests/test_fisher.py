@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -340,3 +341,134 @@ def test_callback_contract_errors() -> None:
 @pytest.mark.slow
 def test_callback_ddp_two_processes_equals_single_process(tmp_path: Path) -> None:
     _check_run(tmp_path, devices=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths: autocast, compiled loop, method choice, chunk size, timing
+# --------------------------------------------------------------------------------------------
+
+
+def _rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    scale = max(float(t.abs().max()) for t in b.values())
+    return max(float((a[n] - b[n]).abs().max()) for n in b) / scale
+
+
+def test_bf16_autocast_vmap_works_and_matches_the_loop() -> None:
+    """vmap under bf16 autocast used to fail ("expected scalar type BFloat16 but found Float" in
+    instance norm's batched backward); parameters now enter in the autocast dtype."""
+    net = _net(norm="instance")  # conv → instance norm is the layer pair that failed
+    x, y = _data()
+    reference = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="loop")
+    results = {}
+    for method in ("loop", "vmap"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback
+            results[method] = compute_fisher_sums(
+                net, [(x, y)], F.cross_entropy, method=method, autocast_dtype=torch.bfloat16
+            )
+        assert results[method].method == method and results[method].precision == "bfloat16"
+        assert all(s.dtype == torch.float32 for s in results[method].sums.values())  # fp32 accumulation
+        # bf16 keeps 8 bits of mantissa: ~1e-2 from the float32 Fisher, relative to its largest entry.
+        assert _rel_diff(results[method].sums, reference.sums) < 5e-2
+    assert _rel_diff(results["vmap"].sums, results["loop"].sums) < 1e-2
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the casts were not in place
+
+
+def test_ambient_autocast_is_used_unless_float32_is_asked_for() -> None:
+    net = _net(norm="instance")
+    x, y = _data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ambient = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="vmap")
+        forced = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="vmap", autocast_dtype=torch.float32)
+    assert (ambient.method, ambient.precision) == ("vmap", "bfloat16")
+    assert forced.precision == "float32"
+    _assert_close({n: s / N for n, s in forced.sums.items()}, _brute_force(net, x, y))
+
+
+def test_compiled_loop_equals_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled loop's graph capture (dynamo + AOT autograd, under autocast or not) gives the
+    loop's numbers. The code-generating backend is swapped for ``aot_eager``: Inductor's C++
+    build takes minutes on a loaded 2-core CPU, and tests/test_fastpath.py compiles for real."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    net = _net(norm="instance")
+    x, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        compiled = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="compile")
+        bf16 = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="compile", autocast_dtype=torch.bfloat16)
+        bf16_loop = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="loop", autocast_dtype=torch.bfloat16)
+    assert (bf16.method, bf16.precision) == ("compile", "bfloat16")
+    assert _rel_diff(bf16.sums, bf16_loop.sums) < 1e-2
+    assert compiled.method == "compile" and compiled.count == N
+    _assert_close({n: s / N for n, s in compiled.sums.items()}, _brute_force(net, x, y))
+
+
+def test_compile_failure_falls_back_to_the_eager_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C compiler\nlong compiler log")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = _net()
+    x, y = _data()
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: no C compiler\); falling back"):
+        result = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="compile")
+    assert result.method == "loop" and result.count == N
+    _assert_close({n: s / N for n, s in result.sums.items()}, _brute_force(net, x, y))
+
+
+def test_auto_method_rule() -> None:
+    from tmerge.fisher import COMPILE_COST_S, COMPILE_SAVING_S_PER_VOXEL, _auto_method, compile_pays
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    small, large = torch.zeros(4, 32, 32, 32), torch.zeros(4, 128, 128, 128)
+    assert _auto_method(small, cpu, 10_000) == "vmap"
+    assert _auto_method(large, cpu, 10_000) == "loop"  # never compiles on CPU (minutes per compile)
+    assert _auto_method(small, cuda, 18) == "vmap"
+    assert _auto_method(large, cuda, 18) == "loop"  # 18 volumes do not repay compiling
+    needed = math.ceil(COMPILE_COST_S / (128**3 * COMPILE_SAVING_S_PER_VOXEL))
+    assert _auto_method(large, cuda, needed) == "compile" and not compile_pays(needed - 1, 128**3)
+    assert _auto_method(large, cuda, None) == "loop"  # unknown length: no compile
+
+
+def test_vmap_chunk_size_from_memory() -> None:
+    from tmerge.fisher import vmap_chunk_size
+
+    gib = 2**30
+    assert vmap_chunk_size(3 * gib, 18 * gib) == 3  # half of 18 GiB in 3 GiB samples
+    assert vmap_chunk_size(3 * gib, 1 * gib) == 1  # never below one
+    assert vmap_chunk_size(1, 80 * gib) == 4  # capped at the largest chunk measured
+    assert vmap_chunk_size(0, gib, cap=2) == 2
+
+
+def test_timing_and_log_line() -> None:
+    import logging
+
+    net = _net()
+    x, y = _data()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("tmerge")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        result = compute_fisher_sums(net, [(x, y)], F.cross_entropy, method="loop")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert result.seconds > 0 and result.volumes_per_s == pytest.approx(N / result.seconds)
+    assert any("volumes/s" in r.getMessage() and "8 volume(s)" in r.getMessage() for r in records)
+
+
+def test_autocast_follows_the_trainer_precision() -> None:
+    from tmerge.fisher import autocast_for
+
+    assert autocast_for("bf16-mixed") is torch.bfloat16
+    assert autocast_for("16-mixed") is None  # float16 gradients would underflow
+    assert autocast_for("32-true") is None

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -103,7 +105,10 @@ def test_timm_end_to_end(runs, tiny_default):
     assert main(["timm", *brats_args(tiny_default, runs)]) == 0
     run = runs / "brats" / "p50" / "timm"
     summary = json.loads((run / "test_summary.json").read_text())
-    assert set(summary) == {"ET", "TC", "WT", "mean", "n"} and summary["n"] == 8
+    assert set(summary) == {"n", "dice", "hd95"} and summary["n"] == 8
+    assert set(summary["dice"]) == {"ET", "TC", "WT", "mean"} and set(summary["hd95"]) == {"ET", "TC", "WT"}
+    assert all(0.0 <= v <= 1.0 for v in summary["dice"].values())
+    assert all(v >= 0.0 for v in summary["hd95"].values())
     alphas = json.loads((run / "alphas.json").read_text())
     assert alphas["sources"] == ["task1", "task2"]
     for pair in alphas["alphas"].values():
@@ -111,7 +116,28 @@ def test_timm_end_to_end(runs, tiny_default):
     stages = json.loads((run / "stages.json").read_text())
     assert {"adaption", "finetune"} <= set(stages)
     rows = (run / "test_per_subject.csv").read_text().splitlines()
-    assert rows[0] == "subject,ET,TC,WT" and len(rows) == 9
+    assert rows[0] == "subject,dice_ET,dice_TC,dice_WT,dice_mean,hd95_ET,hd95_TC,hd95_WT" and len(rows) == 9
+    # One label map per test subject, in the geometry of the subject's own files.
+    subjects = [r.split(",")[0] for r in rows[1:]]
+    assert sorted(p.name for p in (run / "predictions").glob("*.nii.gz")) == [f"{s}.nii.gz" for s in subjects]
+    [image] = (tiny_default / "brats").glob(f"*/*/{subjects[0]}/{subjects[0]}_t1.nii.gz")
+    written, original = nib.load(run / "predictions" / f"{subjects[0]}.nii.gz"), nib.load(image)
+    assert written.shape == original.shape and np.allclose(written.affine, original.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}
+    assert not (run / "predictions" / "validation").exists()  # only the 100 % portion has one
+
+
+def test_full_portion_exports_the_unlabelled_set(runs, tiny_default):
+    """portion=100: the test subjects validate, and the unlabelled BraTS validation set is
+    predicted into predictions/validation/ under the submission naming <Brats18_ID>.nii.gz."""
+    args = [a.replace("portion=50", "portion=100") for a in brats_args(tiny_default, runs)]
+    assert main(["target", "init=none", *args]) == 0
+    run = runs / "brats" / "p100" / "none"
+    exported = sorted(p.name for p in (run / "predictions" / "validation").glob("*.nii.gz"))
+    validation = tiny_default / "brats" / "MICCAI_BraTS_2018_Data_Validation"
+    folders = sorted(p.name for p in validation.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert exported == [f"{f}.nii.gz" for f in folders] and len(exported) == 2
+    assert json.loads((run / "test_summary.json").read_text())["n"] == 8
 
 
 @pytest.mark.parametrize("init", ["none", "m2", "imm", "mean-imm"])
@@ -187,6 +213,15 @@ def test_forgetting_table(tiny_default, runs):
     for row in table.values():
         assert set(row) == {"labels 1:7", "labels 8:14"} and all(0.0 <= v <= 1.0 for v in row.values())
     assert "| M1 |" in (runs / "forgetting" / "p50" / "table4.md").read_text()
+    # Fig. 3's example: one axial slice of one test subject, every candidate per source task
+    with np.load(runs / "forgetting" / "p50" / "examples.npz") as examples:
+        meta = json.loads(str(examples["meta"]))
+        assert [t["name"] for t in meta["tasks"]] == ["task1", "task2"]
+        for task in ("task1", "task2"):
+            image = examples[f"{task}/image"]
+            assert image.ndim == 2 and examples[f"{task}/truth"].shape == image.shape
+            for row in table:
+                assert examples[f"{task}/{row}"].shape == image.shape
 
 
 def test_timm_with_channel_map_merges_the_first_layer(runs, tiny_default):

@@ -97,6 +97,12 @@ COMMANDS: dict[str, Command] = {
         "ReportConfig",
         "run_report",
     ),
+    "bench": Command(
+        "time the fast paths side by side: training step, Lightning loop, data, Fisher, adaption (runs/bench/)",
+        "tmerge.bench",
+        "BenchConfig",
+        "run_bench",
+    ),
 }
 
 

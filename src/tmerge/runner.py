@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tmerge.errors import Interrupted
+from tmerge.errors import ConfigError, Interrupted
 from tmerge.io import read_json, write_json
 from tmerge.resume import RngState, SaveOnSigterm, checkpoint_progress, is_rank_zero, resume_point
 
@@ -41,6 +41,10 @@ class TrainerConfig:
     strategy: str = "auto"  # "ddp" for several devices
     # "auto": bf16 autocast on GPUs (design §6: ~3x fp32 on an H100), fp32 on CPUs.
     precision: str = "auto"
+    # torch.compile of the network for training and inference: "auto" = on with a CUDA GPU
+    # (design §6: 0.090 → 0.040 s per step on an H100), off on CPUs (compiling takes minutes
+    # there); "true" / "false". A failing compile falls back to eager with a warning.
+    compile: str = "auto"
     max_epochs: int = 40  # upper bound; early stopping usually ends training first
     min_epochs: int = 1
     patience: int = 8  # early-stopping patience in validation checks
@@ -177,6 +181,27 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return precision
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return "bf16-mixed" if gpu else "32-true"
+
+
+def resolve_compile(compile: str | bool, accelerator: str) -> bool:
+    """Whether to ``torch.compile`` the network: ``"auto"`` → when a CUDA GPU will be used.
+
+    Args:
+        compile: ``"auto"``, ``"true"`` or ``"false"`` (case-insensitive; a bool is taken as is,
+            and a YAML ``true`` arrives as ``"True"``).
+        accelerator: The trainer's accelerator (``"auto"``, ``"gpu"``, ``"cuda"``, ``"cpu"``, …).
+
+    Raises:
+        ConfigError: Another value, naming ``trainer.compile``.
+    """
+    if isinstance(compile, bool):
+        return compile
+    value = str(compile).strip().lower()
+    if value == "auto":
+        return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if value in ("true", "false"):
+        return value == "true"
+    raise ConfigError(f"trainer.compile: expected 'auto', 'true' or 'false', got {compile!r}")
 
 
 def build_loggers(

@@ -1,4 +1,5 @@
-"""Reading NIfTI volumes with errors that name the file and say what was expected.
+"""Reading NIfTI volumes with errors that name the file and say what was expected, and writing
+predicted label maps (:func:`save_labels`).
 
 Every problem with an input file (missing, truncated, not 3-D, NaN/Inf voxels, non-integer
 labels, mismatched geometry between modalities) is raised as one :class:`DataError`, so the CLI
@@ -7,6 +8,7 @@ can print a single line instead of a nibabel/gzip traceback.
 
 from __future__ import annotations
 
+import gzip
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from tmerge.errors import DataError
+from tmerge.io import atomic_path
 
 #: Extensions accepted for every volume, in order of preference.
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -125,3 +128,37 @@ def check_same_geometry(volumes: Mapping[str, Geometry], subject: str) -> None:
                 f"subject {subject}: {name} and {ref_name} have different affines; "
                 "expected all modalities on the same voxel grid"
             )
+
+
+def save_labels(path: str | Path, labels: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a label map as an ``uint8`` NIfTI file, atomically.
+
+    Args:
+        path: Destination, ``.nii.gz`` (gzip-compressed) or ``.nii``.
+        labels: ``(X, Y, Z)`` integer labels in 0..255 (e.g. BraTS 0/1/2/4), in the voxel order of
+            the image it belongs to.
+        affine: That image's ``(4, 4)`` voxel-to-world affine; written as both qform and sform
+            (code 1, scanner space), so every reader sees the input's geometry.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a 3-D label map, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_intent("label")
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        # The temporary file's name has no NIfTI suffix, so compress here rather than let
+        # nibabel choose the format from the name.
+        data = gzip.compress(data, compresslevel=6)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path

@@ -8,8 +8,11 @@ alone.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +21,13 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
+from tmerge.errors import ConfigError
+from tmerge.evaluate import N_PREVIEWS, evaluate_subject, preview, save_prediction, summarise
+from tmerge.fastpath import CompiledForward, enable_cudnn_benchmark
 from tmerge.metrics import PerClassMean, check_output_mode, dice_per_class
+from tmerge.modules.guards import NonFiniteGuard
+
+log = logging.getLogger("tmerge")
 
 
 @dataclass
@@ -27,9 +36,16 @@ class OptimConfig:
 
     lr: float = 5e-4  # Isensee et al. 2017: Adam at 5e-4
     weight_decay: float = 1e-5  # Isensee et al. 2017 (L2 on the weights)
+    # "plateau": decay by plateau_factor when the validation loss stalls (Isensee et al. 2017);
+    # "poly": lr · (1 − step/total)^0.9 over the epoch budget (nnU-Net), for fixed short budgets.
+    schedule: str = "plateau"
     plateau_factor: float = 0.5  # LR decay when the validation loss stalls
     plateau_patience: int = 5  # epochs without improvement before the LR decays
     min_lr: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("plateau", "poly"):
+            raise ConfigError(f"optim.schedule: expected 'plateau' or 'poly', got {self.schedule!r}")
 
 
 @dataclass
@@ -49,18 +65,35 @@ class LossConfig:
 def build_loss(name: str, output_mode: str) -> nn.Module:
     """Loss on logits ``(B, C, ...)`` and targets in the convention of ``output_mode``.
 
-    softmax: targets are class indices ``(B, 1, ...)``, Dice over the foreground classes.
-    sigmoid: targets are region masks ``(B, C, ...)``, Dice over every region.
+    softmax: targets are class indices ``(B, 1, ...)``, Dice over the foreground classes
+    (+ cross-entropy over all classes for ``dice_ce``).
+    sigmoid: targets are region masks ``(B, C, ...)``, Dice over every region (+ binary
+    cross-entropy per region for ``dice_ce``: the regions overlap, so not a softmax CE).
     """
     check_output_mode(output_mode)
     if name not in ("dice", "dice_ce"):
         raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
-    loss_cls = DiceLoss if name == "dice" else DiceCELoss
     # batch=True: Dice over the whole batch per class (Isensee et al. 2017), so a class absent
     # from one patch does not push its prediction towards zero.
     if output_mode == "sigmoid":
-        return loss_cls(include_background=True, sigmoid=True, batch=True)
+        dice = DiceLoss(include_background=True, sigmoid=True, batch=True)
+        # MONAI's DiceCELoss applies a softmax cross-entropy whenever there is more than one
+        # channel, which would treat the nested regions ET ⊂ TC ⊂ WT as exclusive classes.
+        return dice if name == "dice" else _PlusBCE(dice)
+    loss_cls = DiceLoss if name == "dice" else DiceCELoss
     return _IndexTargets(loss_cls(include_background=False, softmax=True, batch=True))
+
+
+class _PlusBCE(nn.Module):
+    """``dice(logits, masks) + BCEWithLogits(logits, masks)`` for overlapping region outputs."""
+
+    def __init__(self, dice: nn.Module) -> None:
+        super().__init__()
+        self.dice = dice
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype)
+        return self.dice(logits, target) + nn.functional.binary_cross_entropy_with_logits(logits, target)
 
 
 class _IndexTargets(nn.Module):
@@ -94,9 +127,27 @@ class SegmentationModule(L.LightningModule):
         loss: loss and inference settings.
 
         channels_last: keep activations in NDHWC layout (faster convolutions).
+        compile: run the network through ``torch.compile`` (:class:`~tmerge.fastpath.CompiledForward`,
+            set up in :meth:`configure_model`; falls back to eager with a warning if compiling
+            fails). ``self.net`` and the state-dict keys stay those of the eager network.
 
-    Logged: ``train/loss``, ``val/loss``, ``val/dice`` (mean over classes), ``val/dice_<class>``,
-    and the same under ``test/``. Per-subject test Dice is kept in :attr:`test_records`.
+    Logged: ``train/loss``, ``val/loss``, ``val/dice`` (mean over classes), ``val/dice_<class>``;
+    ``test/loss``, ``test/dice``, ``test/dice_<class>``, ``test/hd95``, ``test/hd95_<class>``.
+
+    Validation scores Dice on the preprocessed (cropped) grid, cheaply, every epoch. Testing
+    scores each subject in its original geometry (:func:`tmerge.evaluate.evaluate_subject`: Dice
+    and HD95 in mm, full volume) and, when :attr:`export_dir` is set, writes its predicted label
+    map there as ``<subject>.nii.gz`` (original shape and affine); ``predict_step`` does the same
+    for unlabelled subjects. Each rank writes the subjects it predicted (one file per subject,
+    atomically), so the run folder must be shared between nodes, as for checkpoints.
+
+    Attributes:
+        test_records: After testing, one dict per test subject of all ranks, sorted by id:
+            ``subject``, ``dice_<class>``, ``hd95_<class>``.
+        test_previews: After testing, up to :data:`N_PREVIEWS` slices
+            (:func:`tmerge.evaluate.preview`) for the dashboard.
+        export_dir: Folder for the predicted label maps of ``test``/``predict`` (``None``: none
+            written); the stage sets it.
     """
 
     def __init__(
@@ -109,12 +160,15 @@ class SegmentationModule(L.LightningModule):
         optim: OptimConfig | None = None,
         loss: LossConfig | None = None,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # Channels-last (NDHWC) activations: ~30 % faster 3-D convolutions on CPUs (oneDNN)
         # and on GPUs under mixed precision. Only the memory layout changes, never the numbers.
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
+        self.compile_net = compile
+        self._fast_net: CompiledForward | None = None  # set in configure_model
         self.output_mode = check_output_mode(output_mode)
         self.class_names = list(class_names)
         self.patch_size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
@@ -122,12 +176,26 @@ class SegmentationModule(L.LightningModule):
         self.loss_cfg = loss or LossConfig()
         self.loss_fn = build_loss(self.loss_cfg.name, output_mode)
         self.val_dice = PerClassMean(len(self.class_names))
-        self.test_dice = PerClassMean(len(self.class_names))
         self.test_records: list[dict[str, Any]] = []
+        self.test_previews: list[dict[str, Any]] = []
+        self.export_dir: Path | None = None
+        self._progress_start = time.perf_counter()
+        # A NaN/inf loss stops training with the step and subjects named, without a host
+        # synchronisation per step on accelerators.
+        self.nonfinite = NonFiniteGuard(every=25)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C_out, D, H, W)`` for images ``(B, C_in, D, H, W)``."""
-        return self.net(x.contiguous(memory_format=self.memory_format))
+        net = self._fast_net if self._fast_net is not None else self.net
+        return net(x.contiguous(memory_format=self.memory_format))
+
+    def configure_model(self) -> None:
+        """Accelerator fast paths, once per process: cuDNN autotuning on CUDA, the compiled net."""
+        # self.device may still be the CPU here (the strategy moves the module afterwards).
+        if self.trainer.strategy.root_device.type == "cuda":
+            enable_cudnn_benchmark()
+        if self.compile_net and self._fast_net is None:
+            self._fast_net = CompiledForward(self.net)
 
     def sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of one sample (batch dim 1) — the per-sample loss the empirical Fisher squares."""
@@ -149,11 +217,13 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss_fn(self(batch["image"]), batch["label"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
-                + (f" (subjects {batch['subject']})" if "subject" in batch else "")
-            )
+        self.nonfinite.observe(
+            loss,
+            step=self.global_step,
+            epoch=self.current_epoch,
+            batch_idx=batch_idx,
+            subjects=batch.get("subject", ()),
+        )
         self.log(
             "train/loss",
             loss,
@@ -178,10 +248,48 @@ class SegmentationModule(L.LightningModule):
         self._evaluate(batch, "val", self.val_dice)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        dice = self._evaluate(batch, "test", self.test_dice)
-        subjects = batch.get("subject", [f"{batch_idx}_{i}" for i in range(dice.shape[0])])
-        for subject, row in zip(subjects, dice.cpu().tolist(), strict=True):
-            self.test_records.append({"subject": subject, **dict(zip(self.class_names, row, strict=True))})
+        """Score each whole volume of the batch in its original geometry (and export it)."""
+        logits = self.infer(batch["image"])
+        n = logits.shape[0]
+        if "label" in batch:
+            loss = self.loss_fn(logits, batch["label"])
+            self.log("test/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+        for i, (subject, meta, result) in enumerate(self._predict_volumes(batch, batch_idx, logits)):
+            if result.scores:
+                self.test_records.append({"subject": subject, **result.scores})
+            if len(self.test_previews) < N_PREVIEWS:
+                self.test_previews.append(preview(batch["image"][i], result, meta, subject))
+        self._log_progress("test", batch_idx, self.trainer.num_test_batches)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        """Predict (and, with :attr:`export_dir`, export) whole volumes; return their subject ids."""
+        subjects = [s for s, _, _ in self._predict_volumes(batch, batch_idx, self.infer(batch["image"]))]
+        self._log_progress("predict", batch_idx, self.trainer.num_predict_batches)
+        return subjects
+
+    def _predict_volumes(self, batch: dict[str, Any], batch_idx: int, logits: torch.Tensor) -> Any:
+        """Yield ``(subject, meta, SubjectResult)`` per volume, writing each label map to
+        :attr:`export_dir` if set."""
+        n = logits.shape[0]
+        subjects = batch.get("subject", [f"{batch_idx}_{i}" for i in range(n)])
+        metas = batch.get("meta", [None] * n)
+        labels = batch.get("label")
+        for i, (subject, meta) in enumerate(zip(subjects, metas, strict=True)):
+            target = None if labels is None else labels[i]
+            result = evaluate_subject(logits[i], target, meta, self.output_mode, self.class_names)
+            if self.export_dir is not None:
+                save_prediction(self.export_dir, str(subject), result.labels, meta)
+            yield str(subject), meta, result
+
+    def _log_progress(self, what: str, batch_idx: int, totals: Sequence[int | float]) -> None:
+        """A progress line every 10 volumes and at the end (rank 0: its share of the volumes)."""
+        if batch_idx == 0:
+            self._progress_start = time.perf_counter()
+        total = int(sum(t for t in totals if t != float("inf")))
+        done = batch_idx + 1
+        if self.trainer.is_global_zero and (done % 10 == 0 or done == total):
+            elapsed = time.perf_counter() - self._progress_start
+            log.info("%s: %d/%d volumes (%.0f s)", what, done, total, elapsed)
 
     def _log_dice(self, split: str, metric: PerClassMean) -> None:
         scores = metric.compute()
@@ -190,19 +298,41 @@ class SegmentationModule(L.LightningModule):
             self.log(f"{split}/dice_{name}", value)
         metric.reset()
 
+    def on_train_epoch_end(self) -> None:
+        self.nonfinite.check()
+
     def on_validation_epoch_end(self) -> None:
         self._log_dice("val", self.val_dice)
 
     def on_test_epoch_start(self) -> None:
         self.test_records = []
+        self.test_previews = []
 
     def on_test_epoch_end(self) -> None:
-        self._log_dice("test", self.test_dice)
+        # Means over the gathered records, not over each rank's batches: DistributedSampler may
+        # repeat subjects to even out the ranks, and a repeated subject must count once.
         self.test_records = _gather_records(self.test_records)
+        self.test_previews = _gather_records(self.test_previews)[:N_PREVIEWS]
+        if not self.test_records:
+            return
+        summary = summarise(self.test_records, self.class_names)
+        # Every rank holds the same records, so the synced mean is that value.
+        self.log("test/dice", summary["dice"]["mean"], sync_dist=True)
+        self.log("test/hd95", sum(summary["hd95"].values()) / len(self.class_names), sync_dist=True)
+        for name in self.class_names:
+            self.log(f"test/dice_{name}", summary["dice"][name], sync_dist=True)
+            self.log(f"test/hd95_{name}", summary["hd95"][name], sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        if self.optim.schedule == "poly":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            floor = self.optim.min_lr / self.optim.lr
+            poly = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(floor, (1 - min(step, total) / total) ** 0.9)
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": poly, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
             factor=self.optim.plateau_factor,

@@ -19,8 +19,10 @@ did.
 
 Outputs in ``runs/brats/p<portion>/<init>/`` (``…/seed<k>/<init>`` for ``seeds=[…]`` sweeps):
 ``model.ckpt``, ``stages.json`` (epochs and best validation score per stage, paper Table 3),
-``test_per_subject.csv``, ``alphas.json`` (timm), ``splits.json``, ``config.yaml`` and, written
-last, ``test_summary.json``.
+``test_per_subject.csv`` (Dice and HD95 per subject and region, in original geometry),
+``predictions/<subject>.nii.gz`` (label maps 0/1/2/4; for portion 100 also
+``predictions/validation/`` for the unlabelled set), ``alphas.json`` (timm), ``splits.json``,
+``config.yaml`` and, written last, ``test_summary.json``. Formats: :mod:`tmerge.evaluate`.
 """
 
 from __future__ import annotations
@@ -40,11 +42,21 @@ import torch
 from torch import nn
 
 from tmerge.config import to_container
+from tmerge.dashboard import log_alphas, log_test_results
 from tmerge.data.brats import BraTSDataConfig, BraTSDataModule
 from tmerge.errors import ConfigError, RunError
-from tmerge.fisher import load_fisher
-from tmerge.io import write_json, write_text
+from tmerge.evaluate import (
+    PREDICTIONS_DIR,
+    VALIDATION_DIR,
+    label_names,
+    per_subject_rows,
+    score_columns,
+    summarise,
+)
+from tmerge.fisher import check_finite, load_fisher
+from tmerge.io import file_sha256, write_json, write_text
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
+from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.runner import LoggerConfig, build_loggers, close_loggers, fit
@@ -52,11 +64,13 @@ from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
     RunConfig,
-    discard_on_input_error,
+    best_state_dict,
+    check_source_finished,
     fisher_epsilon,
     head_names,
     load_net,
     segmentation_module,
+    stage_guard,
     start_run,
 )
 from tmerge.transfer import transfer_parameters
@@ -215,9 +229,10 @@ def load_sources(
     sources = []
     for name in names:
         path = root / name / NET_FILE
+        hint = f"make {name}" if name in ("task1", "task2") else f"tmerge source … name={name}"
         if not path.is_file():
-            hint = f"make {name}" if name in ("task1", "task2") else f"tmerge source … name={name}"
             raise RunError(f"source model {name!r} not found: {path} does not exist; train it first ({hint})")
+        check_source_finished(path, hint)
         state, meta = load_net(path)
         diffs = [
             f"{k}={meta.get(k)!r} (target {expected[k]!r})" for k in ARCH_KEYS if meta.get(k) != expected[k]
@@ -228,7 +243,9 @@ def load_sources(
         if with_fisher:
             # Every fused parameter of the source has a Fisher (its first layer included, though
             # a first layer of another shape than the target's is not merged).
-            fisher = load_fisher(root / name / FISHER_FILE, expected_names=[n for n in fused if n in state])
+            fisher_path = root / name / FISHER_FILE
+            fisher = load_fisher(fisher_path, expected_names=[n for n in fused if n in state])
+            check_fisher_matches(fisher_path, fisher, path, state, meta)
         if cfg.channel_map is not None:
             if target is None:
                 raise ValueError("load_sources: channel_map needs the target state dict")
@@ -236,7 +253,44 @@ def load_sources(
             if fisher is not None:
                 fisher = map_input_channels(fisher, target, list(cfg.channel_map), rescale=False)
         sources.append(Source(name, state, meta, fisher))
+    outputs = {s.name: s.meta.get("n_classes") for s in sources}
+    if len(sources) > 1 and len(set(outputs.values())) > 1:
+        # Merged models share P but each keeps its own S and heads; sources of different label
+        # counts are not the paper's setting (each source task has as many classes) and usually
+        # mean a wrong run name.
+        raise RunError(
+            "sources: models to merge must solve tasks with the same number of classes, got "
+            + ", ".join(f"{n}: {k} outputs" for n, k in outputs.items())
+        )
     return sources
+
+
+def check_fisher_matches(
+    fisher_path: Path,
+    fisher: dict[str, torch.Tensor],
+    net_path: Path,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    """Refuse a Fisher that was not computed for the weights beside it: wrong shapes, a hash
+    that differs from the one the weights recorded, or non-finite entries.
+
+    Raises:
+        RunError: naming the Fisher file and what does not match.
+    """
+    for key, value in fisher.items():
+        if key in state and value.shape != state[key].shape:
+            raise RunError(
+                f"{fisher_path}: Fisher of another model: {key} has shape {tuple(value.shape)}, "
+                f"the weights in {net_path} {tuple(state[key].shape)}"
+            )
+    recorded = meta.get("fisher_sha256")
+    if recorded and file_sha256(fisher_path) != recorded:
+        raise RunError(
+            f"{fisher_path}: not the Fisher computed for {net_path} (its hash differs from the one "
+            "recorded with the weights); restore the run's own Fisher or retrain it with force=true"
+        )
+    check_finite(fisher, str(fisher_path))
 
 
 def run_target(cfg: TargetStageConfig) -> Path:
@@ -263,7 +317,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
         target=net.state_dict(),
     )
     dm.check_layout()
-    with discard_on_input_error(run_dir):
+    with stage_guard(run_dir):
         if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
             log.info("%s is finished; pass force=true to run it again", run_dir)
             return run_dir
@@ -313,18 +367,38 @@ def run_target(cfg: TargetStageConfig) -> Path:
             name=f"p{cfg.data.portion}/{cfg.init} fine-tune",
         )
         stages["finetune"] = result.as_dict()
-        trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False)
+        # Test in original geometry; label maps to predictions/ (see tmerge.evaluate).
+        module.export_dir = run_dir / PREDICTIONS_DIR
+        trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False, weights_only=True)
+        _export_unlabelled(trainer, module, dm, run_dir, result.best_path)
+        log_test_results(
+            loggers,
+            module.test_records,
+            dm.class_names,
+            module.test_previews,
+            label_names(dm.output_mode, dm.class_names),
+            step=trainer.global_step,
+        )
         close_loggers(loggers)
         if trainer.is_global_zero:
             write_json(run_dir / "stages.json", stages)
             summary = write_test_results(run_dir, module.test_records, dm.class_names)
-            log.info(
-                "%s p%s: test Dice %s",
-                cfg.init,
-                cfg.data.portion,
-                ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "n"),
-            )
+            log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
         return run_dir
+
+
+def _export_unlabelled(
+    trainer: L.Trainer, module: SegmentationModule, dm: BraTSDataModule, run_dir: Path, best_path: str
+) -> None:
+    """Predict the unlabelled validation set (the 100 % portion's, paper §4.4) into
+    ``predictions/validation/<Brats18_ID>.nii.gz``, the BraTS submission naming."""
+    if not dm.subjects.get("predict"):
+        return
+    module.export_dir = run_dir / PREDICTIONS_DIR / VALIDATION_DIR
+    log.info("predicting %d unlabelled subjects into %s", len(dm.subjects["predict"]), module.export_dir)
+    trainer.predict(
+        module, datamodule=dm, ckpt_path=best_path or None, return_predictions=False, weights_only=True
+    )
 
 
 def _logger_cfg(cfg: TargetStageConfig, tags: list[str]) -> LoggerConfig:
@@ -374,21 +448,22 @@ def _adapt(
         max_epochs=cfg.adaption.max_epochs,
         patience=cfg.adaption.patience,
     )
-    close_loggers(loggers)
     if result.best_path:  # continue from the adaption epoch with the lowest validation loss
-        ckpt = torch.load(result.best_path, map_location="cpu", weights_only=True)
-        module.load_state_dict(ckpt["state_dict"])
+        module.load_state_dict(best_state_dict(result.best_path, prefix=""))
     scores = result.best_metrics
     alphas = adaptive.mixing.alphas_dict()
     # δ's gradients are all-reduced like any parameter's, so every rank must hold the same α;
     # check it rather than trust it (a rank that diverged would fine-tune another model).
-    deltas = trainer.strategy.all_gather(adaptive.mixing.delta.detach())
-    deltas = deltas.reshape(-1, *adaptive.mixing.delta.shape)
-    spread = float((deltas - deltas[0]).abs().max())
-    if spread > 1e-6:
-        raise RunError(
-            f"timm adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})"
-        )
+    # (Without a process group — one process, or a re-run that skipped the finished adaption —
+    # every rank has just loaded the same checkpoint.)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deltas = trainer.strategy.all_gather(adaptive.mixing.delta.detach())
+        deltas = deltas.reshape(-1, *adaptive.mixing.delta.shape)
+        spread = float((deltas - deltas[0]).abs().max())
+        if spread > 1e-6:
+            raise RunError(
+                f"timm adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})"
+            )
     if trainer.is_global_zero:
         write_json(
             run_dir / "alphas.json",
@@ -400,6 +475,8 @@ def _adapt(
                 "ranks_agree": True,
             },
         )
+    log_alphas(loggers, alphas, [s.name for s in sources], step=trainer.global_step)  # paper Fig. 5
+    close_loggers(loggers)  # after α: the adaption's W&B run shows them
     summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
     log.info(
         "timm adaption: %d epochs, val Dice %.3f; α (first source) per layer: %s",
@@ -412,34 +489,50 @@ def _adapt(
 
 def write_test_results(
     run_dir: Path, records: list[dict[str, Any]], class_names: list[str]
-) -> dict[str, float]:
-    """Write ``test_per_subject.csv`` and ``test_summary.json`` (the run's finished marker)."""
+) -> dict[str, Any]:
+    """Write ``test_per_subject.csv`` and, last, ``test_summary.json`` (the run's finished marker).
+
+    Args:
+        run_dir: The run folder.
+        records: Per-subject scores ``subject``, ``dice_<c>``, ``hd95_<c>`` (any order).
+        class_names: The scored classes (``ET``, ``TC``, ``WT``).
+
+    Returns:
+        The summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}`` (formats:
+        :mod:`tmerge.evaluate`).
+    """
+    columns = ["subject", *score_columns(class_names)]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["subject", *class_names])
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    for rec in records:
-        writer.writerow({k: rec[k] for k in ["subject", *class_names]})
+    writer.writerows(per_subject_rows(records, class_names))
     write_text(run_dir / "test_per_subject.csv", buf.getvalue())
-    n = len(records)
-    summary: dict[str, Any] = {c: sum(r[c] for r in records) / n if n else float("nan") for c in class_names}
-    summary["mean"] = sum(summary[c] for c in class_names) / len(class_names) if n else float("nan")
-    summary["n"] = n
+    summary = summarise(records, class_names)
     write_json(run_dir / MARKER, summary)
     return summary
 
 
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line of a ``test_summary.json``: Dice per class and mean, HD95 per class, n."""
+
+    def num(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    dice = ", ".join(f"{k} {num(v, '.3f')}" for k, v in summary["dice"].items())
+    hd95 = ", ".join(f"{k} {num(v, '.1f')}" for k, v in summary["hd95"].items())
+    return f"Dice {dice}; HD95 {hd95} mm (n={summary['n']})"
+
+
 def run_sweep(cfg: TargetStageConfig) -> None:
-    """Every initialisation in ``cfg.inits``, once per seed in ``cfg.seeds``, on identical splits."""
-    for seed in cfg.seeds:
-        for init in cfg.inits:
-            run_dir = run_target(dataclasses.replace(cfg, init=init, seed=seed))
-            summary = json.loads((run_dir / MARKER).read_text())
-            scores = ", ".join(f"{k} {summary[k]:.3f}" for k in ("ET", "TC", "WT", "mean"))
-            log.info(
-                "sweep p%s seed %d %-12s test Dice %s (n=%d)",
-                cfg.data.portion,
-                seed,
-                init,
-                scores,
-                summary["n"],
-            )
+    """Every initialisation in ``cfg.inits``, once per seed in ``cfg.seeds``, on identical splits.
+
+    Logs a line when each run starts (``run k/N``) and one summary line when it has finished.
+    """
+    runs = [(seed, init) for seed in cfg.seeds for init in cfg.inits]
+    for k, (seed, init) in enumerate(runs, start=1):
+        log.info("sweep p%s: run %d/%d — seed %d, %s", cfg.data.portion, k, len(runs), seed, init)
+        run_dir = run_target(dataclasses.replace(cfg, init=init, seed=seed))
+        if not (run_dir / MARKER).is_file():  # a DDP rank other than 0: rank 0 writes the marker
+            continue
+        summary = json.loads((run_dir / MARKER).read_text())
+        log.info("sweep p%s seed %d %-12s test %s", cfg.data.portion, seed, init, format_summary(summary))

@@ -1,0 +1,270 @@
+"""Test-set evaluation and export in each subject's original geometry (paper §4.4, BraTS style).
+
+The network predicts on the preprocessed grid (cropped to the brain, padded to a multiple of 16).
+A prediction is turned into a label map there, put back into the original voxel grid
+(:func:`tmerge.data.preprocess.uncrop`; outside the crop box is background) and scored against the
+true label map on that full grid, with distances in mm from the image's affine:
+
+* BraTS (``"sigmoid"``): the three region outputs become a label map 0/1/2/4
+  (:func:`~tmerge.data.labels.regions_to_brats`, the innermost region wins), and both prediction
+  and truth are scored as the regions ET, TC, WT *of their label maps* — what the BraTS
+  evaluation does with a submitted file;
+* parcellation (``"softmax"``): the arg-max class, scored per foreground class.
+
+Scores per subject and class: Dice and HD95 (:func:`tmerge.metrics.dice_masks`,
+:func:`tmerge.metrics.hd95_masks`; empty masks as in BraTS, see :mod:`tmerge.metrics`).
+
+Files (written by the stages, formats fixed because reports read them):
+
+* ``test_per_subject.csv`` — header ``subject,dice_<c>…,dice_mean,hd95_<c>…`` (for BraTS
+  ``subject,dice_ET,dice_TC,dice_WT,dice_mean,hd95_ET,hd95_TC,hd95_WT``), one row per test subject,
+  sorted by subject (:func:`per_subject_rows`);
+* ``test_summary.json`` — ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
+  (:func:`summarise`);
+* ``predictions/<subject>.nii.gz`` — the label map (``uint8``) with the subject's original shape
+  and affine; for the unlabelled BraTS validation set (the 100 % portion)
+  ``predictions/validation/<subject>.nii.gz``, where the subject id is the BraTS folder name
+  (``Brats18_<ID>``), i.e. the challenge's submission naming ``<ID>.nii.gz``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tmerge.data.labels import REGIONS, brats_regions, regions_to_brats
+from tmerge.data.nifti import save_labels
+from tmerge.data.preprocess import uncrop, voxel_spacing
+from tmerge.metrics import check_output_mode, dice_masks, hd95_masks, logits_to_onehot
+
+#: Sub-folder of a run with the exported label maps; unlabelled subjects go to its ``validation/``.
+PREDICTIONS_DIR = "predictions"
+VALIDATION_DIR = "validation"
+
+#: Prediction slices kept per test run for the dashboard (the first subjects by id).
+N_PREVIEWS = 3
+
+#: Names of the BraTS label values in exported maps and dashboard overlays.
+BRATS_LABEL_NAMES: dict[int, str] = {1: "necrosis/non-enhancing", 2: "oedema", 4: "enhancing"}
+
+
+@dataclass
+class SubjectResult:
+    """One subject's prediction, in the original geometry when ``meta`` was given.
+
+    Attributes:
+        labels: ``(X, Y, Z)`` uint8 predicted label map (BraTS 0/1/2/4, or class indices).
+        truth: ``(X, Y, Z)`` uint8 true label map, or ``None`` for unlabelled subjects.
+        scores: ``{"dice_<c>": …, "hd95_<c>": …}`` per scored class (empty without truth).
+        spacing: Voxel size in mm per axis (1 without ``meta``).
+    """
+
+    labels: np.ndarray
+    truth: np.ndarray | None
+    scores: dict[str, float]
+    spacing: tuple[float, ...]
+
+
+def _check_classes(mode: str, class_names: Sequence[str]) -> None:
+    if check_output_mode(mode) == "sigmoid" and tuple(class_names) != REGIONS:
+        raise ValueError(f"sigmoid outputs are the BraTS regions {REGIONS}, got classes {list(class_names)}")
+
+
+def label_map(onehot: np.ndarray, mode: str) -> np.ndarray:
+    """Hard prediction ``(C, D, H, W)`` (one-/multi-hot) → label map ``(D, H, W)`` uint8.
+
+    sigmoid: regions ET, TC, WT → BraTS labels 0/1/2/4; softmax: the class index (0 background).
+    """
+    onehot = np.asarray(onehot)
+    if check_output_mode(mode) == "sigmoid":
+        return regions_to_brats(onehot > 0)
+    return np.argmax(onehot, axis=0).astype(np.uint8)
+
+
+def target_label_map(target: np.ndarray, mode: str) -> np.ndarray:
+    """Training target ``(L, D, H, W)`` (region masks, or ``L = 1`` class indices) → label map."""
+    target = np.asarray(target)
+    if check_output_mode(mode) == "sigmoid":
+        return regions_to_brats(target > 0.5)
+    return target.reshape(target.shape[-3:]).astype(np.uint8)
+
+
+def class_masks(labels: np.ndarray, mode: str, n_classes: int) -> np.ndarray:
+    """Label map ``(...)`` → ``(K, ...)`` bool masks of the scored classes (BraTS: ET, TC, WT;
+    softmax: classes 1..K)."""
+    if check_output_mode(mode) == "sigmoid":
+        return brats_regions(labels)
+    return np.stack([labels == k for k in range(1, n_classes + 1)])
+
+
+def score_label_maps(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    mode: str,
+    class_names: Sequence[str],
+    spacing: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """Dice and HD95 of a predicted against a true label map, per scored class.
+
+    Args:
+        pred, truth: ``(X, Y, Z)`` label maps on the same grid.
+        mode: ``"sigmoid"`` (BraTS labels, scored as ET/TC/WT) or ``"softmax"`` (class indices).
+        class_names: Names of the scored classes, in order.
+        spacing: Voxel size per axis in mm (``None``: 1).
+
+    Returns:
+        ``{"dice_<c>": …, …, "hd95_<c>": …, …}``.
+    """
+    _check_classes(mode, class_names)
+    if np.shape(pred) != np.shape(truth):
+        raise ValueError(f"prediction {np.shape(pred)} and truth {np.shape(truth)} differ in shape")
+    p = class_masks(pred, mode, len(class_names))[None]
+    t = class_masks(truth, mode, len(class_names))[None]
+    dice = dice_masks(p, t)[0].tolist()
+    hd95 = hd95_masks(p, t, spacing)[0].tolist()
+    return {
+        **{f"dice_{c}": float(v) for c, v in zip(class_names, dice, strict=True)},
+        **{f"hd95_{c}": float(v) for c, v in zip(class_names, hd95, strict=True)},
+    }
+
+
+def evaluate_subject(
+    logits: torch.Tensor,
+    target: torch.Tensor | np.ndarray | None,
+    meta: Mapping[str, Any] | None,
+    mode: str,
+    class_names: Sequence[str],
+) -> SubjectResult:
+    """Label map of one subject in its original geometry and, with a target, its scores there.
+
+    Args:
+        logits: ``(C, D, H, W)`` network output on the preprocessed grid.
+        target: ``(L, D, H, W)`` training target on that grid, or ``None`` (unlabelled). The
+            preprocessing crop keeps every labelled voxel, so the target put back into the
+            original grid *is* the original label map.
+        meta: The subject's preprocessing geometry (``original_shape``, ``affine``, crop box; see
+            :func:`tmerge.data.preprocess.uncrop`); ``None`` scores on the given grid, spacing 1.
+        mode: ``"sigmoid"`` or ``"softmax"``.
+        class_names: Names of the scored classes.
+
+    Returns:
+        The :class:`SubjectResult`.
+    """
+    _check_classes(mode, class_names)
+    onehot = logits_to_onehot(logits.detach()[None].float(), mode)[0].cpu().numpy()
+    labels = label_map(onehot, mode)
+    truth = None if target is None else target_label_map(_numpy(target), mode)
+    spacing: tuple[float, ...] = (1.0,) * labels.ndim
+    if meta is not None:
+        labels = uncrop(labels, meta)
+        truth = None if truth is None else uncrop(truth, meta)
+        spacing = voxel_spacing(np.asarray(meta["affine"]))
+    scores = {} if truth is None else score_label_maps(labels, truth, mode, class_names, spacing)
+    return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing)
+
+
+def prediction_file(folder: str | Path, subject: str) -> Path:
+    """``<folder>/<subject>.nii.gz``: for BraTS the subject is the ``Brats18_<ID>`` folder name, so
+    this is the challenge's submission naming."""
+    return Path(folder) / f"{subject}.nii.gz"
+
+
+def save_prediction(
+    folder: str | Path, subject: str, labels: np.ndarray, meta: Mapping[str, Any] | None
+) -> Path:
+    """Write a label map from :func:`evaluate_subject` with the subject's original affine
+    (identity without ``meta``), atomically; return the file."""
+    affine = np.eye(4) if meta is None else np.asarray(meta["affine"], dtype=np.float64)
+    return save_labels(prediction_file(folder, subject), labels, affine)
+
+
+def label_names(mode: str, class_names: Sequence[str]) -> dict[int, str]:
+    """Label value → name for the values of a predicted label map (background included)."""
+    if check_output_mode(mode) == "sigmoid":
+        return {0: "background", **BRATS_LABEL_NAMES}
+    return {0: "background", **{k: name for k, name in enumerate(class_names, start=1)}}
+
+
+def preview(
+    image: torch.Tensor | np.ndarray, result: SubjectResult, meta: Mapping[str, Any] | None, subject: str
+) -> dict[str, Any]:
+    """A small 2-D view of one prediction for the dashboard.
+
+    The axial slice (last array axis) with the most true foreground (else predicted, else the
+    middle one) of the last input channel (FLAIR for BraTS), the true and the predicted label map.
+
+    Args:
+        image: ``(C, D, H, W)`` preprocessed input.
+        result: The subject's :class:`SubjectResult`.
+        meta: Its preprocessing geometry (``None``: the image is on the result's grid).
+        subject: Subject id.
+
+    Returns:
+        ``{"subject", "slice", "image": (X, Y) float32 in [0, 1], "truth": (X, Y) uint8 or None,
+        "prediction": (X, Y) uint8}``.
+    """
+    channel = _numpy(image)[-1].astype(np.float32)
+    if meta is not None:
+        channel = uncrop(channel, meta)
+    area = (result.truth if result.truth is not None else result.labels) > 0
+    per_slice = area.reshape(-1, area.shape[-1]).sum(axis=0)
+    if not per_slice.any():
+        per_slice = (result.labels > 0).reshape(-1, area.shape[-1]).sum(axis=0)
+    z = int(per_slice.argmax()) if per_slice.any() else area.shape[-1] // 2
+    low, high = float(channel.min()), float(channel.max())
+    shown = (channel[..., z] - low) / (high - low) if high > low else np.zeros_like(channel[..., z])
+    return {
+        "subject": subject,
+        "slice": z,
+        "image": shown.astype(np.float32),
+        "truth": None if result.truth is None else result.truth[..., z].copy(),
+        "prediction": result.labels[..., z].copy(),
+    }
+
+
+def score_columns(class_names: Sequence[str]) -> list[str]:
+    """Columns of ``test_per_subject.csv`` after ``subject``."""
+    return [*(f"dice_{c}" for c in class_names), "dice_mean", *(f"hd95_{c}" for c in class_names)]
+
+
+def per_subject_rows(
+    records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Rows of ``test_per_subject.csv`` (``subject`` + :func:`score_columns`), sorted by subject."""
+    rows = []
+    for rec in sorted(records, key=lambda r: str(r["subject"])):
+        dice = [float(rec[f"dice_{c}"]) for c in class_names]
+        rows.append(
+            {
+                "subject": str(rec["subject"]),
+                **{f"dice_{c}": d for c, d in zip(class_names, dice, strict=True)},
+                "dice_mean": sum(dice) / len(dice),
+                **{f"hd95_{c}": float(rec[f"hd95_{c}"]) for c in class_names},
+            }
+        )
+    return rows
+
+
+def summarise(records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+    """``test_summary.json``: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
+    (``None`` for no subject). ``dice.mean`` is the mean over subjects of the per-subject mean."""
+    rows = per_subject_rows(records, class_names)
+    n = len(rows)
+
+    def mean(key: str) -> float | None:
+        return sum(r[key] for r in rows) / n if n else None
+
+    return {
+        "n": n,
+        "dice": {**{c: mean(f"dice_{c}") for c in class_names}, "mean": mean("dice_mean")},
+        "hd95": {c: mean(f"hd95_{c}") for c in class_names},
+    }
+
+
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -1,0 +1,254 @@
+"""Test-set evaluation in original geometry: label maps, Dice/HD95 per region, NIfTI export,
+the result files, and SegmentationModule's test/predict steps."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tmerge.data.common import Subject, VolumeDataset, collate_volumes
+from tmerge.data.labels import REGIONS, brats_regions
+from tmerge.data.preprocess import PreprocessSettings, preprocess_subject, uncrop, voxel_spacing
+from tmerge.evaluate import (
+    evaluate_subject,
+    label_map,
+    per_subject_rows,
+    prediction_file,
+    preview,
+    save_prediction,
+    score_label_maps,
+    summarise,
+    target_label_map,
+)
+from tmerge.metrics import max_distance
+from tmerge.modules.segmentation import SegmentationModule
+from tmerge.stages.target import format_summary, write_test_results
+
+# An anisotropic, oblique, off-origin geometry, so nothing can pass by assuming 1 mm, a cube or
+# the identity.
+SHAPE = (40, 36, 30)
+SPACING = (1.5, 2.0, 3.0)
+
+
+def _affine() -> np.ndarray:
+    angle = np.deg2rad(10)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(SPACING)
+    affine[:3, 3] = (-30.0, 12.5, -40.0)
+    return affine
+
+
+def _ball(centre, radius) -> np.ndarray:
+    grid = np.indices(SHAPE).astype(float)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) < radius**2
+
+
+def _brats_subject(folder: Path, name: str, labelled: bool = True) -> tuple[dict[str, Path], Path | None]:
+    """A BraTS-layout subject: four modalities of a ball-shaped 'brain' off the grid's centre and
+    a nested tumour (oedema 2 ⊃ core 1 ⊃ enhancing 4)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    brain = _ball((22, 17, 14), 12)
+    seg = np.zeros(SHAPE, np.int16)
+    seg[_ball((24, 18, 15), 6)] = 2
+    seg[_ball((24, 18, 15), 4)] = 1
+    seg[_ball((25, 18, 15), 2)] = 4
+    files = {}
+    for m, base in (("t1", 50), ("t1ce", 60), ("t2", 70), ("flair", 80)):
+        data = np.where(brain, base + 20 * seg + rng.normal(0, 2, SHAPE), 0).astype(np.float32)
+        files[m] = folder / f"{name}_{m}.nii.gz"
+        nib.save(nib.Nifti1Image(data, _affine()), files[m])
+    if not labelled:
+        return files, None
+    label = folder / f"{name}_seg.nii.gz"
+    nib.save(nib.Nifti1Image(seg, _affine()), label)
+    return files, label
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """``(Preprocessed, files, seg file)`` of one hand-made BraTS subject (no N4: fast)."""
+    folder = tmp_path_factory.mktemp("brats") / "Brats18_TEST_0001_1"
+    files, label = _brats_subject(folder, folder.name)
+    pre = preprocess_subject(files, label, "brats", PreprocessSettings(min_size=16), subject=folder.name)
+    assert pre.image.shape[1:] != SHAPE  # the crop really changed the grid
+    return pre, files, label
+
+
+def _perfect_logits(target: np.ndarray) -> torch.Tensor:
+    """Region logits ``(3, D, H, W)`` that reproduce a region target exactly."""
+    return torch.from_numpy(target.astype(np.float32) * 10 - 5)
+
+
+def test_label_maps_from_outputs_and_targets():
+    seg = np.array([0, 1, 2, 4, 2, 0], dtype=np.uint8).reshape(1, 1, 6)
+    regions = brats_regions(seg)
+    assert np.array_equal(label_map(regions.astype(np.float32), "sigmoid"), seg)
+    assert np.array_equal(target_label_map(regions.astype(np.float32), "sigmoid"), seg)
+    # Non-nested predicted regions: the innermost present wins (ET over TC over WT).
+    assert label_map(np.array([1, 0, 0]).reshape(3, 1, 1, 1), "sigmoid").item() == 4
+    onehot = np.eye(3)[[0, 2, 1]].T.reshape(3, 1, 1, 3)
+    assert label_map(onehot, "softmax").ravel().tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match="BraTS regions"):
+        score_label_maps(seg, seg, "sigmoid", ["a", "b"])
+
+
+def test_scores_are_taken_in_original_geometry(subject):
+    pre, _, label_file = subject
+    target = brats_regions(pre.label)
+    truth = nib.load(str(label_file)).get_fdata().astype(np.uint8)
+    # The crop keeps every labelled voxel, so the target put back is the original label map.
+    assert np.array_equal(uncrop(pre.label, pre.meta), truth)
+
+    result = evaluate_subject(_perfect_logits(target), target, pre.meta, "sigmoid", list(REGIONS))
+    assert result.labels.shape == SHAPE and np.array_equal(result.labels, truth)
+    np.testing.assert_allclose(result.spacing, SPACING)
+    assert all(result.scores[f"dice_{r}"] == 1.0 and result.scores[f"hd95_{r}"] == 0.0 for r in REGIONS)
+
+    # A prediction moved by one voxel along the last axis: HD95 is that axis' 3 mm, not 1 voxel.
+    shifted = np.roll(target, 1, axis=-1)
+    result = evaluate_subject(_perfect_logits(shifted), target, pre.meta, "sigmoid", list(REGIONS))
+    for r in REGIONS:
+        assert result.scores[f"hd95_{r}"] == pytest.approx(SPACING[2])
+        assert 0.0 < result.scores[f"dice_{r}"] < 1.0
+
+
+def test_padding_predictions_are_dropped_and_empty_regions_follow_brats(subject):
+    pre, _, _ = subject
+    target = brats_regions(pre.label)
+    logits = _perfect_logits(target)
+    logits[:, 0, 0, 0] = 5.0  # a corner of the padded grid: outside the original image
+    assert pre.meta["pad_before"][0] > 0
+    result = evaluate_subject(logits, target, pre.meta, "sigmoid", list(REGIONS))
+    assert result.scores["dice_WT"] == 1.0 and result.scores["hd95_WT"] == 0.0
+
+    nothing = torch.full_like(logits, -5.0)
+    result = evaluate_subject(nothing, target, pre.meta, "sigmoid", list(REGIONS))
+    diagonal = max_distance(SHAPE, SPACING)
+    assert result.scores["dice_ET"] == 0.0 and result.scores["hd95_ET"] == pytest.approx(diagonal)
+    # A subject without enhancing tumour (as many LGGs): predicting none scores Dice 1, HD95 0.
+    no_et = target.copy()
+    no_et[0] = 0
+    result = evaluate_subject(_perfect_logits(no_et), no_et, pre.meta, "sigmoid", list(REGIONS))
+    assert result.scores["dice_ET"] == 1.0 and result.scores["hd95_ET"] == 0.0
+
+
+def test_exported_prediction_has_the_input_geometry(subject, tmp_path):
+    pre, files, label_file = subject
+    target = brats_regions(pre.label)
+    result = evaluate_subject(_perfect_logits(target), None, pre.meta, "sigmoid", list(REGIONS))
+    assert result.scores == {} and result.truth is None
+    path = save_prediction(tmp_path, "Brats18_TEST_0001_1", result.labels, pre.meta)
+    assert path == prediction_file(tmp_path, "Brats18_TEST_0001_1") == tmp_path / "Brats18_TEST_0001_1.nii.gz"
+
+    written, original = nib.load(str(path)), nib.load(str(files["t1"]))
+    assert written.shape == original.shape == SHAPE
+    np.testing.assert_allclose(written.affine, original.affine, atol=1e-6)
+    assert written.get_data_dtype() == np.uint8
+    labels = np.asarray(written.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    assert np.array_equal(labels, nib.load(str(label_file)).get_fdata().astype(np.uint8))
+
+
+def test_preview_takes_the_slice_with_most_tumour(subject):
+    pre, _, _ = subject
+    target = brats_regions(pre.label)
+    result = evaluate_subject(_perfect_logits(target), target, pre.meta, "sigmoid", list(REGIONS))
+    view = preview(torch.from_numpy(pre.image), result, pre.meta, "s")
+    areas = (result.truth > 0).sum(axis=(0, 1))
+    assert areas[view["slice"]] == areas.max() > 0
+    assert np.array_equal(view["truth"], result.truth[..., view["slice"]])
+    assert view["image"].shape == view["truth"].shape == view["prediction"].shape == SHAPE[:2]
+    assert 0.0 <= view["image"].min() and view["image"].max() <= 1.0
+
+
+def test_result_files_have_the_fixed_formats(tmp_path):
+    records = [
+        {
+            "subject": "b",
+            "dice_ET": 0.0,
+            "dice_TC": 0.5,
+            "dice_WT": 1.0,
+            "hd95_ET": 373.13,
+            "hd95_TC": 4,
+            "hd95_WT": 0,
+        },
+        {
+            "subject": "a",
+            "dice_ET": 1.0,
+            "dice_TC": 0.5,
+            "dice_WT": 0.0,
+            "hd95_ET": 0.0,
+            "hd95_TC": 2,
+            "hd95_WT": 9,
+        },
+    ]
+    summary = write_test_results(tmp_path, records, list(REGIONS))
+    with open(tmp_path / "test_per_subject.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == "subject,dice_ET,dice_TC,dice_WT,dice_mean,hd95_ET,hd95_TC,hd95_WT".split(",")
+    assert [r[0] for r in rows[1:]] == ["a", "b"]  # sorted by subject
+    assert float(rows[1][4]) == pytest.approx(0.5)  # dice_mean of a
+    assert json.loads((tmp_path / "test_summary.json").read_text()) == summary
+    assert summary == {
+        "n": 2,
+        "dice": {"ET": 0.5, "TC": 0.5, "WT": 0.5, "mean": 0.5},
+        "hd95": {"ET": pytest.approx(186.565), "TC": 3.0, "WT": 4.5},
+    }
+    assert per_subject_rows(records, list(REGIONS))[0]["subject"] == "a"
+    assert summarise([], list(REGIONS))["dice"]["mean"] is None
+    assert format_summary(summary).startswith("Dice ET 0.500, TC 0.500, WT 0.500, mean 0.500; HD95 ET 186.6")
+
+
+class _Threshold(torch.nn.Module):
+    """A stand-in network: region logits from the last input channel (no training needed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, -1:] - 0.8).repeat(1, 3, 1, 1, 1) * 10
+
+
+def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
+    pre, files, label_file = subject
+    item = Subject("Brats18_TEST_0001_1", pre.image, brats_regions(pre.label).astype(np.uint8), pre.meta)
+    loader = DataLoader(VolumeDataset([item], torch.float32), batch_size=1, collate_fn=collate_volumes)
+    module = SegmentationModule(_Threshold(), output_mode="sigmoid", class_names=list(REGIONS), patch_size=16)
+    module.export_dir = tmp_path / "predictions"
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    metrics = trainer.test(module, dataloaders=loader, verbose=False)[0]
+
+    [record] = module.test_records
+    assert set(record) == {"subject", *(f"{k}_{r}" for k in ("dice", "hd95") for r in REGIONS)}
+    written = tmp_path / "predictions" / "Brats18_TEST_0001_1.nii.gz"
+    img = nib.load(str(written))
+    assert img.shape == SHAPE and np.allclose(img.affine, nib.load(str(files["t1"])).affine)
+    # The scores are those of the written file against the original label file.
+    expected = score_label_maps(
+        np.asarray(img.dataobj),
+        nib.load(str(label_file)).get_fdata().astype(np.uint8),
+        "sigmoid",
+        REGIONS,
+        voxel_spacing(img.affine),
+    )
+    assert record == pytest.approx({"subject": record["subject"], **expected})
+    assert metrics["test/dice"] == pytest.approx(np.mean([expected[f"dice_{r}"] for r in REGIONS]))
+    assert metrics["test/hd95_WT"] == pytest.approx(expected["hd95_WT"])
+    assert len(module.test_previews) == 1
+
+    # predict: unlabelled volumes are exported the same way.
+    unlabelled = Subject("Brats18_TEST_0002_1", pre.image, None, pre.meta)
+    loader = DataLoader(VolumeDataset([unlabelled], torch.float32), batch_size=1, collate_fn=collate_volumes)
+    module.export_dir = tmp_path / "predictions" / "validation"
+    assert trainer.predict(module, dataloaders=loader) == [["Brats18_TEST_0002_1"]]
+    again = nib.load(str(tmp_path / "predictions" / "validation" / "Brats18_TEST_0002_1.nii.gz"))
+    assert again.shape == SHAPE and np.array_equal(np.asarray(again.dataobj), np.asarray(img.dataobj))
