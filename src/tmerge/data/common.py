@@ -73,6 +73,9 @@ class DataConfig:
     cache_dir: str | None = None
     # Random flips and intensity scale/shift on training patches.
     augment: bool = True
+    # Array axes flipped at random when augmenting; axis 0 is left-right in HCP and BraTS files
+    # (RAS/LAS/LPS), the one flip that keeps a brain anatomically plausible.
+    flip_axes: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     # N4 bias-field correction; each dataset sets the paper's choice (BraTS only, §4.2).
     n4: bool = False
 
@@ -84,6 +87,8 @@ class DataConfig:
         for name in ("batch_size", "samples_per_volume", "generate_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: got {getattr(self, name)}; expected a positive integer")
+        if any(axis not in (0, 1, 2) for axis in self.flip_axes):
+            raise ConfigError(f"flip_axes: got {list(self.flip_axes)}; expected axes among 0, 1, 2")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: got {self.num_workers}; expected >= 0")
 
@@ -152,7 +157,9 @@ def _to_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_tensor(x).to(dtype)
 
 
-def train_transform(patch: Sequence[int], augment: bool) -> Callable[[dict[str, Any]], Any]:
+def train_transform(
+    patch: Sequence[int], augment: bool, flip_axes: Sequence[int] = (0, 1, 2)
+) -> Callable[[dict[str, Any]], Any]:
     """MONAI pipeline: a patch centred on foreground or background with equal odds, then light
     augmentation.
 
@@ -180,7 +187,7 @@ def train_transform(patch: Sequence[int], augment: bool) -> Callable[[dict[str, 
     steps: list[Any] = [crop]
     if augment:
         # Flips are label-safe (the paper's classes and the tumour regions are not lateralised).
-        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+        steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
         steps += [
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
@@ -204,11 +211,12 @@ class PatchDataset(Dataset):
         samples_per_volume: int,
         label_dtype: torch.dtype,
         augment: bool = True,
+        flip_axes: Sequence[int] = (0, 1, 2),
     ) -> None:
         self.subjects = list(subjects)
         self.samples_per_volume = samples_per_volume
         self.label_dtype = label_dtype
-        self.transform = train_transform(patch, augment)
+        self.transform = train_transform(patch, augment, flip_axes)
         # Compute the voxel indices now, in the main process, so forked workers share them.
         for subject in self.subjects:
             _ = subject.fg_bg
@@ -439,6 +447,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.config.samples_per_volume,
             self.label_dtype,
             augment=self.config.augment,
+            flip_axes=self.config.flip_axes,
         )
         return DataLoader(
             dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=False, **self._loader_kwargs()
