@@ -236,6 +236,16 @@ def test_fisher_of_another_shape_is_refused(tmp_path, capsys):
     assert not (tmp_path / "brats").exists()
 
 
+def test_truncated_fisher_is_one_clear_error(tmp_path, capsys):
+    _source(tmp_path, "task1")
+    _source(tmp_path, "task2")
+    path = tmp_path / "task1" / "fisher.safetensors"
+    path.write_bytes(path.read_bytes()[:500])
+    status, err = _timm(tmp_path, capsys)
+    assert status == 2 and f"{path}: not a readable safetensors Fisher file" in err
+    assert "Traceback" not in err and not (tmp_path / "brats").exists()
+
+
 def test_config_typo_is_exit_2_and_writes_nothing(tmp_path, capsys):
     status = main(["timm", f"runs_dir={tmp_path}", "portion=4", "adaption.max_epoch=3"])
     assert status == 2 and "adaption.max_epoch" in capsys.readouterr().err
