@@ -899,6 +899,7 @@ class FisherCallback(pl.Callback):
             chunk_size=self.chunk_size,
             device=pl_module.device,
             autocast_dtype=autocast_for(trainer.precision),
+            progress=trainer.is_global_zero,  # a counted bar: minutes per volume at paper scale
         )
 
         # One all-reduce of everything (sums flattened, then the count) instead of one per tensor.
