@@ -140,6 +140,36 @@ def test_guard_names_the_step_and_subjects_on_cpu():
         guard.observe(torch.tensor(float("nan")), step=7, epoch=1, batch_idx=3, subjects=["c", "d"])
 
 
+def test_guard_stops_every_rank_together():
+    """Under DDP a rank whose own losses are finite stops too when another rank's was not
+    (otherwise it would wait forever in the next all-reduce)."""
+    guard = NonFiniteGuard()
+    guard.any_rank = lambda flag: True  # another rank reports a NaN
+    with pytest.raises(NonFiniteError, match="another DDP rank"):
+        guard.observe(torch.tensor(0.5), step=0, epoch=0, batch_idx=0)
+    quiet = NonFiniteGuard()
+    quiet.any_rank = lambda flag: flag
+    quiet.observe(torch.tensor(0.5), step=0, epoch=0, batch_idx=0)  # nobody had a NaN
+
+
+def test_early_stopping_survives_a_resume():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from tmerge.runner import StopIfStopped
+
+    stopper = EarlyStopping(monitor="val/dice", mode="max", patience=3)
+    stopper.load_state_dict({"wait_count": 3, "stopped_epoch": 7, "best_score": torch.tensor(0.6), "patience": 3})
+    trainer = SimpleNamespace(should_stop=False)
+    StopIfStopped(stopper).on_train_start(trainer, None)
+    assert trainer.should_stop
+    stopper.wait_count = 1
+    trainer.should_stop = False
+    StopIfStopped(stopper).on_train_start(trainer, None)
+    assert not trainer.should_stop
+
+
 def test_nan_loss_stops_training_with_the_message(tiny_default, tmp_path):
     """A network whose output turns NaN on its third training call stops the fit there."""
     from tmerge.data.hcp import HCPDataModule

@@ -121,3 +121,17 @@ def test_unfinished_source_is_refused(tmp_path, capsys):
     status, err = run(["timm", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
     assert status == 2 and "task2 is unfinished (no metrics.json)" in err and "make task2" in err
     assert not (tmp_path / "brats").exists()
+
+
+def test_bad_fisher_settings_are_refused_before_anything_is_written(tmp_path, capsys):
+    status, err = run(["task1", f"runs_dir={tmp_path}", "fisher.method=fast", *SMALL], capsys)
+    assert status == 2 and "fisher.method" in err and "'fast'" in err
+    assert not (tmp_path / "task1").exists()
+
+
+def test_negative_channel_map_is_a_config_error():
+    from tmerge.errors import ConfigError
+    from tmerge.stages.target import map_input_channels
+
+    with pytest.raises(ConfigError, match=r"channel_map: expected source-channel indices >= 0"):
+        map_input_channels({"w": torch.ones(2, 2, 1)}, {"w": torch.zeros(2, 4, 1)}, [0, -1, 1, 1], rescale=True)

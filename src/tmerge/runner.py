@@ -117,6 +117,20 @@ class BestMetrics(Callback):
             self.metrics["epoch"] = trainer.current_epoch + 1
 
 
+class StopIfStopped(Callback):
+    """Early stopping survives a resume: ``EarlyStopping`` stops by setting
+    ``trainer.should_stop``, which no checkpoint keeps, so a run resumed from the checkpoint of
+    the epoch that stopped it (killed during the Fisher, say) would train on. Its patience
+    counter is restored, though: stop again before the first step if it had run out."""
+
+    def __init__(self, stopper: EarlyStopping) -> None:
+        self.stopper = stopper
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopper.wait_count >= self.stopper.patience:
+            trainer.should_stop = True
+
+
 class EpochSummary(Callback):
     """One ``[tmerge]`` line per validated epoch: losses, the monitored score, best so far, time."""
 
@@ -318,12 +332,18 @@ def fit(
         enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False,
         logger=list(loggers) or False,
-        callbacks=[best, checkpoint, stopper, RngState(), sigterm, *progress, *callbacks],
+        callbacks=[best, checkpoint, stopper, StopIfStopped(stopper), RngState(), sigterm, *progress, *callbacks],
     )
     done = run_dir / FIT_FILE
     if done.is_file():
         log.info("%s: already trained (%s); continuing after training", label, done)
-        return trainer, FitResult(**read_json(done))
+        result = FitResult(**read_json(done))
+        last = resume_point(run_dir)
+        if not result.best_path and last is not None:
+            # No monitored validation ran, so no best checkpoint: the module here is freshly
+            # initialised, and the trained weights are those of the last checkpoint.
+            result.best_path = str(last)
+        return trainer, result
     resume = resume_point(run_dir)
     if resume is not None:
         epoch, step = checkpoint_progress(resume)

@@ -10,7 +10,7 @@ still names the batch that failed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +31,16 @@ class NonFiniteGuard:
 
     Args:
         every: host checks on an accelerator every ``every`` steps (CPU: every step).
+
+    Attributes:
+        any_rank: Under DDP, ``flag -> bool`` true if the flag is true on any rank (the stage sets
+            it to its strategy's reduction), so that all ranks stop together instead of the others
+            waiting forever in the next all-reduce. ``None``: one process.
     """
 
     def __init__(self, every: int = 25) -> None:
         self.every = max(1, every)
+        self.any_rank: Callable[[bool], bool] | None = None
         self._first_bad: torch.Tensor | None = None  # () int64 on the loss's device; -1: none yet
         self._value: torch.Tensor | None = None  # the first non-finite value seen
         self._recent: deque[BatchInfo] = deque(maxlen=self.every)
@@ -42,30 +48,32 @@ class NonFiniteGuard:
     def observe(
         self, loss: torch.Tensor, *, step: int, epoch: int, batch_idx: int, subjects: Sequence[str] = ()
     ) -> None:
-        """Record ``loss`` (a scalar) of one step; raises at once on a CPU, else every ``every``
-        steps (or at :meth:`check`)."""
+        """Record ``loss`` (a scalar) of one step; checks at once on a CPU (where looking costs
+        nothing), else every ``every`` steps (or at :meth:`check`)."""
         self._recent.append(BatchInfo(step, epoch, batch_idx, tuple(str(s) for s in subjects)))
         loss = loss.detach()
-        if loss.device.type == "cpu":
-            if not bool(torch.isfinite(loss)):
-                self._raise(step, float(loss))
-            return
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
             self._value = torch.zeros((), dtype=loss.dtype, device=loss.device)
         bad = ~torch.isfinite(loss) & (self._first_bad < 0)
-        self._first_bad = torch.where(bad, torch.as_tensor(step, device=loss.device), self._first_bad)
+        # Python scalars only: a tensor made from `step` would be a host-to-device copy (and a
+        # synchronisation) per step.
+        self._first_bad = self._first_bad.masked_fill(bad, step)
         self._value = torch.where(bad, loss, self._value)
-        if (step + 1) % self.every == 0:
+        if loss.device.type == "cpu" or (step + 1) % self.every == 0:
             self.check()
 
     def check(self) -> None:
-        """Raise if any observed loss was not finite (one host synchronisation)."""
-        if self._first_bad is None:
+        """Raise if any observed loss (on any rank) was not finite (one host synchronisation)."""
+        step = -1 if self._first_bad is None else int(self._first_bad)
+        bad = step >= 0
+        if self.any_rank is not None:
+            bad = self.any_rank(bad)
+        if not bad:
             return
-        step = int(self._first_bad)
-        if step >= 0:
-            self._raise(step, float(self._value))  # type: ignore[arg-type]
+        if step < 0:
+            raise NonFiniteError("training loss became non-finite on another DDP rank; the stage stopped")
+        self._raise(step, float(self._value))  # type: ignore[arg-type]
 
     def _raise(self, step: int, value: float) -> None:
         info = next((b for b in self._recent if b.step == step), None)

@@ -298,6 +298,11 @@ class SegmentationModule(L.LightningModule):
             self.log(f"{split}/dice_{name}", value)
         metric.reset()
 
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            self.nonfinite.any_rank = lambda flag: strategy.reduce_boolean_decision(flag, all=False)
+
     def on_train_epoch_end(self) -> None:
         self.nonfinite.check()
 

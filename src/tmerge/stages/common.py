@@ -24,7 +24,7 @@ from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from tmerge.config import config_hash, save_config
-from tmerge.errors import RunError, TmergeError
+from tmerge.errors import ConfigError, RunError, TmergeError
 from tmerge.io import read_json, write_json, write_safetensors
 from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
 from tmerge.nets.config import NetConfig
@@ -48,6 +48,16 @@ class FisherConfig:
     max_samples: int | None = None  # None: every training volume (18 for a paper task)
     normalize: str = "none"  # "none" | "sum" (the original T-IMM code) | "l2"
     method: str = "auto"  # "auto" | "loop" | "vmap" | "compile" — all give the same numbers
+
+    def __post_init__(self) -> None:
+        from tmerge.fisher import METHODS, NORMALIZE
+
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"fisher.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"fisher.max_samples: got {self.max_samples}; expected a positive count or null")
 
 
 @dataclass
@@ -74,7 +84,8 @@ def discard_on_input_error(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except TmergeError as exc:
-        if not existed and exc.input_error:
+        # A folder with checkpoints holds training worth keeping whatever failed afterwards.
+        if not existed and exc.input_error and not any(run_dir.glob("*.ckpt")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -115,7 +126,10 @@ def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:
             ``force`` is not set.
     """
     if not is_rank_zero():
-        return True
+        # Ranks > 0 re-run the command from the top (Lightning's DDP launcher): they must skip
+        # exactly the runs rank 0 skipped — finished ones — or a sweep's collectives mismatch.
+        # With force, rank 0 reruns everything (and may not have removed the marker yet).
+        return force or not (run_dir / marker).is_file()
     cfg_hash = config_hash(cfg, ignore=("force",))
     saved = run_dir / CONFIG_FILE
     if run_dir.exists() and force:

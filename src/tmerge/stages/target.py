@@ -190,6 +190,8 @@ def map_input_channels(
     Raises:
         ConfigError: the map names a source channel that does not exist.
     """
+    if any(not isinstance(c, int) or c < 0 for c in channel_map):
+        raise ConfigError(f"channel_map: expected source-channel indices >= 0, got {list(channel_map)}")
     out = dict(tensors)
     index = torch.tensor(channel_map)
     copies = torch.bincount(index).clamp(min=1)
