@@ -120,7 +120,8 @@ def configure_logging() -> None:
     handler.setFormatter(logging.Formatter("[tmerge] %(message)s"))
     handler.tmerge_cli = True  # type: ignore[attr-defined]
     ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
+    # Progress lines once, from global rank 0: the other DDP ranks re-run this command.
+    ours.setLevel(logging.INFO if _env_rank() == 0 else logging.WARNING)
     ours.propagate = False
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for message in (
@@ -131,6 +132,15 @@ def configure_logging() -> None:
         r"Experiment logs directory .* exists and is not empty",
     ):
         warnings.filterwarnings("ignore", message=message)
+
+
+def _env_rank() -> int:
+    """This process's global rank as launchers announce it (Lightning's DDP launcher, torchrun,
+    SLURM), read without importing Lightning; 0 when none is set."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
