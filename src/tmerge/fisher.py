@@ -504,7 +504,10 @@ def compute_fisher_sums(
     progress: bool = False,
     autocast_dtype: torch.dtype | None = None,
 ) -> FisherSums:
-    """Like :func:`fisher_sums`, also reporting the method used and the time (see :class:`FisherSums`).
+    """Sums of squared per-sample gradients and the sample count — for reduction across ranks:
+    summing them over disjoint shards of the data and dividing gives exactly the Fisher of the
+    union — with the method used and the time (see :class:`FisherSums`). Same arguments as
+    :func:`empirical_fisher` (without ``normalize``).
 
     Logs one line (logger ``tmerge``, INFO) with the sample count, the time and volumes/s.
     """
@@ -587,42 +590,6 @@ def _progress_bar(progress: bool, dataloader: Iterable[Any], max_samples: int | 
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
     return tqdm(total=total, desc="Fisher", unit="sample")
-
-
-def fisher_sums(
-    model: nn.Module,
-    dataloader: Iterable[Any],
-    loss_fn: LossFn,
-    *,
-    names: Sequence[str] | None = None,
-    max_samples: int | None = None,
-    method: str = "auto",
-    chunk_size: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[dict[str, Tensor], int]:
-    """Sums of squared per-sample gradients and the sample count (for reduction across ranks).
-
-    Same arguments as :func:`empirical_fisher` (without ``normalize``). Summing the returned sums
-    and counts over disjoint shards of the data and dividing gives exactly the Fisher of the union.
-
-    Returns:
-        ``({name: Σ_n (∂ℓ_n/∂θ)²}, N)``; tensors float32 on CPU with the parameters' shapes.
-    """
-    result = compute_fisher_sums(
-        model,
-        dataloader,
-        loss_fn,
-        names=names,
-        max_samples=max_samples,
-        method=method,
-        chunk_size=chunk_size,
-        device=device,
-        progress=progress,
-        autocast_dtype=autocast_dtype,
-    )
-    return result.sums, result.count
 
 
 def normalize_fisher(fisher: Mapping[str, Tensor], mode: str) -> dict[str, Tensor]:
@@ -711,7 +678,7 @@ def empirical_fisher(
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    sums, count = fisher_sums(
+    result = compute_fisher_sums(
         model,
         dataloader,
         loss_fn,
@@ -723,9 +690,9 @@ def empirical_fisher(
         progress=progress,
         autocast_dtype=autocast_dtype,
     )
-    if count == 0:
+    if result.count == 0:
         raise ValueError("empirical Fisher: the dataloader yielded no samples")
-    return normalize_fisher({n: s / count for n, s in sums.items()}, normalize)
+    return normalize_fisher({n: s / result.count for n, s in result.sums.items()}, normalize)
 
 
 # --------------------------------------------------------------------------------------------
