@@ -53,6 +53,21 @@ def _preview(subject: str, k: int = 0) -> dict:
     }
 
 
+def _run_record(folder, timeout=30.0):
+    """The offline run's ``.wandb`` record. wandb's service process may still be writing it
+    after ``finish()`` returns (seen once in a fresh clone: only the 9-byte header), so wait for
+    the run's header record, which holds the group and tags."""
+    import time
+
+    path = next(folder.glob("run-*.wandb"))
+    end = time.monotonic() + timeout
+    while True:
+        record = path.read_bytes()
+        if b"brats-p4" in record or time.monotonic() > end:
+            return record
+        time.sleep(0.2)
+
+
 def test_offline_run_has_group_tags_table_alphas_and_images(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = TargetStageConfig()
@@ -78,7 +93,7 @@ def test_offline_run_has_group_tags_table_alphas_and_images(tmp_path, monkeypatc
         close_loggers(loggers)
 
     [folder] = (tmp_path / "wandb").glob("offline-run-*")
-    record = next(folder.glob("run-*.wandb")).read_bytes()
+    record = _run_record(folder)
     assert b"brats-p4" in record and all(t.encode() in record for t in tags)  # group and tags recorded
     media = folder / "files" / "media"
     [table] = (media / "table" / "test").glob("per_subject_*.table.json")
