@@ -88,7 +88,11 @@ def test_offline_run_has_group_tags_table_alphas_and_images(tmp_path, monkeypatc
             label_names("sigmoid", REGIONS),
             step=3,
         )
-        log_alphas(loggers, ALPHAS, ["task1", "task2"], step=3)
+        trajectory = [
+            {"epoch": e, "val_loss": 1.0 / e, "alphas": {k: [0.5 + 0.1 * e, 0.5 - 0.1 * e] for k in ALPHAS}}
+            for e in (1, 2, 3)
+        ]
+        log_alphas(loggers, ALPHAS, ["task1", "task2"], step=3, trajectory=trajectory)
     finally:
         close_loggers(loggers)
 
@@ -105,6 +109,12 @@ def test_offline_run_has_group_tags_table_alphas_and_images(tmp_path, monkeypatc
     content = json.loads(alphas.read_text())
     assert content["columns"] == ["index", "layer", "alpha_task1", "alpha_task2"]
     assert [row[1] for row in content["data"]] == list(ALPHAS)
+    # The trajectory chart: α of the first source per layer (one line each) over the epochs.
+    [chart] = (media / "table" / "adaption").glob("alpha_trajectory*.table.json")
+    content = json.loads(chart.read_text())
+    assert content["columns"] == ["step", "lineKey", "lineVal"]
+    expected = [[e, layer, pytest.approx(0.5 + 0.1 * e)] for layer in ALPHAS for e in (1, 2, 3)]
+    assert sorted(content["data"], key=lambda r: (list(ALPHAS).index(r[1]), r[0])) == expected
     assert len(list((media / "images" / "test").glob("predictions_*.png"))) == 2
     # True and predicted label maps travel as overlays, one mask image each per slice.
     assert len(list((media / "images" / "mask" / "test").glob("*.mask.png"))) == 4

@@ -199,6 +199,25 @@ def test_normalisation_options() -> None:
         normalize_fisher({"a": torch.zeros(3)}, "sum")
 
 
+def test_per_tensor_normalisation_by_hand() -> None:
+    # Each tensor divided by its own sum (the authors' code): [1, 3] -> [0.25, 0.75],
+    # [[2, 2], [4, 0]] -> [[0.25, 0.25], [0.5, 0]]; an all-zero tensor stays zero.
+    fisher = {
+        "a": torch.tensor([1.0, 3.0]),
+        "b": torch.tensor([[2.0, 2.0], [4.0, 0.0]]),
+        "z": torch.zeros(2),
+    }
+    out = normalize_fisher(fisher, "per_tensor")
+    assert torch.equal(out["a"], torch.tensor([0.25, 0.75]))
+    assert torch.equal(out["b"], torch.tensor([[0.25, 0.25], [0.5, 0.0]]))
+    assert torch.equal(out["z"], torch.zeros(2))
+    assert torch.equal(fisher["a"], torch.tensor([1.0, 3.0]))  # the input is not modified
+    # Scale-invariant per tensor: a model whose Fisher is 1000x larger merges with the same weight.
+    scaled = normalize_fisher({k: 1000 * v for k, v in fisher.items()}, "per_tensor")
+    for k in fisher:
+        assert torch.allclose(scaled[k], out[k])
+
+
 def test_bad_arguments() -> None:
     net = _net()
     x, y = _data()

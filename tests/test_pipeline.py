@@ -76,6 +76,25 @@ def test_source_runs_write_their_artefacts(runs):
         assert set(fisher) == {n for n in net if not n.startswith("seg_heads") and n.endswith("conv.weight")}
         for name_, f in fisher.items():
             assert f.shape == net[name_].shape and torch.isfinite(f).all() and (f >= 0).all()
+    assert json.loads((runs / "task1" / "metrics.json").read_text())["distance_from_init"] is None
+
+
+def test_task2_records_its_distance_from_task1(runs):
+    """metrics.json of M2 holds, per fused layer, ‖θ₂ − θ₁‖/‖θ₁‖ and the cosine, computed here
+    independently from the two weight files."""
+    m1 = load_file(str(runs / "task1" / "net.safetensors"))
+    m2 = load_file(str(runs / "task2" / "net.safetensors"))
+    distance = json.loads((runs / "task2" / "metrics.json").read_text())["distance_from_init"]
+    convs = {n[: -len(".weight")] for n in m1 if n.endswith("conv.weight") and not n.startswith("seg_heads")}
+    assert distance["from"] == "task1" and set(distance["per_layer"]) == convs
+    name = "encoder.1.context.block1.conv"  # a layer of one tensor (the convolutions have no bias)
+    a, b = m1[f"{name}.weight"].flatten().double(), m2[f"{name}.weight"].flatten().double()
+    got = distance["per_layer"][name]
+    assert got["rel_distance"] == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-6)
+    assert got["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-6)
+    values = [v["rel_distance"] for v in distance["per_layer"].values()]
+    assert distance["rel_distance_min"] == pytest.approx(min(values))
+    assert distance["rel_distance_max"] == pytest.approx(max(values))
 
 
 def test_task2_starts_from_task1(runs):
@@ -115,6 +134,12 @@ def test_timm_end_to_end(runs, tiny_default):
         assert len(pair) == 2 and abs(sum(pair) - 1) < 1e-5 and min(pair) >= 0
     stages = json.loads((run / "stages.json").read_text())
     assert {"adaption", "finetune"} <= set(stages)
+    # α after every adaption epoch; the final α are those of the best epoch.
+    assert len(alphas["trajectory"]) == stages["adaption"]["epochs"] >= 1
+    best = next(e for e in alphas["trajectory"] if e["epoch"] == alphas["best_epoch"])
+    for layer, pair in alphas["alphas"].items():
+        assert best["alphas"][layer] == pytest.approx(pair), layer
+    assert stages["specific"] == "reinit" and stages["fisher_normalize"] == "per_tensor"
     rows = (run / "test_per_subject.csv").read_text().splitlines()
     assert rows[0] == "subject,dice_ET,dice_TC,dice_WT,dice_mean,hd95_ET,hd95_TC,hd95_WT" and len(rows) == 9
     # One label map per test subject, in the geometry of the subject's own files.

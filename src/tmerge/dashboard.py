@@ -71,14 +71,18 @@ def log_alphas(
     alphas: Mapping[str, Sequence[float]],
     sources: Sequence[str],
     step: int | None = None,
+    trajectory: Sequence[Mapping[str, Any]] = (),
 ) -> None:
-    """Log the learned mixing ratios: a table (one row per layer) and α per source over the layers.
+    """Log the learned mixing ratios: a table (one row per layer), α per source over the layers
+    (paper Fig. 5) and, with a ``trajectory``, α of the first source per layer over the epochs.
 
     Args:
         loggers: The adaption stage's loggers.
         alphas: Layer name → α per source (``(T,)``, summing to 1), in network order.
         sources: The T source names.
         step: The trainer's global step.
+        trajectory: :attr:`tmerge.callbacks.AlphaTrajectory.trajectory` entries
+            (``{"epoch", "alphas": {layer: [α…]}}``).
     """
     targets = wandb_loggers(loggers)
     if not targets or not alphas:
@@ -97,6 +101,14 @@ def log_alphas(
         xname="layer (network order)",
     )
     payload = {"adaption/alphas": wandb.Table(columns=columns, data=data), "adaption/alphas_per_layer": chart}
+    if trajectory:
+        payload["adaption/alpha_trajectory"] = wandb.plot.line_series(
+            xs=[int(e["epoch"]) for e in trajectory],
+            ys=[[float(e["alphas"][name][0]) for e in trajectory] for name in layers],
+            keys=layers,
+            title=f"T-IMM α of {sources[0]} per layer over the adaption epochs",
+            xname="epoch",
+        )
     for logger in targets:
         logger.log_metrics(payload, step=step)
 

@@ -92,7 +92,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 log = logging.getLogger("tmerge")
 
 METHODS = ("auto", "loop", "vmap", "compile")
-NORMALIZE = ("none", "sum", "l2")
+NORMALIZE = ("none", "sum", "l2", "per_tensor")
 VMAP_MAX_VOXELS = 48**3
 """Largest spatial size (D·H·W) for which ``method="auto"`` uses ``vmap`` on CPU."""
 GPU_VMAP_MAX_VOXELS = 64**3
@@ -264,7 +264,12 @@ def _sq_grads_vmap(
     def one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         # Inside vmap x is one sample (C, D, H, W); the model and loss see a batch of one.
         return sample_loss(
-            model, x.unsqueeze(0), y.unsqueeze(0), loss_fn, state={**frozen, **p}, autocast_dtype=autocast_dtype
+            model,
+            x.unsqueeze(0),
+            y.unsqueeze(0),
+            loss_fn,
+            state={**frozen, **p},
+            autocast_dtype=autocast_dtype,
         )
 
     grads = vmap(grad(one), in_dims=(None, 0, 0))(dict(params), xs, ys)
@@ -407,7 +412,9 @@ class _Accumulator:
         # CPU: the measured optimum; CUDA: sized from free memory on the first sample.
         self.chunk = chunk_size or (None if device.type == "cuda" else DEFAULT_CHUNK)
         self.params = list(self.selected.values())
-        self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in self.selected.items()}
+        self.sums = {
+            n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in self.selected.items()
+        }
         self.sum_list = list(self.sums.values())
         self.count = 0
         self.pending: list[tuple[Tensor, Any]] = []
@@ -481,7 +488,9 @@ class _Accumulator:
                 ys = torch.stack([torch.as_tensor(y) for _, y in pending])
                 frozen = _frozen_state(self.model, self.selected)
                 detached = {n: p.detach() for n, p in self.selected.items()}
-                squares = _sq_grads_vmap(self.model, detached, frozen, xs, ys, self.loss_fn, self.autocast_dtype)
+                squares = _sq_grads_vmap(
+                    self.model, detached, frozen, xs, ys, self.loss_fn, self.autocast_dtype
+                )
                 torch._foreach_add_(self.sum_list, [squares[n] for n in self.sums])
                 self.count += len(pending)
                 return
@@ -593,15 +602,19 @@ def _progress_bar(progress: bool, dataloader: Iterable[Any], max_samples: int | 
 
 
 def normalize_fisher(fisher: Mapping[str, Tensor], mode: str) -> dict[str, Tensor]:
-    """Scale a Fisher by one global constant.
+    """Scale a Fisher by one global constant, or each tensor by its own sum.
 
     Args:
         fisher: ``{name: F}`` tensors of any shapes.
         mode: ``"none"`` (unchanged), ``"sum"`` (divide by the total of all entries over all
-            names, as the original T-IMM code did) or ``"l2"`` (divide by the global L2 norm).
+            names), ``"l2"`` (divide by the global L2 norm) or ``"per_tensor"`` (divide each
+            tensor by its own sum, as the authors' T-IMM code did: every parameter tensor of
+            every model then carries the same total weight in eq. 2, and only the distribution
+            *within* a tensor decides the merge).
 
     Returns:
-        A new dict with the scaled tensors.
+        A new dict with the scaled tensors. With ``"per_tensor"`` a tensor whose entries are all 0
+        stays 0 (it has no distribution to keep; eq. 2's ε then decides).
 
     Raises:
         ValueError: On an unknown ``mode``, or a zero total for ``"sum"``/``"l2"``.
@@ -610,7 +623,13 @@ def normalize_fisher(fisher: Mapping[str, Tensor], mode: str) -> dict[str, Tenso
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {mode!r}")
     if mode == "none":
         return dict(fisher)
-    # Accumulate the global statistic in float64 so large models do not lose precision.
+    # Accumulate the statistics in float64 so large tensors do not lose precision.
+    if mode == "per_tensor":
+        out = {}
+        for n, f in fisher.items():
+            total = f.double().sum()
+            out[n] = (f.double() / total).to(f.dtype) if total > 0 else f.clone()
+        return out
     if mode == "sum":
         total = sum((f.double().sum() for f in fisher.values()), torch.zeros((), dtype=torch.float64))
     else:
@@ -655,7 +674,7 @@ def empirical_fisher(
             ``torch.compile``); see the module docstring. Equal results up to round-off.
         chunk_size: Samples per ``vmap`` call (default: :data:`DEFAULT_CHUNK` on CPU; on CUDA
             sized from the free memory, :func:`vmap_chunk_size`).
-        normalize: ``"none"``, ``"sum"`` or ``"l2"`` (see :func:`normalize_fisher`).
+        normalize: ``"none"``, ``"sum"``, ``"l2"`` or ``"per_tensor"`` (see :func:`normalize_fisher`).
         device: Device to compute on (default: the model's). The model is moved there and back.
         progress: Show a tqdm progress bar.
         autocast_dtype: Compute the forward and backward under ``torch.autocast`` in this dtype
@@ -792,7 +811,7 @@ class FisherCallback(pl.Callback):
         dirpath: Output folder (default: ``trainer.default_root_dir``).
         filename: Output file name, ending in ``.safetensors``.
         max_samples: Use at most this many samples of the dataset (``None``: all).
-        normalize: ``"none"``, ``"sum"`` or ``"l2"``.
+        normalize: ``"none"``, ``"sum"``, ``"l2"`` or ``"per_tensor"`` (:func:`normalize_fisher`).
         method: ``"auto"``, ``"loop"``, ``"vmap"`` or ``"compile"``.
         names: ``net`` parameter names (default: all its parameters); stages pass the fused set.
         chunk_size: Samples per ``vmap`` call (``None``: 4 on CPU, from free memory on a GPU).

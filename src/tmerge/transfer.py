@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from tmerge.errors import ConfigError
 
 
 @dataclass
@@ -60,3 +62,63 @@ def transfer_parameters(
             tensor.copy_(source[name])
             report.copied.append(name)
     return report
+
+
+#: How an initialisation treats the task-specific parameters S (paper §3.2).
+SPECIFIC_MODES = ("reinit", "keep")
+
+
+@dataclass
+class TransferConfig:
+    """How every initialisation treats S, the instance norms and the segmentation heads.
+
+    ``reinit`` (default, paper §3.2): S is freshly initialised for the target task by every
+    transfer method, single-source or merged, so no method starts with a head start in S.
+    ``keep``: the instance norms come from the source (for merged initialisations the mean of the
+    sources' norms, which is the α-weighted mean at the uniform α every merge starts from);
+    the heads are always re-created, the target has other classes.
+    """
+
+    specific: str = "reinit"
+
+    def __post_init__(self) -> None:
+        if self.specific not in SPECIFIC_MODES:
+            raise ConfigError(
+                f"transfer.specific: expected one of {', '.join(SPECIFIC_MODES)}, got {self.specific!r}"
+            )
+
+
+@torch.no_grad()
+def average_parameters(
+    net: nn.Module,
+    sources: Sequence[Mapping[str, torch.Tensor]],
+    names: Iterable[str],
+    weights: Sequence[float] | None = None,
+) -> list[str]:
+    """Set each of ``names`` in ``net`` to the weighted mean of the sources' tensors of that name.
+
+    Args:
+        net: the target network (modified in place).
+        sources: T ≥ 1 state dicts.
+        names: parameter or buffer names of ``net``; those missing from a source or of another
+            shape in one are left as they are.
+        weights: T non-negative weights summing to 1; None: uniform (1/T).
+
+    Returns:
+        The names that were set.
+    """
+    if not sources:
+        raise ValueError("average_parameters: expected at least one source state dict")
+    w = [1.0 / len(sources)] * len(sources) if weights is None else [float(x) for x in weights]
+    if len(w) != len(sources):
+        raise ValueError(f"average_parameters: {len(w)} weights for {len(sources)} sources")
+    state = net.state_dict()
+    done = []
+    for name in names:
+        target = state[name]
+        if not all(name in s and s[name].shape == target.shape for s in sources):
+            continue
+        mean = sum(wt * s[name].to(torch.float64) for wt, s in zip(w, sources, strict=True))
+        target.copy_(mean.to(target.dtype))
+        done.append(name)
+    return done

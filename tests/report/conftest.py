@@ -15,7 +15,27 @@ import pytest
 
 SUBJECTS = [f"Brats18_FAKE_{i:04d}_1" for i in range(1, 11)]
 LAYERS = ["encoder.0.context.block1.conv", "encoder.1.conv.conv", "decoder.0.up.conv"]
-INIT_INDEX = {"none": 0, "m1": 1, "m2": 2, "imm": 3, "mean-imm": 4, "timm": 5}
+INIT_INDEX = {"none": 0, "m1": 1, "m2": 2, "imm": 3, "mean-imm": 4, "timm": 5, "mean-timm": 6}
+#: Validation losses of the fake adaption trajectory: the lowest (the α kept) at epoch 2.
+TRAJECTORY_LOSSES = [0.9, 0.8, 0.7, 0.75]
+BEST_EPOCH = 2
+
+
+def fake_alphas(trajectory: bool) -> dict[str, Any]:
+    """``alphas.json`` of a two-source merge: α of task1 is 0.3, 0.4, 0.5 on the three layers; with
+    ``trajectory`` α moves from 0.5 to those values over the epochs up to BEST_EPOCH and on."""
+    final = {layer: [0.3 + 0.1 * k, 0.7 - 0.1 * k] for k, layer in enumerate(LAYERS)}
+    out: dict[str, Any] = {"sources": ["task1", "task2"], "layers": LAYERS, "alphas": final}
+    if trajectory:
+        steps = []
+        for epoch, loss in enumerate(TRAJECTORY_LOSSES):
+            t = epoch / BEST_EPOCH
+            alphas = {layer: [0.5 + t * (a - 0.5), 0.5 - t * (a - 0.5)] for layer, (a, _) in final.items()}
+            steps.append({"epoch": epoch, "val_loss": loss, "alphas": alphas})
+        out["trajectory"] = steps
+    return out
+
+
 GRID = 24
 
 
@@ -74,8 +94,11 @@ class FakeRuns:
         legacy: bool = False,
         predictions: bool = False,
         run_json: bool = True,
+        trajectory: bool = False,
     ) -> Path:
-        """A BraTS run folder; ``finished=False`` leaves out the marker (``test_summary.json``)."""
+        """A BraTS run folder; ``finished=False`` leaves out the marker (``test_summary.json``).
+        ``timm`` and ``mean-timm`` get an ``alphas.json``, with a ``trajectory`` if asked (the
+        older format has none)."""
         base = self.root / "brats" / f"p{portion}"
         path = base / init if seed is None else base / f"seed{seed}" / init
         path.mkdir(parents=True)
@@ -105,7 +128,7 @@ class FakeRuns:
                 writer.writerow([s, *(v[c] for c in columns)])
         (path / "test_per_subject.csv").write_text(buf.getvalue())
         stages: dict[str, Any] = {"init": init, "sources": ["task1", "task2"]}
-        if init == "timm":
+        if init in ("timm", "mean-timm"):
             stages["adaption"] = {
                 "best_score": 0.7,
                 "monitor": "val/loss",
@@ -115,10 +138,7 @@ class FakeRuns:
                 "val_dice": 0.31 + 0.01 * (seed or 0),
                 "val_loss": 0.7,
             }
-            alphas = {layer: [0.3 + 0.1 * k, 0.7 - 0.1 * k] for k, layer in enumerate(LAYERS)}
-            (path / "alphas.json").write_text(
-                json.dumps({"sources": ["task1", "task2"], "layers": LAYERS, "alphas": alphas})
-            )
+            (path / "alphas.json").write_text(json.dumps(fake_alphas(trajectory)))
         stages["finetune"] = {
             "best_score": 0.4 + offset,
             "monitor": "val/dice",
@@ -161,16 +181,20 @@ class FakeRuns:
             write_nifti(folder / f"{s}_seg.nii.gz", seg)
         return self.data_root
 
-    def source(self, name: str, finished: bool = True) -> Path:
+    def source(self, name: str, finished: bool = True, **extra: Any) -> Path:
+        """A source run folder; ``extra`` goes into ``metrics.json`` (e.g. ``distance_from_init``)."""
         path = self.root / name
         path.mkdir(parents=True)
         (path / "config.yaml").write_text("seed: 0\n")
         if finished:
-            (path / "metrics.json").write_text(
-                json.dumps(
-                    {"name": name, "val_dice": 0.5, "val_dice_per_class": {}, "epochs": 14, "best_epoch": 13}
-                )
-            )
+            metrics = {
+                "name": name,
+                "val_dice": 0.5,
+                "val_dice_per_class": {},
+                "epochs": 14,
+                "best_epoch": 13,
+            }
+            (path / "metrics.json").write_text(json.dumps({**metrics, **extra}))
         return path
 
     def forgetting(self, portion: int, examples: bool = True) -> Path:

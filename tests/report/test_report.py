@@ -20,6 +20,7 @@ OUTPUTS = (
     "fig3_examples.png",
     "fig4_paired.png",
     "fig5_alphas.png",
+    "fig5_alpha_trajectory.png",
     "report.md",
 )
 
@@ -74,7 +75,8 @@ def test_stats_are_reproducible_and_name_the_comparisons(runs):
     first = (run_report(cfg) / "stats.md").read_text()
     cfg.out_dir = str(runs.root / "b")
     assert (run_report(cfg) / "stats.md").read_text() == first
-    section = first.split("## 4 %\n")[1].split("\n## ")[0]
+    per_subject = first.split("## Per-subject tests (ignore training variance)\n")[1]
+    section = per_subject.split("### 4 %\n")[1].split("\n### ")[0]
     lines = {
         ln.split("|")[1].strip(): ln
         for ln in section.splitlines()
@@ -82,9 +84,9 @@ def test_stats_are_reproducible_and_name_the_comparisons(runs):
     }
     assert set(lines) == {"none", "m1", "m2", "imm"}
     assert "| 10 |" in lines["m2"]
-    sweep = first.split("## 8 %, seeds 0,1\n")[1]
+    sweep = per_subject.split("### 8 %, seeds 0,1\n")[1]
     assert "| none | 0 1 | 10 |" in sweep
-    assert "Not compared (no finished run): m1, m2, imm." in sweep
+    assert "Not compared (no finished run): m1, m2, imm, mean-imm, mean-timm." in sweep
 
 
 def test_report_without_any_run_still_writes_every_file(tmp_path):

@@ -74,7 +74,8 @@ def test_table2_numbers_match_the_per_subject_csvs(index, fake):
     text = table2_markdown(index, rows, INITS)
     main = md_rows(text, "Dice, mean of ET, TC and WT")["4 %"]
     assert main[0] == "10"  # n test subjects
-    for init, cell in zip(INITS, main[1:], strict=True):
+    assert main[1] == "1"  # seeds: the single-seed layout
+    for init, cell in zip(INITS, main[2:], strict=True):
         if init == "m1":
             assert cell == MISSING  # unfinished: never used
             continue
@@ -108,12 +109,13 @@ def test_sweep_is_mean_and_std_across_seeds(index, fake):
         for s in (0, 1, 2)
     ]
     sweep = main["8 %, seeds 0,1,2"]
-    assert sweep[1] == f"{statistics.fmean(per_seed):.3f} ± {statistics.stdev(per_seed):.3f}"
-    assert sweep[INITS.index("timm") + 1].endswith("(2/3 seeds)")
-    assert sweep[INITS.index("m1") + 1] == MISSING
+    assert sweep[1] == "3"  # the number of seeds is stated
+    assert sweep[2] == f"{statistics.fmean(per_seed):.3f} ± {statistics.stdev(per_seed):.3f}"
+    assert sweep[INITS.index("timm") + 2].endswith("(2/3 seeds)")
+    assert sweep[INITS.index("m1") + 2] == MISSING
     # the single-seed row of the same portion is reported next to it, separately
     single = csv_mean(fake.root / "brats" / "p8" / "timm" / "test_per_subject.csv", "dice_mean")
-    assert main["8 %"][INITS.index("timm") + 1] == f"{single:.3f}"
+    assert main["8 %"][INITS.index("timm") + 2] == f"{single:.3f}"
 
 
 def test_table3_reads_the_stages(index):

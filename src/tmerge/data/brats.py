@@ -43,6 +43,10 @@ class BraTSDataConfig(DataConfig):
     pool_size: int = 255
     # The paper runs N4 bias-field correction on BraTS (§4.2).
     n4: bool = True
+    # Which of the non-test subjects train and validate (the test set depends on `seed` only).
+    # None: the run's seed, so that `seeds=[0,1,2]` repeats every initialisation over three
+    # draws of train/val subjects, the same draw for every initialisation of a seed.
+    draw_seed: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +117,7 @@ class BraTSDataModule(SegmentationDataModule):
             pool_size=c.pool_size,
             unlabelled=list(discovery.unlabelled),
             source=source,
+            draw_seed=c.draw_seed,
         )
         return splits, {part: splits[part] for part in ("train", "val", "test", "predict")}
 

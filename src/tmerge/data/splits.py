@@ -82,11 +82,14 @@ def brats_splits(
     pool_size: int = 255,
     unlabelled: Sequence[str] = (),
     source: str = "",
+    draw_seed: int | None = None,
 ) -> dict[str, Any]:
     """Split labelled BraTS subjects for a data portion (paper Table 1).
 
     One permutation of the sorted subjects (fixed by ``seed``) gives a test set (its first
-    ``test_size`` subjects, the same for every portion) and an order on the rest. Portion ``p``
+    ``test_size`` subjects, the same for every portion and every ``draw_seed``) and an order on
+    the rest, re-shuffled by ``draw_seed`` when given: repeating an experiment over draw seeds
+    varies which subjects train and validate while the test set stays fixed. Portion ``p``
     takes the first ``round(p/100 * pool_size)`` of the rest (so a smaller portion's draw is a
     prefix of a larger one's: 4 % ⊂ 8 %) and splits it 80/20 into train/val (4 % → 8/2,
     8 % → 16/4). ``p = 100`` follows the paper's 100 % experiment instead: every remaining
@@ -101,10 +104,12 @@ def brats_splits(
         pool_size: Size the percentage refers to (255 labelled subjects in the paper).
         unlabelled: Ids of the unlabelled validation set (``predict`` when ``portion == 100``).
         source: Where the subjects were found, for error messages.
+        draw_seed: Shuffles the non-test subjects before the portion is drawn; None keeps the
+            order of the ``seed`` permutation.
 
     Returns:
-        ``{"seed", "portion", "train", "val", "test", "predict"}`` (lists of ids; ``predict``
-        is empty unless ``portion == 100``).
+        ``{"seed", "draw_seed", "portion", "train", "val", "test", "predict"}`` (lists of ids;
+        ``predict`` is empty unless ``portion == 100``).
 
     Raises:
         DataError: the portion is out of range, or needs more subjects than remain after the
@@ -119,9 +124,12 @@ def brats_splits(
         )
     order = _permuted(subjects, seed)
     test, rest = order[:test_size], order[test_size:]
+    if draw_seed is not None:
+        rest = _permuted(rest, draw_seed)
     if portion == 100:
         return {
             "seed": seed,
+            "draw_seed": draw_seed,
             "portion": portion,
             "train": rest,
             "val": list(test),
@@ -142,6 +150,7 @@ def brats_splits(
     drawn = rest[:n]
     return {
         "seed": seed,
+        "draw_seed": draw_seed,
         "portion": portion,
         "train": drawn[:n_train],
         "val": drawn[n_train:],

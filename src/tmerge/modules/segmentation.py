@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,56 @@ class _IndexTargets(nn.Module):
         return self.loss(logits, (target == classes).to(logits.dtype))
 
 
+def param_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    group_lrs: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: the trainable parameters at ``lr``, except those under a
+    prefix of ``group_lrs``, which get that learning rate and no weight decay.
+
+    The adaption stage gives δ (``net.mixing.``) its own, larger rate: with Adam a parameter
+    moves about one learning rate per step, and δ must travel a few units (α = 0.9 for two
+    sources needs δ¹ − δ² ≈ 4.4) within a few hundred steps. Weight decay would pull δ back
+    towards 0, i.e. towards IMM's uniform α, so δ has none.
+
+    Args:
+        named_parameters: ``module.named_parameters()``; parameters without ``requires_grad`` are
+            left out.
+        lr: the learning rate of every other trainable parameter.
+        weight_decay: their L2 weight decay.
+        group_lrs: name prefix → learning rate. Each prefix must match at least one trainable
+            parameter.
+
+    Returns:
+        ``[{"params", "lr", "weight_decay", "name"}, …]``: the default group first (``"name":
+        "default"``, omitted if empty), then one group per prefix, in ``group_lrs`` order.
+
+    Raises:
+        ValueError: a prefix that matches no trainable parameter (a typo would otherwise train
+            δ at the default rate without a word).
+    """
+    prefixes = dict(group_lrs or {})
+    grouped: dict[str, list[nn.Parameter]] = {p: [] for p in prefixes}
+    default: list[nn.Parameter] = []
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        (default if prefix is None else grouped[prefix]).append(param)
+    empty = [p for p, params in grouped.items() if not params]
+    if empty:
+        raise ValueError(f"param_groups: no trainable parameter under the prefix(es) {empty}")
+    groups = (
+        [{"params": default, "lr": lr, "weight_decay": weight_decay, "name": "default"}] if default else []
+    )
+    groups += [
+        {"params": grouped[p], "lr": float(prefixes[p]), "weight_decay": 0.0, "name": p} for p in prefixes
+    ]
+    return groups
+
+
 class SegmentationModule(L.LightningModule):
     """Trains ``net`` on patches, validates and tests on whole volumes.
 
@@ -125,6 +175,8 @@ class SegmentationModule(L.LightningModule):
         patch_size: training patch edge; larger validation volumes use sliding-window inference.
         optim: optimiser settings.
         loss: loss and inference settings.
+        group_lrs: parameter-name prefix → its own learning rate (no weight decay), e.g.
+            ``{"net.mixing.": 0.05}`` for the adaption stage's δ (see :func:`param_groups`).
 
         channels_last: keep activations in NDHWC layout (faster convolutions).
         compile: run the network through ``torch.compile`` (:class:`~tmerge.fastpath.CompiledForward`,
@@ -161,8 +213,10 @@ class SegmentationModule(L.LightningModule):
         loss: LossConfig | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        group_lrs: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        self.group_lrs = dict(group_lrs or {})
         # Channels-last (NDHWC) activations: ~30 % faster 3-D convolutions on CPUs (oneDNN)
         # and on GPUs under mixed precision. Only the memory layout changes, never the numbers.
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -292,7 +346,8 @@ class SegmentationModule(L.LightningModule):
             log.info("%s: %d/%d volumes (%.0f s)", what, done, total, elapsed)
 
     def _log_dice(self, split: str, metric: PerClassMean) -> None:
-        scores = metric.compute()
+        # torchmetrics squeezes a one-element result to 0-d: a single-class task needs the reshape.
+        scores = metric.compute().reshape(-1)
         self.log(f"{split}/dice", scores.mean(), prog_bar=True)
         for name, value in zip(self.class_names, scores, strict=True):
             self.log(f"{split}/dice_{name}", value)
@@ -329,11 +384,11 @@ class SegmentationModule(L.LightningModule):
             self.log(f"test/hd95_{name}", summary["hd95"][name], sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        groups = param_groups(self.named_parameters(), self.optim.lr, self.optim.weight_decay, self.group_lrs)
+        optimizer = torch.optim.Adam(groups)
         if self.optim.schedule == "poly":
             total = max(1, int(self.trainer.estimated_stepping_batches))
-            floor = self.optim.min_lr / self.optim.lr
+            floor = self.optim.min_lr / self.optim.lr  # of the default group (δ's decays alike)
             poly = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: max(floor, (1 - min(step, total) / total) ** 0.9)
             )

@@ -7,11 +7,14 @@ Reads every run folder under the runs root (:mod:`tmerge.report.runs`) and write
 ``table2.md/.csv``  test Dice (ET, TC, WT, mean) and HD95 per initialisation and portion
 ``table3.md``       epochs and validation scores of T-IMM's adaption and fine-tune stages
 ``table4.md``       forgetting: P of M1, M2, IMM, T-IMM with each source task's S
-``stats.md``        T-IMM − other per subject: mean, bootstrap CI, Wilcoxon p (Holm-adjusted)
+``stats.md``        T-IMM − other across seeds (hierarchical bootstrap CI) and per subject
+                    (bootstrap CI, Wilcoxon p, Holm-adjusted; training variance ignored)
 ``fig4_paired.png`` per-subject Dice differences, subjects sorted by T-IMM's Dice
 ``fig5_alphas.png`` learned α per layer and source model
+``fig5_alpha_trajectory.png`` α of the first source per layer over the adaption epochs
 ``fig3_examples.png`` one axial slice per method: parcellation (forgetting) and tumours
-``report.md``       links to all of the above; config, settings and commit of every run
+``report.md``       links to all of the above; mixing ratios, the sources' distance, and
+                    config, settings and commit of every run
 =================== =========================================================================
 
 Only finished runs are used; missing and unfinished ones are shown as such, never filled in.
@@ -40,7 +43,9 @@ class ReportConfig:
     # Rows and columns shown even without runs (as "—"), so that gaps are visible: the paper's
     # portions and the default sweep. Portions and initialisations found on disk are added.
     portions: list[int] = field(default_factory=lambda: [4, 8, 100])
-    inits: list[str] = field(default_factory=lambda: ["none", "m1", "m2", "imm", "timm"])
+    inits: list[str] = field(
+        default_factory=lambda: ["none", "m1", "m2", "imm", "mean-imm", "mean-timm", "timm"]
+    )
     bootstrap: int = 10_000  # resamples per CI: the usual size for percentile intervals, < 1 s each
     seed: int = 0  # of every comparison's numpy Generator: the same runs give the same report
     # Fewer pairs get no test: a two-sided Wilcoxon test cannot reach p < 0.05 below 6 pairs.
@@ -73,8 +78,8 @@ def run_report(cfg: ReportConfig) -> Path:
     from tmerge.report import figures
     from tmerge.report.document import report_markdown
     from tmerge.report.examples import parcellation_rows, tumour_rows
-    from tmerge.report.paired import compare_row, stats_markdown
-    from tmerge.report.panels import alpha_panels, paired_panels
+    from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_markdown
+    from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
     from tmerge.report.runs import discover
     from tmerge.report.tables import (
         table2_csv,
@@ -114,7 +119,18 @@ def run_report(cfg: ReportConfig) -> Path:
     comparisons = {
         row: compare_row(index, row, inits, cfg.reference, **stats, level=cfg.level) for row in rows
     }
-    write_text(out / "stats.md", stats_markdown(comparisons, inits, cfg.reference, **stats, level=cfg.level))
+    # Across seeds: the same bootstrap size and seed, min_pairs does not apply (every seed's pairs
+    # are resampled together, and the interval's honesty rests on the number of seeds).
+    seed_aware = {
+        row: compare_seeds(
+            index, row, inits, cfg.reference, n_boot=cfg.bootstrap, seed=cfg.seed, level=cfg.level
+        )
+        for row in seed_aware_rows(rows)
+    }
+    write_text(
+        out / "stats.md",
+        stats_markdown(comparisons, inits, cfg.reference, **stats, level=cfg.level, seed_aware=seed_aware),
+    )
 
     notes: dict[str, list[str]] = {}
     panels = paired_panels(index, comparisons, cfg.reference)
@@ -125,6 +141,12 @@ def run_report(cfg: ReportConfig) -> Path:
     if not alphas:
         notes["fig5_alphas.png"] = [f"no finished {cfg.reference} run with alphas.json"]
     figures.plot_alphas(alphas, out / "fig5_alphas.png", empty="; ".join(notes.get("fig5_alphas.png", [])))
+    paths, notes["fig5_alpha_trajectory.png"] = trajectory_panels(index, cfg.reference)
+    if not paths and not notes["fig5_alpha_trajectory.png"]:
+        notes["fig5_alpha_trajectory.png"] = [f"no finished {cfg.reference} run with alphas.json"]
+    figures.plot_alpha_trajectory(
+        paths, out / "fig5_alpha_trajectory.png", empty="; ".join(notes["fig5_alpha_trajectory.png"])
+    )
     parcellation, p_notes = parcellation_rows(index.forgetting)
     if not index.forgetting:
         p_notes = ["no forgetting/p<portion>/ folder (make forgetting PORTION=…)"]

@@ -1,5 +1,6 @@
-"""``report.md``: links to every table and figure, and an account of the runs they come from —
-config, key settings and git commit of each, and the runs that are missing or unfinished."""
+"""``report.md``: links to every table and figure, what the merges learned (mixing ratios) and how
+far apart the sources are, and an account of the runs they come from — config, key settings and
+git commit of each, and the runs that are missing or unfinished."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tmerge.errors import RunError
+from tmerge.report.diagnostics import ALPHA_INITS, alpha_runs, distance_summary, summarise_alphas
 from tmerge.report.runs import SINGLE, RunIndex, TargetRun, config_value, ordered_inits
 from tmerge.report.tables import MISSING, Row, md_table
 
@@ -73,6 +76,94 @@ def _run_line(run: TargetRun, out: Path, root: Path) -> list[str]:
     ]
 
 
+def _alpha_line(run: TargetRun, root: Path) -> list[str]:
+    """One line of the mixing-ratio table; a missing or malformed ``alphas.json`` is said so."""
+    where = run.path / "alphas.json"
+    head = [f"{run.portion} %", MISSING if run.seed is None else str(run.seed), run.init]
+    if run.alphas is None:
+        return [*head, f"no `{_rel(where, root)}`", *[MISSING] * 4]
+    try:
+        a = summarise_alphas(run.alphas, str(where))
+    except RunError as exc:
+        return [*head, str(exc), *[MISSING] * 4]
+    if a.epochs is None:
+        epochs = f"{MISSING} (no trajectory)"
+    else:
+        epochs = str(a.epochs) + (
+            f", lowest val loss at epoch {a.best_epoch}" if a.best_epoch is not None else ""
+        )
+    return [*head, a.source, f"{a.low:.3f}–{a.high:.3f}", f"{a.mean:.3f}", str(a.n_layers), epochs]
+
+
+def mixing_section(index: RunIndex) -> str:
+    """``## Mixing ratios``: per portion and seed, the first source's α over layers of every
+    finished ``timm`` and ``mean-timm`` run, and its number of adaption epochs."""
+    runs = alpha_runs(index)
+    parts = [
+        "## Mixing ratios\n",
+        "α of the first source model per mixed layer after the adaption stage, from each run's "
+        "`alphas.json`: min–max and mean over the layers (with two sources the second's α is "
+        "1 − α; IMM's uniform α is 1/T, 0.5 for two sources). `timm` learns α with the sources' "
+        "Fishers, `mean-timm` with unit Fishers. Adaption epochs: entries of the file's "
+        f"`trajectory` (α after each epoch; {MISSING} for files written before it was recorded), "
+        "and the epoch with the lowest validation loss, whose α were kept.\n",
+    ]
+    if not runs:
+        parts.append(f"No finished {' or '.join(ALPHA_INITS)} run.\n")
+        return "\n".join(parts)
+    parts.append(
+        md_table(
+            ["portion", "seed", "init", "first source", "α min–max", "α mean", "layers", "adaption epochs"],
+            [_alpha_line(r, index.root) for r in runs],
+        )
+    )
+    return "\n".join(parts)
+
+
+def _range(values: tuple[float, float, float]) -> str:
+    low, median, high = values
+    return f"{median:.3f} ({low:.3f}–{high:.3f})"
+
+
+def sources_section(index: RunIndex) -> str:
+    """``## Sources``: each source run's ``distance_from_init`` — median and range over layers of
+    ‖θ − θ_from‖/‖θ_from‖ and of the cosine — where its ``metrics.json`` records one."""
+    parts = [
+        "## Sources\n",
+        "How far a source model moved from the model it was trained from (M2 from M1), per fused "
+        "layer: the relative distance ‖θ₂ − θ₁‖/‖θ₁‖ and the cosine between θ₂ and θ₁, as median "
+        "(min–max) over layers, from `metrics.json` → `distance_from_init`. IMM assumes the "
+        "merged models sit in one basin of the loss: a relative distance near 1, or a cosine "
+        "well below 1, says M2 has left M1's.\n",
+    ]
+    body, without, problems = [], [], []
+    for s in index.sources:
+        if not s.finished:
+            continue
+        try:
+            d = distance_summary(s)
+        except RunError as exc:
+            problems.append(str(exc))
+            continue
+        if d is None:
+            without.append(s.name)
+            continue
+        body.append([f"`{d.source}`", d.start, str(d.n_layers), _range(d.rel_distance), _range(d.cosine)])
+    if body:
+        parts.append(
+            md_table(["run", "from", "layers", "rel. distance median (range)", "cosine median (range)"], body)
+        )
+    else:
+        parts.append("No source run records `distance_from_init`.\n")
+    if without:
+        parts.append(
+            f"No distance recorded (trained from scratch, or `metrics.json` written before it was): "
+            f"{', '.join(without)}.\n"
+        )
+    parts += [f"- {p}" for p in problems]
+    return "\n".join(parts)
+
+
 def report_markdown(
     index: RunIndex,
     rows: Sequence[Row],
@@ -104,7 +195,9 @@ def report_markdown(
         "portion ([CSV](table2.csv))\n"
         "- [Table 3](table3.md) — epochs and validation scores of the adaption and fine-tune stages\n"
         "- [Table 4](table4.md) — forgetting of the source tasks\n"
-        "- [Paired statistics](stats.md) — T-IMM − other per subject: mean, bootstrap CI, Wilcoxon p\n",
+        "- [Paired statistics](stats.md) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
+        "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
+        "ignored)\n",
         table2_main,
         "## Figures\n",
     ]
@@ -113,6 +206,9 @@ def report_markdown(
         "T-IMM's Dice; the legend gives the mean difference, its bootstrap CI and the Wilcoxon p.",
         "fig5_alphas.png": "Fig. 5 — mixing ratio α per layer and source model after the adaption "
         "stage (dashed: IMM's uniform ratio).",
+        "fig5_alpha_trajectory.png": "Fig. 5b — α of the first source per layer (one line each, "
+        "coloured by depth) after each adaption epoch, for the T-IMM run of each portion (the "
+        "single-seed run, else the lowest seed); dotted: the epoch kept (lowest validation loss).",
         "fig3_examples.png": "Fig. 3 — one axial slice per method: the source tasks' parcellation "
         "by each initialisation's P (forgetting) and the tumour segmentation of each initialisation.",
     }
@@ -121,6 +217,8 @@ def report_markdown(
         for note in figure_notes.get(name, []):
             parts.append(f"- {note}")
         parts.append("")
+    parts.append(mixing_section(index))
+    parts.append(sources_section(index))
     parts.append("## Runs\n")
     parts.append("### BraTS runs\n")
     if index.targets:

@@ -4,7 +4,9 @@
   (:func:`plot_examples`);
 * Fig. 4 — per-subject Dice difference T-IMM − other, subjects sorted by T-IMM's Dice
   (:func:`plot_paired`);
-* Fig. 5 — learned α per layer and source model (:func:`plot_alphas`).
+* Fig. 5 — learned α per layer and source model (:func:`plot_alphas`);
+* Fig. 5b — α of the first source per layer over the adaption epochs
+  (:func:`plot_alpha_trajectory`).
 
 A figure with nothing to show is still written, saying what is missing, so that the links of
 ``report.md`` always resolve. Files are written atomically.
@@ -170,6 +172,71 @@ def plot_alphas(panels: Sequence[AlphaPanel], path: Path, empty: str = "no data"
         ax.set_title(panel.title, fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---- Fig. 5b -------------------------------------------------------------------------------
+
+
+@dataclass
+class TrajectoryPanel:
+    """One panel of Fig. 5b: the first source's α per layer (columns of ``values``, network
+    order) after each of ``epochs`` (rows)."""
+
+    title: str
+    source: str
+    n_sources: int
+    epochs: list[int]
+    layers: list[str]
+    values: np.ndarray  # (epochs, layers)
+    best_epoch: int | None = None
+
+
+def plot_alpha_trajectory(panels: Sequence[TrajectoryPanel], path: Path, empty: str = "no data") -> Path:
+    """Fig. 5b: one line per layer, coloured from shallow to deep, one panel per portion."""
+    fig = plt.figure(figsize=(10, 3.8 * max(1, len(panels))))
+    if not panels:
+        _empty(fig, empty)
+        return save_figure(fig, path)
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
+
+    cmap = plt.get_cmap("viridis")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        n_layers = len(panel.layers)
+        # Dozens of layers make a legend unreadable: colour by depth and show a colour bar.
+        norm = Normalize(vmin=0, vmax=max(1, n_layers - 1))
+        for k in range(n_layers):
+            ax.plot(
+                panel.epochs,
+                panel.values[:, k],
+                color=cmap(norm(k)),
+                linewidth=1.0,
+                marker="o" if len(panel.epochs) < 15 else None,
+                markersize=2.5,
+            )
+        if panel.n_sources > 0:
+            ax.axhline(
+                1.0 / panel.n_sources, color="black", linestyle="--", linewidth=0.8, label="uniform (IMM)"
+            )
+        if panel.best_epoch is not None:
+            ax.axvline(panel.best_epoch, color="0.3", linestyle=":", linewidth=1.0, label="epoch kept")
+        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.set_xlabel("adaption epoch")
+        ax.set_ylabel(f"α of {panel.source}")
+        ax.set_title(panel.title, fontsize=11)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right", frameon=False)
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.01)
+        ticks = sorted({0, n_layers - 1, *range(0, n_layers, max(1, n_layers // 6))})
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([short_layer(panel.layers[t]) for t in ticks], fontsize=6)
+        bar.set_label("layer (network order)", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 

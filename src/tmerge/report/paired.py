@@ -1,19 +1,33 @@
 """Per-subject pairs of T-IMM and each other initialisation (paper Fig. 4) and their statistics
 (``stats.md``).
 
-Subjects are matched by ID. A single-seed row pairs the two runs directly; a sweep row first
-averages each subject's score over the seeds where *both* initialisations finished, so that the
-two sides always see the same seeds.
+Subjects are matched by ID. Two analyses are made:
+
+* seed-aware (sweep rows with ≥ 2 seeds): the paired differences of each seed, summarised by the
+  mean over seeds with a hierarchical bootstrap CI (seeds, then subjects within a seed), so that
+  the interval includes the training randomness and the draw of train/val subjects;
+* per subject (every row): a single-seed row pairs the two runs directly; a sweep row first
+  averages each subject's score over the seeds where *both* initialisations finished. These
+  tests treat the test subjects as the only source of noise.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tmerge.report.runs import SINGLE, RunIndex, TargetRun
-from tmerge.report.stats import PairedComparison, holm, paired_comparison
+import numpy as np
+
+from tmerge.report.runs import SINGLE, SWEEP, RunIndex, TargetRun
+from tmerge.report.stats import (
+    PairedComparison,
+    hierarchical_bootstrap_ci,
+    holm,
+    match_pairs,
+    paired_comparison,
+)
 from tmerge.report.tables import MISSING, Row, md_table
 
 #: The per-subject score that is compared: the mean Dice of ET, TC and WT (the paper's measure).
@@ -94,10 +108,249 @@ def compare_row(
     return [Comparison(s, r, p) for s, r, p in zip(found, results, adjusted, strict=True)]
 
 
+# ---- seed-aware comparison -------------------------------------------------------------------
+
+#: Initialisations that transfer from one source model: the rung of the ladder below IMM.
+SINGLE_SOURCES: tuple[str, ...] = ("m1", "m2")
+#: The initialisation without transfer: the bottom rung.
+NO_TRANSFER = "none"
+#: Below this many seeds ``stats.md`` says how little the seed-aware interval can show.
+FEW_SEEDS = 10
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """``reference − other`` in one sweep row: per seed, and the mean over seeds with its
+    hierarchical bootstrap interval (:func:`tmerge.report.stats.hierarchical_bootstrap_ci`).
+
+    Attributes:
+        seeds: the seeds where both finished (and share a subject): the ones used.
+        n_pairs: subjects paired in each of ``seeds``.
+        seed_means: the mean paired difference of each of ``seeds``.
+        mean: the mean of ``seed_means`` (every seed weighs the same).
+        ci: the interval of ``mean``.
+        left_out: seeds of the row where either initialisation has no finished run.
+    """
+
+    row: Row
+    reference: str
+    other: str
+    seeds: tuple[int, ...]
+    n_pairs: tuple[int, ...]
+    seed_means: tuple[float, ...]
+    mean: float
+    ci: tuple[float, float]
+    left_out: tuple[int, ...] = ()
+
+    @property
+    def separable(self) -> bool:
+        """Whether the interval excludes 0."""
+        return self.ci[0] > 0 or self.ci[1] < 0
+
+    def verdict(self) -> str:
+        if not self.separable:
+            return "not separable from noise"
+        return f"{self.reference if self.mean > 0 else self.other} better"
+
+
+def seed_aware_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows with a seed-aware comparison: sweeps over at least two seeds."""
+    return [r for r in rows if r.group == SWEEP and len(r.seeds) >= 2]
+
+
+def seed_differences(index: RunIndex, row: Row, reference: str, other: str) -> dict[int, np.ndarray]:
+    """``seed -> reference − other`` per subject (matched by ID, finite scores only, sorted by
+    ID) for each seed of ``row`` where both initialisations finished and share a subject."""
+    out = {}
+    for s in row.seeds:
+        a, b = index.find(row.portion, reference, s), index.find(row.portion, other, s)
+        if a is None or b is None or not (a.usable and b.usable):
+            continue
+        _, ref, oth = match_pairs(a.subject_values(SCORE), b.subject_values(SCORE))
+        if ref.size:
+            out[s] = ref - oth
+    return out
+
+
+def seed_comparison(
+    index: RunIndex,
+    row: Row,
+    reference: str,
+    other: str,
+    *,
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+) -> SeedComparison | None:
+    """``reference − other`` over the seeds of ``row`` where both finished; None without any.
+
+    Each comparison uses its own generator seeded with ``seed``, so its interval does not depend
+    on the comparisons made before it.
+    """
+    diffs = seed_differences(index, row, reference, other)
+    if not diffs:
+        return None
+    seeds = tuple(diffs)
+    mean, lo, hi = hierarchical_bootstrap_ci([diffs[s] for s in seeds], n_boot, seed, level)
+    return SeedComparison(
+        row=row,
+        reference=reference,
+        other=other,
+        seeds=seeds,
+        n_pairs=tuple(diffs[s].size for s in seeds),
+        seed_means=tuple(float(diffs[s].mean()) for s in seeds),
+        mean=mean,
+        ci=(lo, hi),
+        left_out=tuple(s for s in row.seeds if s not in diffs),
+    )
+
+
+def seed_pairs(inits: Sequence[str], reference: str) -> list[tuple[str, str]]:
+    """The ``(reference, other)`` pairs of the seed-aware comparison among ``inits``.
+
+    ``reference`` against every other initialisation; then IMM against the single sources and no
+    transfer; then each single source against no transfer — so that the ladder
+    T-IMM > IMM > single source > none can be read off rung by rung.
+    """
+    present = set(inits)
+    pairs = [(reference, other) for other in inits if other != reference]
+    ladder = [("imm", o) for o in (*SINGLE_SOURCES, NO_TRANSFER)]
+    ladder += [(m, NO_TRANSFER) for m in SINGLE_SOURCES]
+    for ref, other in ladder:
+        if ref in present and other in present and (ref, other) not in pairs and (other, ref) not in pairs:
+            pairs.append((ref, other))
+    return pairs
+
+
+def compare_seeds(
+    index: RunIndex,
+    row: Row,
+    inits: Sequence[str],
+    reference: str,
+    *,
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+) -> list[SeedComparison]:
+    """Every pair of :func:`seed_pairs` that has finished runs at some seed of ``row``."""
+    found = (
+        seed_comparison(index, row, ref, other, n_boot=n_boot, seed=seed, level=level)
+        for ref, other in seed_pairs(inits, reference)
+    )
+    return [c for c in found if c is not None]
+
+
+# ---- stats.md ------------------------------------------------------------------------------
+
+
 def _p(p: float | None) -> str:
     if p is None:
         return MISSING
     return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def few_seeds_note(n_seeds: int) -> str:
+    """The warning printed above a seed-aware table with fewer than :data:`FEW_SEEDS` seeds."""
+    word = "seed" if n_seeds == 1 else "seeds"
+    text = (
+        f"{n_seeds} {word}: the CI reflects only {n_seeds} draw{'s' if n_seeds != 1 else ''} of "
+        "training randomness and of train/val subjects; a difference whose CI contains 0 is not "
+        "an effect."
+    )
+    if n_seeds >= 2:
+        # The percentile bootstrap of a mean sees the seeds' variance times (k − 1)/k, and there
+        # are only C(2k − 1, k) distinct multisets of k seeds: say both, they make it too narrow.
+        text += (
+            f" Over {n_seeds} seeds the bootstrap also understates the spread between seeds (it sees "
+            f"{n_seeds - 1}/{n_seeds} of their variance, in {math.comb(2 * n_seeds - 1, n_seeds)} "
+            "distinct sets of seeds), so an interval that excludes 0 is a hint, not a finding."
+        )
+    return text
+
+
+def _signed(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:+.4f}" for v in values)
+
+
+def seed_aware_markdown(
+    comparisons: Mapping[Row, Sequence[SeedComparison]],
+    *,
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+    other_rows: Sequence[Row] = (),
+) -> str:
+    """The seed-aware section of ``stats.md``: one table per sweep row with ≥ 2 seeds.
+
+    Args:
+        comparisons: per sweep row, its comparisons (:func:`compare_seeds`).
+        n_boot, seed, level: as passed to the bootstrap (stated in the text).
+        other_rows: rows without a seed-aware comparison, named so that their absence is seen.
+    """
+    parts = [
+        "## Seed-aware comparison (training variance included)\n",
+        f"Per seed, the paired differences of `{SCORE}` (reference − other, matched by subject ID) "
+        "on the test subjects, which are the same for every seed and initialisation; each seed "
+        "has its own training randomness and its own draw of train/val subjects. Per-seed mean: "
+        "the mean difference of each seed; mean: their mean, every seed weighing the same. "
+        f"{level:.0%} CI: hierarchical percentile bootstrap — resample the seeds with replacement, "
+        "then the subjects with replacement within each drawn seed, and take the mean of the "
+        f"paired differences ({n_boot} resamples, `numpy.random.default_rng({seed})` per "
+        'comparison). A comparison whose CI contains 0 is marked "not separable from noise". '
+        "Seeds > 0: seeds whose mean difference is positive. Comparisons: the reference against "
+        "every other initialisation, then IMM against the single sources and no transfer, then "
+        "the single sources against no transfer, so that T-IMM > IMM > single source > none "
+        "can be read off rung by rung. Seeds where either side has no finished run are left "
+        "out and named.\n",
+    ]
+    if not comparisons:
+        parts.append(
+            "No portion has a sweep over ≥ 2 seeds (`tmerge sweep portion=… seeds=[0,1,2]`): "
+            "no seed-aware comparison. The per-subject tests below cannot tell an effect of the "
+            "initialisation from one of the training run.\n"
+        )
+    header = [
+        "comparison",
+        "seeds",
+        "pairs",
+        "per-seed mean diff",
+        "seeds > 0",
+        "mean diff",
+        f"{level:.0%} CI",
+        "verdict",
+    ]
+    for row, found in comparisons.items():
+        title = f"### {row.label()}\n\n"
+        if not found:
+            parts.append(title + "No comparison: no two initialisations finished at a common seed.\n")
+            continue
+        n_seeds = max(len(c.seeds) for c in found)
+        note = few_seeds_note(n_seeds) + "\n\n" if n_seeds < FEW_SEEDS else ""
+        body = []
+        for c in found:
+            pairs = sorted(set(c.n_pairs))
+            body.append(
+                [
+                    f"{c.reference} − {c.other}",
+                    " ".join(map(str, c.seeds))
+                    + (f" (not {' '.join(map(str, c.left_out))})" if c.left_out else ""),
+                    str(pairs[0]) if len(pairs) == 1 else ", ".join(map(str, c.n_pairs)),
+                    _signed(c.seed_means),
+                    f"{sum(m > 0 for m in c.seed_means)} / {len(c.seed_means)}",
+                    f"{c.mean:+.4f}",
+                    f"[{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]",
+                    c.verdict() + (" (1 seed: subjects only)" if len(c.seeds) == 1 else ""),
+                ]
+            )
+        parts.append(title + note + md_table(header, body))
+    if other_rows:
+        parts.append(
+            "No seed-aware comparison for "
+            + ", ".join(f"{r.label()}" for r in other_rows)
+            + ": at most one training run per initialisation, which says nothing about training "
+            "variance.\n"
+        )
+    return "\n".join(parts)
 
 
 def stats_markdown(
@@ -109,23 +362,36 @@ def stats_markdown(
     seed: int,
     min_pairs: int,
     level: float = 0.95,
+    seed_aware: Mapping[Row, Sequence[SeedComparison]] | None = None,
 ) -> str:
-    """``stats.md``: one table per row of Table 2, one line per comparison."""
-    parts = [
-        f"# Paired statistics — {reference} against each other initialisation\n",
+    """``stats.md``: the seed-aware comparison of each sweep row (when ``seed_aware`` is given),
+    then the per-subject tests, one table per row of Table 2, one line per comparison."""
+    parts = [f"# Paired statistics — {reference} against each other initialisation\n"]
+    if seed_aware is not None:
+        others = [r for r in comparisons if r not in seed_aware]
+        parts.append(
+            seed_aware_markdown(seed_aware, n_boot=n_boot, seed=seed, level=level, other_rows=others)
+        )
+    parts.append(
+        "## Per-subject tests (ignore training variance)\n\n"
+        "These tests treat the test subjects as the only source of noise: each initialisation is "
+        "one training run (or, for a sweep, a per-subject average over seeds), so a small p says "
+        "the two runs differ on these subjects, not that the initialisation would win again with "
+        "another seed or another draw of train/val subjects. Read the seed-aware comparison above "
+        "for that.\n\n"
         f"Per-subject mean Dice of ET, TC and WT (`{SCORE}` in `test_per_subject.csv`), "
         f"{reference} − other, pairs matched by subject ID. Sweeps: each subject's score averaged "
         "over the seeds where both initialisations finished. Mean difference with a percentile "
-        f"bootstrap {level:.0%} CI ({n_boot} resamples, `numpy.random.default_rng({seed})` per "
+        f"bootstrap {level:.0%} CI over subjects ({n_boot} resamples, `numpy.random.default_rng({seed})` per "
         "comparison); p: two-sided Wilcoxon signed-rank test (`scipy.stats.wilcoxon`, zero "
         "differences dropped); p (Holm): adjusted over the comparisons of the same row. "
         f"With fewer than {min_pairs} pairs, or identical scores on every subject, no test is "
         f"made ({MISSING}) and the note says so. Wins / losses / ties: subjects where {reference} "
-        "scored higher / lower / the same.\n",
-    ]
+        "scored higher / lower / the same.\n"
+    )
     header = ["other", "seeds", "pairs", "mean diff", f"{level:.0%} CI", "p", "p (Holm)", "W / L / T", "note"]
     for row, found in comparisons.items():
-        title = f"## {row.label()}\n\n"
+        title = f"### {row.label()}\n\n"
         if not found:
             parts.append(
                 title + f"No comparison: {reference} or every other initialisation lacks a finished run.\n"

@@ -1,4 +1,5 @@
-"""What Fig. 4 and Fig. 5 draw, gathered from the runs: one panel per table row with data."""
+"""What Fig. 4, Fig. 5 and Fig. 5b draw, gathered from the runs: one panel per table row (Fig. 5b:
+per portion) with data."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tmerge.report.figures import AlphaPanel, PairedPanel
+from tmerge.errors import RunError
+from tmerge.report.diagnostics import ALPHA_INITS, trajectory, trajectory_run
+from tmerge.report.figures import AlphaPanel, PairedPanel, TrajectoryPanel
 from tmerge.report.paired import Comparison, subject_means
 from tmerge.report.runs import RunIndex
 from tmerge.report.tables import Row, row_runs
@@ -78,3 +81,40 @@ def alpha_panels(index: RunIndex, rows: Sequence[Row], reference: str) -> list[A
             )
         )
     return panels
+
+
+def trajectory_panels(index: RunIndex, reference: str) -> tuple[list[TrajectoryPanel], list[str]]:
+    """Fig. 5b's panels: per portion, the α trajectory of one ``reference`` run (the single-seed
+    run, else the lowest seed; ``timm`` where the reference learns no α), and notes on the
+    portions whose runs have none.
+    """
+    init = reference if reference in ALPHA_INITS else "timm"
+    panels, notes = [], []
+    for portion in index.portions():
+        run = trajectory_run(index, portion, init)
+        if run is None:
+            if any(r.portion == portion and r.init == init for r in index.usable()):
+                notes.append(
+                    f"{portion} %: no {init} alphas.json with a trajectory (written before it was recorded)"
+                )
+            continue
+        try:
+            path = trajectory(run.alphas or {}, str(run.path / "alphas.json"))
+        except RunError as exc:
+            notes.append(str(exc))
+            continue
+        if path is None:
+            continue
+        where = "single run" if run.seed is None else f"seed {run.seed}"
+        panels.append(
+            TrajectoryPanel(
+                title=f"{portion} % ({where}): {init} α of {path.source} per layer over the adaption epochs",
+                source=path.source,
+                n_sources=path.n_sources,
+                epochs=path.epochs,
+                layers=path.layers,
+                values=path.values,
+                best_epoch=path.best_epoch(),
+            )
+        )
+    return panels, notes

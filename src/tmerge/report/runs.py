@@ -39,6 +39,7 @@ INIT_ORDER: tuple[str, ...] = (
     "m2",
     "imm",
     "mean-imm",
+    "mean-timm",
     "timm",
     "all-hcp",
     "all-hcp-1-7",

@@ -2,10 +2,11 @@
 validation scores), Table 4 (forgetting).
 
 Rows are portions; a portion swept over several seeds gets a second row with the mean ± sample
-standard deviation (ddof = 1) across seeds next to its single-seed row. A cell without a
-finished run is "—": nothing is filled in or carried over from elsewhere. Values are computed
-from each run's per-subject CSV (the summary file is only cross-checked), so every number in a
-table can be traced to ``test_per_subject.csv``.
+standard deviation (ddof = 1) across seeds of the per-seed test means next to its single-seed
+row, and the number of seeds. A cell without a finished run is "—": nothing is filled in or
+carried over from elsewhere. Values are computed from each run's per-subject CSV (the summary
+file is only cross-checked), so every number in a table can be traced to
+``test_per_subject.csv``.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def n_subjects(runs: Iterable[TargetRun]) -> str:
     return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
 
 
+def seed_count(row: Row) -> str:
+    """How many seeds a row holds: "1" for the single-seed layout, the sweep's count otherwise."""
+    return "1" if row.group == SINGLE else str(len(row.seeds))
+
+
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -140,8 +146,12 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
         "# Table 2 — test scores per initialisation and portion\n",
         'Mean over the test subjects of each run\'s `test_per_subject.csv`. Rows "p %" are the '
         'single-seed runs (`brats/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
-        "(`brats/p<portion>/seed<k>/<init>/`) as mean ± sample std across seeds, with "
-        '"(k/n seeds)" where only k of the n seeds finished. n: test subjects per run. '
+        "(`brats/p<portion>/seed<k>/<init>/`): each cell is the mean ± sample standard deviation "
+        "(ddof = 1) over seeds of the per-seed test means, with "
+        '"(k/n seeds)" where only k of the n seeds finished. The sd is the spread between '
+        "training runs (training randomness and the draw of train/val subjects), not a standard "
+        "error, and with a handful of seeds it is itself rough. n: test subjects per run; "
+        "seeds: how many seeds the row holds. "
         f"{MISSING}: no finished run. HD95 is averaged over the subjects where it is finite; "
         '"(k n/a)" counts the values left out (an empty prediction or ground truth).\n',
     ]
@@ -154,10 +164,11 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
                 [
                     row.label(),
                     n_subjects(all_runs),
+                    seed_count(row),
                     *(metric_cell(cells[i], column).format(digits, row.group, len(row.seeds)) for i in inits),
                 ]
             )
-        parts.append(f"## {title}\n\n" + md_table(["portion", "n", *inits], body))
+        parts.append(f"## {title}\n\n" + md_table(["portion", "n", "seeds", *inits], body))
     return "\n".join(parts)
 
 

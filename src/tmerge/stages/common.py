@@ -46,18 +46,44 @@ class FisherConfig:
     """Empirical-Fisher settings for the source models (computed once, after training)."""
 
     max_samples: int | None = None  # None: every training volume (18 for a paper task)
-    normalize: str = "none"  # "none" | "sum" (the original T-IMM code) | "l2"
+    # How the saved Fisher is scaled: "none" keeps the raw mean of squared gradients; the merge
+    # stages normalise at merge time (their own `fisher.normalize`), so raw files serve every
+    # choice. "sum" | "l2" | "per_tensor": see tmerge.fisher.normalize_fisher.
+    normalize: str = "none"
     method: str = "auto"  # "auto" | "loop" | "vmap" | "compile" — all give the same numbers
 
     def __post_init__(self) -> None:
         from tmerge.fisher import METHODS, NORMALIZE
 
         if self.normalize not in NORMALIZE:
-            raise ConfigError(f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+            raise ConfigError(
+                f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
+            )
         if self.method not in METHODS:
             raise ConfigError(f"fisher.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"fisher.max_samples: got {self.max_samples}; expected a positive count or null")
+            raise ConfigError(
+                f"fisher.max_samples: got {self.max_samples}; expected a positive count or null"
+            )
+
+
+@dataclass
+class MergeFisherConfig:
+    """How the merge stages (imm, timm, forgetting) normalise the sources' Fishers before eq. 2."""
+
+    # "per_tensor" (default): each model's Fisher tensor divided by its own sum, as the authors'
+    # code did. Un-normalised ("none"), the two sources' Fishers differ per layer by factors of
+    # 1 to 237 on the embedded data, so "uniform" IMM put a mean effective weight of 0.73 on M1.
+    # "sum" | "l2": one global constant per model (see tmerge.fisher.normalize_fisher).
+    normalize: str = "per_tensor"
+
+    def __post_init__(self) -> None:
+        from tmerge.fisher import NORMALIZE
+
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(
+                f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
+            )
 
 
 @dataclass
@@ -91,7 +117,12 @@ def discard_on_input_error(run_dir: Path) -> Iterator[None]:
 
 
 def segmentation_module(
-    net: nn.Module, dm: Any, cfg: RunConfig, patch_size: int, optim: OptimConfig | None = None
+    net: nn.Module,
+    dm: Any,
+    cfg: RunConfig,
+    patch_size: int,
+    optim: OptimConfig | None = None,
+    group_lrs: Mapping[str, float] | None = None,
 ) -> SegmentationModule:
     """The stage's LightningModule for ``net`` on ``dm``'s task, from the run config."""
     return SegmentationModule(
@@ -103,6 +134,7 @@ def segmentation_module(
         loss=cfg.loss,
         channels_last=cfg.net.channels_last,
         compile=resolve_compile(cfg.trainer.compile, cfg.trainer.accelerator),
+        group_lrs=group_lrs,
     )
 
 

@@ -23,7 +23,7 @@ import torch
 
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import RunError
-from tmerge.fisher import load_fisher
+from tmerge.fisher import load_fisher, normalize_fisher
 from tmerge.io import atomic_path, read_json, write_json, write_text
 from tmerge.merge import imm_merge
 from tmerge.metrics import dice_per_class
@@ -31,7 +31,14 @@ from tmerge.modules.segmentation import LossConfig, SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.stages.common import FISHER_FILE, NET_FILE, check_source_finished, fisher_epsilon, load_net
+from tmerge.stages.common import (
+    FISHER_FILE,
+    NET_FILE,
+    MergeFisherConfig,
+    check_source_finished,
+    fisher_epsilon,
+    load_net,
+)
 
 log = logging.getLogger("tmerge")
 
@@ -43,6 +50,7 @@ class ForgettingConfig:
     sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # M1, M2 run names
     portion: int = 4  # whose T-IMM α to evaluate (runs/brats/p<portion>/timm/alphas.json)
     eps: float = 1e-8  # relative to the mean Fisher entry, as in the merge stages
+    fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)  # as in the merge stages
     runs_dir: str | None = None
     data: HCPDataConfig = field(default_factory=HCPDataConfig)
     net: NetConfig = field(default_factory=NetConfig)
@@ -60,14 +68,18 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
     template = cfg.net.build(meta.get("in_channels", 2), meta.get("n_classes", 8))
     fused, _ = partition(template)
     layers = layer_groups(template, fused)
-    fishers = [load_fisher(root / name / FISHER_FILE, expected_names=fused) for name in cfg.sources]
+    fishers = [
+        normalize_fisher(load_fisher(root / name / FISHER_FILE, expected_names=fused), cfg.fisher.normalize)
+        for name in cfg.sources
+    ]
     eps = fisher_epsilon(fishers, cfg.eps)
     n = len(states)
     uniform = torch.full((n,), 1.0 / n)
     out = {f"M{i + 1}": {k: s[k] for k in fused} for i, s in enumerate(states)}
     out["IMM"] = imm_merge(states, fishers, uniform, layers=layers, eps=eps)
-    alphas_path = root / "brats" / f"p{cfg.portion}" / "timm" / "alphas.json"
+    alphas_path = timm_alphas(root, cfg.portion)
     if alphas_path.is_file():
+        log.info("forgetting: T-IMM row from the α of %s", alphas_path)
         learned = read_json(alphas_path)["alphas"]
         # Layers the adaption did not mix (the first convolution: 2 HCP vs 4 BraTS channels)
         # keep IMM's uniform ratios.
@@ -80,6 +92,21 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
             cfg.portion,
         )
     return out
+
+
+def timm_alphas(root: Path, portion: int) -> Path:
+    """The ``alphas.json`` whose α make the T-IMM row: ``brats/p<portion>/timm`` or, after a sweep
+    over seeds, the lowest seed's ``brats/p<portion>/seed<k>/timm`` (the path of the single-seed
+    layout when neither exists)."""
+    base = root / "brats" / f"p{portion}"
+    single = base / "timm" / "alphas.json"
+    if single.is_file():
+        return single
+    seeded = sorted(
+        (p for p in base.glob("seed*/timm/alphas.json") if p.parent.parent.name[4:].isdigit()),
+        key=lambda p: int(p.parent.parent.name[4:]),
+    )
+    return seeded[0] if seeded else single
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import FisherCallback
 from tmerge.io import file_sha256, write_json
-from tmerge.nets import partition
+from tmerge.merge.distance import layer_distances, summarise_distances
+from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.runner import build_loggers, close_loggers, fit
 from tmerge.stages.common import (
@@ -139,6 +140,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
         )
         close_loggers(loggers)
         scores = result.best_metrics
+        distance = None
         if trainer.is_global_zero:
             if result.best_path:
                 module.net.load_state_dict(best_state_dict(result.best_path))
@@ -147,6 +149,13 @@ def run_source(cfg: SourceStageConfig) -> Path:
             fisher_file = run_dir / FISHER_FILE
             fisher_sha = file_sha256(fisher_file) if fisher_file.is_file() else None
             save_net(run_dir / NET_FILE, module.net, {**meta, "fisher_sha256": fisher_sha})
+            # IMM assumes the models it merges sit in one basin: record how far this one moved
+            # from the model it started from (M2 from M1), per fused layer.
+            if init_state is not None:
+                per_layer = layer_distances(
+                    init_state[0], module.net.state_dict(), layer_groups(module.net, fused)
+                )
+                distance = {"from": cfg.init_from, **summarise_distances(per_layer), "per_layer": per_layer}
             write_json(
                 run_dir / MARKER,
                 {
@@ -159,6 +168,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
                     "checkpoint": result.best_path,
                     "fused_tensors": len(fused),
                     "task_specific_tensors": len(specific),
+                    "distance_from_init": distance,
                 },
             )
         log.info(
@@ -168,6 +178,18 @@ def run_source(cfg: SourceStageConfig) -> Path:
             result.epochs,
             result.wall_s,
         )
+        if trainer.is_global_zero and distance is not None:
+            log.info(
+                "%s: per layer ‖θ − θ(%s)‖/‖θ(%s)‖ %.2f–%.2f (median %.2f), cosine %.2f–%.2f",
+                name,
+                cfg.init_from,
+                cfg.init_from,
+                distance["rel_distance_min"],
+                distance["rel_distance_max"],
+                distance["rel_distance_median"],
+                distance["cosine_min"],
+                distance["cosine_max"],
+            )
         return run_dir
 
 

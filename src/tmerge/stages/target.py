@@ -10,9 +10,14 @@ all-hcp*   parameter transfer from an All-HCP baseline model (paper's "Understan
 imm        eq. 2 with uniform α (Fisher-weighted mode-IMM) over all ``sources``
 mean-imm   uniform α and unit Fishers (plain averaging)
 timm       adaption stage (learn α per layer and S) → fine-tune (paper §3.3)
+mean-timm  timm with unit Fishers: learned α alone (a supervised layer-wise AdaMerging), the
+           ablation that tells the Fisher weighting's contribution from the learned α's
 ========== ==============================================================================
 
-Every initialisation re-creates the three segmentation heads for the target task. Fused layers
+Every initialisation treats S alike (``transfer.specific``): ``reinit`` (default, paper §3.2)
+starts the instance norms and heads fresh for every method, ``keep`` takes the norms from the
+source(s) (the mean of the sources' for merges); the heads are always re-created. The sources'
+Fishers are normalised before merging by ``fisher.normalize`` (default ``per_tensor``). Fused layers
 whose shape differs between the sources and the target (the first convolution: 2 HCP channels
 vs 4 BraTS modalities) are re-initialised and trained with S, as the original code effectively
 did.
@@ -41,6 +46,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from tmerge.callbacks import AlphaTrajectory
 from tmerge.config import to_container
 from tmerge.dashboard import log_alphas, log_test_results
 from tmerge.data.brats import BraTSDataConfig, BraTSDataModule
@@ -53,8 +59,8 @@ from tmerge.evaluate import (
     score_columns,
     summarise,
 )
-from tmerge.fisher import check_finite, load_fisher
-from tmerge.io import file_sha256, write_json, write_text
+from tmerge.fisher import check_finite, load_fisher, normalize_fisher
+from tmerge.io import file_sha256, read_json, write_json, write_text
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
 from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
@@ -63,6 +69,7 @@ from tmerge.runner import LoggerConfig, build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
     NET_FILE,
+    MergeFisherConfig,
     RunConfig,
     best_state_dict,
     check_source_finished,
@@ -73,7 +80,7 @@ from tmerge.stages.common import (
     stage_guard,
     start_run,
 )
-from tmerge.transfer import transfer_parameters
+from tmerge.transfer import TransferConfig, average_parameters, transfer_parameters
 
 log = logging.getLogger("tmerge")
 
@@ -83,13 +90,34 @@ ARCH_KEYS = ("base_filters", "depth")
 
 @dataclass
 class AdaptionConfig:
-    """T-IMM adaption stage: learn the mixing ratios δ (and S) with the sources frozen."""
+    """T-IMM adaption stage: learn the mixing ratios δ (and S) with the sources frozen.
 
-    max_epochs: int = 20  # a short stage (paper Table 3: 10–20 epochs)
-    patience: int = 4  # stop when the validation loss stops improving
-    lr: float = 5e-3  # δ lives in sigmoid space: a larger step than the network's
+    The stage ends when the validation loss stops improving (``patience``); ``max_epochs`` is a
+    safety net. δ has its own learning rate: with Adam every parameter moves about one learning
+    rate per step, and for two sources α¹ = σ(δ¹)/(σ(δ¹) + σ(δ²)) reaches 0.9 only once
+    δ¹ − δ² ≈ 4.4. At the old shared rate of 5e-3 and a 6-epoch cap (96 steps at 4 %), α could
+    not leave [0.38, 0.62].
+    """
+
+    max_epochs: int = 30  # a cap that seldom binds: early stopping on the validation loss ends it
+    patience: int = 4  # validation checks without a lower validation loss
+    lr: float = 5e-3  # S and re-initialised layers (the first convolution): fresh, so a large step
+    # δ, chosen by measurement (docs/adaption.md). Capability test (useful source vs noise, 30-epoch
+    # cap): 0.02 → useful side in 87 % of layers, mean α 0.70 (fails); 0.05 → 100 %, 0.84;
+    # 0.1 → 100 %, 0.90; 0.2 → 100 %, 0.92. Embedded default at 4 % (seed 0), adaption val loss:
+    # 0.05 → 0.540 (24 epochs), 0.1 → 0.541 (24), 0.2 → 0.580 (12: α jump to 0/1 and overshoot).
+    delta_lr: float = 0.1
     # ε of eq. 2, relative to the mean Fisher entry (see stages.common.fisher_epsilon).
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        for key in ("lr", "delta_lr", "eps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"adaption.{key}: expected a positive number, got {getattr(self, key)!r}")
+        if self.max_epochs < 1 or self.patience < 1:
+            raise ConfigError(
+                f"adaption.max_epochs/patience: expected positive counts, got {self.max_epochs}/{self.patience}"
+            )
 
 
 @dataclass
@@ -100,7 +128,11 @@ class TargetStageConfig(RunConfig):
     sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # source run names
     # A sweep runs every entry of `inits` once per seed in `seeds`; with one seed the runs go
     # to runs/brats/p<portion>/<init>, with several to runs/brats/p<portion>/seed<k>/<init>.
-    inits: list[str] = field(default_factory=lambda: ["none", "m1", "m2", "imm", "timm"])
+    # The default compares T-IMM with every baseline and both ablations (unit Fishers with
+    # uniform and with learned α) on the same splits and seeds.
+    inits: list[str] = field(
+        default_factory=lambda: ["none", "m1", "m2", "imm", "mean-imm", "mean-timm", "timm"]
+    )
     seeds: list[int] = field(default_factory=lambda: [0])
     # How the sources' input channels feed the target's: entry i is the source channel whose
     # filters the target's channel i reuses, e.g. [0, 0, 1, 1] for HCP (T1, T2) → BraTS (t1,
@@ -109,6 +141,8 @@ class TargetStageConfig(RunConfig):
     channel_map: list[int] | None = None
     data: BraTSDataConfig = field(default_factory=BraTSDataConfig)
     adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)
 
 
 ALIASES = {"portion": "data.portion", "epochs": "trainer.max_epochs"}
@@ -148,6 +182,7 @@ INITS: dict[str, Initialisation] = {
     "imm": Initialisation("imm", _all_sources),
     "mean-imm": Initialisation("imm", _all_sources, fisher=False),
     "timm": Initialisation("timm", _all_sources),
+    "mean-timm": Initialisation("timm", _all_sources, fisher=False),
 }
 
 
@@ -295,12 +330,78 @@ def check_fisher_matches(
     check_finite(fisher, str(fisher_path))
 
 
+@dataclass
+class Initialised:
+    """A target network after its initialisation, and what a T-IMM adaption needs besides."""
+
+    net: nn.Module
+    layers: dict[str, list[str]] = field(default_factory=dict)  # merged layers → parameter names
+    fishers: list[dict[str, torch.Tensor]] | None = None  # normalised; None: unit Fishers
+    eps: float = 0.0
+    specific_kept: list[str] = field(default_factory=list)  # S tensors taken from the sources
+
+
+def initialise(
+    cfg: TargetStageConfig, init: Initialisation, net: nn.Module, sources: list[Source]
+) -> Initialised:
+    """Initialise a freshly built target ``net`` (in place) by ``init``.
+
+    * ``none``: as built. ``transfer``: every tensor of the source whose shape matches, except S
+      under ``transfer.specific=reinit`` (the heads in any case). ``imm``: P by eq. 2 with uniform
+      α. ``timm``: P is left to the adaption stage (:class:`~tmerge.merge.AdaptiveMerge`).
+    * Under ``transfer.specific=keep`` the merged initialisations take the instance norms as the
+      mean of the sources' (uniform α; T-IMM then adapts them with δ).
+
+    Returns:
+        The net and, for merges, the mergeable layers, the normalised Fishers (None for the
+        ``mean-`` variants) and eq. 2's ε.
+    """
+    fused, specific = partition(net)
+    heads = set(head_names(net, specific))
+    norms = [n for n in specific if n not in heads]
+    keep = cfg.transfer.specific == "keep"
+    if init.kind == "none":
+        return Initialised(net)
+    if init.kind == "transfer":
+        report = transfer_parameters(net, sources[0].state, exclude=heads if keep else set(specific))
+        log.info("%s: transfer from %s — %s", cfg.init, sources[0].name, report.summary())
+        return Initialised(net, specific_kept=[n for n in norms if n in report.copied])
+    layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
+    if mismatched:
+        log.info(
+            "%s: layers of other shape in the sources, re-initialised and trained with S: %s",
+            cfg.init,
+            ", ".join(mismatched),
+        )
+    fishers = None
+    if init.fisher:
+        fishers = [normalize_fisher(s.fisher, cfg.fisher.normalize) for s in sources if s.fisher is not None]
+    eps = fisher_epsilon(fishers, cfg.adaption.eps)
+    kept = average_parameters(net, [s.state for s in sources], norms) if keep else []
+    if init.kind == "imm":
+        alphas = torch.full((len(sources),), 1.0 / len(sources))
+        merged = imm_merge([s.state for s in sources], fishers, alphas, layers=layers, eps=eps)
+        net.load_state_dict({**net.state_dict(), **merged})
+    return Initialised(net, layers, fishers, eps, kept)
+
+
+def run_config(cfg: TargetStageConfig, init: str | None = None, seed: int | None = None) -> TargetStageConfig:
+    """The config of one run: ``cfg`` for ``init`` and ``seed`` (default: ``cfg``'s), with the
+    train/val draw resolved (``data.draw_seed`` None → the run's seed) so that every
+    initialisation of a seed trains and validates on the same subjects."""
+    init = cfg.init if init is None else init
+    seed = cfg.seed if seed is None else seed
+    draw = seed if cfg.data.draw_seed is None else cfg.data.draw_seed
+    return dataclasses.replace(cfg, init=init, seed=seed, data=dataclasses.replace(cfg.data, draw_seed=draw))
+
+
 def run_target(cfg: TargetStageConfig) -> Path:
     """Initialise by ``cfg.init``, (adapt,) fine-tune and test one BraTS run; return its folder."""
     if cfg.init not in INITS:
         raise ConfigError(f"init: expected one of {', '.join(INITS)}, got {cfg.init!r}")
     init = INITS[cfg.init]
     run_dir = target_dir(cfg, cfg.init, None if len(cfg.seeds) <= 1 else cfg.seed)
+    cfg = run_config(cfg)
     source_names = init.source(cfg)
     if init.kind in ("imm", "timm") and len(source_names) < 2:
         raise ConfigError(f"sources: init={cfg.init} merges at least 2 source runs, got {source_names}")
@@ -309,8 +410,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     # before the run folder is touched. The DataModule does no I/O before prepare_data.
     dm = BraTSDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
-    fused, specific = partition(net)
-    heads = head_names(net, specific)
+    fused, _ = partition(net)
     sources = load_sources(
         cfg,
         source_names,
@@ -328,29 +428,18 @@ def run_target(cfg: TargetStageConfig) -> Path:
         net = cfg.net.build(dm.in_channels, dm.n_outputs)  # fresh initialisation under the run's seed
         root = runs_dir(cfg.runs_dir)
         tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
-        stages: dict[str, Any] = {"init": cfg.init, "sources": source_names}
-
-        if init.kind == "transfer":
-            report = transfer_parameters(net, sources[0].state, exclude=heads)
-            log.info("%s: transfer from %s — %s", cfg.init, sources[0].name, report.summary())
-        elif init.kind in ("imm", "timm"):
-            layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
-            if mismatched:
-                log.info(
-                    "%s: layers of other shape in the sources, re-initialised and trained with S: %s",
-                    cfg.init,
-                    ", ".join(mismatched),
-                )
-            fishers = [s.fisher for s in sources] if init.fisher else None
-            eps = fisher_epsilon(fishers, cfg.adaption.eps)
-            if init.kind == "imm":
-                alphas = torch.full((len(sources),), 1.0 / len(sources))
-                merged = imm_merge([s.state for s in sources], fishers, alphas, layers=layers, eps=eps)
-                net.load_state_dict({**net.state_dict(), **merged})
-            else:
-                net, stages["adaption"] = _adapt(
-                    cfg, dm, net, sources, fishers, layers, eps, run_dir, root, tags
-                )
+        stages: dict[str, Any] = {
+            "init": cfg.init,
+            "sources": source_names,
+            "specific": cfg.transfer.specific,
+            "fisher_normalize": cfg.fisher.normalize
+            if init.fisher and init.kind in ("imm", "timm")
+            else None,
+        }
+        start = initialise(cfg, init, net, sources)
+        net = start.net
+        if init.kind == "timm":
+            net, stages["adaption"] = adapt(cfg, dm, net, sources, start, run_dir, root, tags)
 
         module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
         loggers = build_loggers(
@@ -371,7 +460,9 @@ def run_target(cfg: TargetStageConfig) -> Path:
         stages["finetune"] = result.as_dict()
         # Test in original geometry; label maps to predictions/ (see tmerge.evaluate).
         module.export_dir = run_dir / PREDICTIONS_DIR
-        trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False, weights_only=True)
+        trainer.test(
+            module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False, weights_only=True
+        )
         _export_unlabelled(trainer, module, dm, run_dir, result.best_path)
         log_test_results(
             loggers,
@@ -412,30 +503,38 @@ def _logger_cfg(cfg: TargetStageConfig, tags: list[str]) -> LoggerConfig:
     return LoggerConfig(wandb=wandb)
 
 
-def _adapt(
+def adapt(
     cfg: TargetStageConfig,
     dm: BraTSDataModule,
     net: nn.Module,
     sources: list[Source],
-    fishers: list[dict[str, torch.Tensor]] | None,
-    layers: dict[str, list[str]],
-    eps: float,
+    start: Initialised,
     run_dir: Path,
     root: Path,
     tags: list[str],
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """T-IMM adaption stage: train δ and S on the target with the sources frozen; return the net
-    with P materialised from the learned α (S kept) and the stage's summary."""
-    adaptive = AdaptiveMerge(net, [s.state for s in sources], fishers, layers, eps=eps)
+    """T-IMM adaption stage: train δ (at ``adaption.delta_lr``) and S (at ``adaption.lr``) on the
+    target with the sources frozen until the validation loss stops improving; return the net
+    with P materialised from the α of the best epoch (S kept) and the stage's summary. Writes
+    ``alphas.json``: the final α and their trajectory over the epochs."""
+    adaptive = AdaptiveMerge(net, [s.state for s in sources], start.fishers, start.layers, eps=start.eps)
     module = segmentation_module(
-        adaptive, dm, cfg, cfg.data.patch_size, optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr)
+        adaptive,
+        dm,
+        cfg,
+        cfg.data.patch_size,
+        optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr),
+        group_lrs={"net.mixing.": cfg.adaption.delta_lr},
     )
+    names = [s.name for s in sources]
+    trajectory = AlphaTrajectory(adaptive.mixing, names)
     stage_dir = run_dir / "adaption"
+    label = f"p{cfg.data.portion}/{cfg.init} adaption"
     loggers = build_loggers(
         _logger_cfg(cfg, tags + ["adaption"]),
         stage_dir,
         root,
-        f"p{cfg.data.portion}-timm-adaption",
+        f"p{cfg.data.portion}-{cfg.init}-adaption",
         to_container(cfg),
     )
     trainer, result = fit(
@@ -446,7 +545,8 @@ def _adapt(
         loggers=loggers,
         monitor="val/loss",
         mode="min",
-        name=f"p{cfg.data.portion}/timm adaption",
+        callbacks=[trajectory],
+        name=label,
         max_epochs=cfg.adaption.max_epochs,
         patience=cfg.adaption.patience,
     )
@@ -464,27 +564,45 @@ def _adapt(
         spread = float((deltas - deltas[0]).abs().max())
         if spread > 1e-6:
             raise RunError(
-                f"timm adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})"
+                f"{cfg.init} adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})"
             )
+    epochs = trajectory.trajectory
+    alphas_file = run_dir / "alphas.json"
+    if not epochs and alphas_file.is_file():
+        # A re-run after a kill that came after the adaption: its fit is not repeated, so the
+        # trajectory is the one the first attempt recorded.
+        epochs = read_json(alphas_file).get("trajectory", [])
     if trainer.is_global_zero:
         write_json(
-            run_dir / "alphas.json",
+            alphas_file,
             {
-                "sources": [s.name for s in sources],
+                "sources": names,
                 "layers": list(alphas),
                 "alphas": alphas,
+                "best_epoch": result.best_epoch,
+                "trajectory": epochs,
+                "delta_lr": cfg.adaption.delta_lr,
+                "fisher": cfg.fisher.normalize if start.fishers is not None else "unit",
                 "world_size": trainer.world_size,
                 "ranks_agree": True,
             },
         )
-    log_alphas(loggers, alphas, [s.name for s in sources], step=trainer.global_step)  # paper Fig. 5
+    log_alphas(loggers, alphas, names, step=trainer.global_step, trajectory=epochs)  # paper Fig. 5
     close_loggers(loggers)  # after α: the adaption's W&B run shows them
     summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
+    first = [a[0] for a in alphas.values()]
     log.info(
-        "timm adaption: %d epochs, val Dice %.3f; α (first source) per layer: %s",
+        "%s: %d epochs (best %s), val Dice %.3f, val loss %.4f; α of %s per layer %.2f–%.2f (mean %.2f): %s",
+        label,
         result.epochs,
+        result.best_epoch,
         summary["val_dice"] or float("nan"),
-        " ".join(f"{a[0]:.2f}" for a in alphas.values()),
+        summary["val_loss"] or float("nan"),
+        names[0],
+        min(first),
+        max(first),
+        sum(first) / len(first),
+        " ".join(f"{a:.2f}" for a in first),
     )
     return adaptive.release(), summary
 
@@ -533,7 +651,7 @@ def run_sweep(cfg: TargetStageConfig) -> None:
     runs = [(seed, init) for seed in cfg.seeds for init in cfg.inits]
     for k, (seed, init) in enumerate(runs, start=1):
         log.info("sweep p%s: run %d/%d — seed %d, %s", cfg.data.portion, k, len(runs), seed, init)
-        run_dir = run_target(dataclasses.replace(cfg, init=init, seed=seed))
+        run_dir = run_target(dataclasses.replace(cfg, init=init, seed=seed))  # draw: see run_config
         if not (run_dir / MARKER).is_file():  # a DDP rank other than 0: rank 0 writes the marker
             continue
         summary = json.loads((run_dir / MARKER).read_text())

@@ -1,0 +1,167 @@
+"""Target initialisations on equal terms: S after every registered init under both
+``transfer.specific`` settings, the δ learning rate, and the seeded train/val draws."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tmerge.data.splits import brats_splits
+from tmerge.errors import ConfigError
+from tmerge.merge import AdaptiveMerge
+from tmerge.modules.segmentation import OptimConfig, SegmentationModule, param_groups
+from tmerge.nets import Isensee2017, layer_groups, partition
+from tmerge.stages.common import head_names
+from tmerge.stages.target import INITS, Source, TargetStageConfig, initialise, run_config
+from tmerge.transfer import TransferConfig
+
+
+def build(in_channels: int = 4, n_classes: int = 3) -> torch.nn.Module:
+    return Isensee2017(in_channels, n_classes, base_filters=2, depth=2, dropout=0.0)
+
+
+def source(seed: int) -> Source:
+    """A source of 2 input channels (as HCP) with every tensor, norms included, set at random."""
+    torch.manual_seed(seed)
+    net = build(in_channels=2, n_classes=8)
+    state = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
+    fused, _ = partition(net)
+    fisher = {n: torch.rand_like(state[n]) + 0.1 for n in fused}
+    return Source(f"task{seed}", state, {}, fisher)
+
+
+@pytest.mark.parametrize("specific", ["reinit", "keep"])
+@pytest.mark.parametrize("name", list(INITS))
+def test_specific_parameters_after_every_init(name: str, specific: str) -> None:
+    sources = [source(1), source(2)]
+    cfg = TargetStageConfig(init=name, transfer=TransferConfig(specific=specific))
+    init = INITS[name]
+    torch.manual_seed(0)
+    fresh = build().state_dict()
+    torch.manual_seed(0)
+    net = build()
+    used = sources if init.kind in ("imm", "timm") else sources[:1]
+    start = initialise(cfg, init, net, used)
+    _, spec = partition(net)
+    heads = set(head_names(net, spec))
+    norms = [n for n in spec if n not in heads]
+    state = start.net.state_dict()
+    assert norms and heads
+    for n in heads:  # always re-created for the target's classes
+        assert torch.equal(state[n], fresh[n]), n
+    for n in norms:
+        if specific == "reinit" or init.kind == "none":
+            expected = fresh[n]  # γ = 1, β = 0, exactly as built
+        elif init.kind == "transfer":
+            expected = used[0].state[n]
+        else:  # merges: the mean of the sources' norms
+            expected = (used[0].state[n] + used[1].state[n]) / 2
+        torch.testing.assert_close(state[n], expected, msg=f"{name}/{specific}: {n}")
+    kept_expected = [] if specific == "reinit" or init.kind == "none" else norms
+    assert sorted(start.specific_kept) == sorted(kept_expected)
+
+
+def test_merged_inits_normalise_fishers_and_mean_variants_have_none() -> None:
+    sources = [source(1), source(2)]
+    for name in ("imm", "timm"):
+        start = initialise(TargetStageConfig(init=name), INITS[name], build(), sources)
+        assert start.fishers is not None and start.layers
+        for f, s in zip(start.fishers, sources, strict=True):
+            for n, v in f.items():  # per_tensor (the default): every tensor sums to 1
+                assert float(v.sum()) == pytest.approx(1.0, rel=1e-5), n
+                torch.testing.assert_close(v, s.fisher[n] / s.fisher[n].sum())
+    for name in ("mean-imm", "mean-timm"):
+        assert initialise(TargetStageConfig(init=name), INITS[name], build(), sources).fishers is None
+    # The first convolution (2 HCP channels vs 4) is never among the merged layers.
+    start = initialise(TargetStageConfig(init="timm"), INITS["timm"], build(), sources)
+    assert (
+        "encoder.0.conv.conv" not in start.layers
+        and len(start.layers) == len(layer_groups(build(), partition(build())[0])) - 1
+    )
+
+
+def test_transfer_specific_is_validated() -> None:
+    with pytest.raises(ConfigError, match="transfer.specific: expected one of reinit, keep, got 'copy'"):
+        TransferConfig(specific="copy")
+
+
+def test_param_groups_split_by_prefix() -> None:
+    a, b, frozen = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
+    frozen.requires_grad_(False)
+    groups = param_groups(
+        [("net.w", a), ("net.mixing.delta", b), ("net.p", frozen)], 1e-3, 1e-5, {"net.mixing.": 0.1}
+    )
+    assert [g["name"] for g in groups] == ["default", "net.mixing."]
+    assert groups[0]["params"] == [a] and groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 1e-5
+    assert groups[1]["params"] == [b] and groups[1]["lr"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="no trainable parameter under the prefix"):
+        param_groups([("net.w", a)], 1e-3, 0.0, {"net.mixng.": 0.1})
+
+
+def test_delta_moves_by_its_own_learning_rate() -> None:
+    """Adam moves a parameter with a constant gradient by exactly lr per step (bias-corrected
+    moments: m̂/√v̂ = sign g); so after k steps δ has moved k·delta_lr and S k·lr."""
+    torch.manual_seed(0)
+    net = build(in_channels=2, n_classes=2)
+    fused, specific = partition(net)
+    layers = layer_groups(net, fused)
+    states = [{k: torch.randn_like(v) for k, v in net.state_dict().items()} for _ in range(2)]
+    adaptive = AdaptiveMerge(net, states, None, layers)
+    module = SegmentationModule(
+        adaptive,
+        output_mode="softmax",
+        class_names=["a"],
+        patch_size=8,
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0),
+        group_lrs={"net.mixing.": 0.05},
+    )
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()  # read by "poly" only
+    optimizer = module.configure_optimizers()["optimizer"]
+    delta = adaptive.mixing.delta
+    norm = dict(net.named_parameters())[next(n for n in specific if "norm" in n)]
+    before_delta, before_norm = delta.detach().clone(), norm.detach().clone()
+    k = 7
+    for _ in range(k):
+        optimizer.zero_grad()
+        delta.grad = torch.full_like(delta, -2.0)  # constant: δ climbs
+        norm.grad = torch.full_like(norm, 3.0)  # constant: γ falls
+        optimizer.step()
+    torch.testing.assert_close(
+        delta.detach() - before_delta, torch.full_like(delta, k * 0.05), atol=1e-6, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        norm.detach() - before_norm, torch.full_like(norm, -k * 1e-3), atol=1e-7, rtol=1e-4
+    )
+
+
+SUBJECTS = [f"Brats18_{i:03d}" for i in range(120)]
+
+
+def draws(cfg: TargetStageConfig) -> dict[tuple[int, str], dict]:
+    """The splits every (seed, init) run of a sweep over ``cfg`` gets."""
+    out = {}
+    for seed in cfg.seeds:
+        for init in cfg.inits:
+            data = run_config(cfg, init, seed).data
+            out[seed, init] = brats_splits(SUBJECTS, 4, seed=data.seed, draw_seed=data.draw_seed)
+    return out
+
+
+def test_seeded_draws_same_across_inits_differ_across_seeds_fixed_test_set() -> None:
+    cfg = TargetStageConfig(inits=list(INITS), seeds=[0, 1, 2])
+    got = draws(cfg)
+    test = got[0, "none"]["test"]
+    for seed in cfg.seeds:
+        first = got[seed, cfg.inits[0]]
+        assert len(first["train"]) == 8 and len(first["val"]) == 2
+        for init in cfg.inits:
+            assert got[seed, init]["train"] == first["train"] and got[seed, init]["val"] == first["val"]
+            assert got[seed, init]["test"] == test  # the test set never moves
+            assert not set(got[seed, init]["train"] + got[seed, init]["val"]) & set(test)
+    picked = [tuple(got[seed, "timm"]["train"] + got[seed, "timm"]["val"]) for seed in cfg.seeds]
+    assert len(set(picked)) == 3  # every seed draws other train/val subjects
+    # An explicit data.draw_seed pins the draw for every seed.
+    pinned = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, draw_seed=5))
+    assert len({tuple(v["train"]) for v in draws(pinned).values()}) == 1
