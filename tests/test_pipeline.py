@@ -13,9 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tmerge.cli import main
+from tmerge.io import file_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +79,11 @@ def test_source_runs_write_their_artefacts(runs):
         for name_, f in fisher.items():
             assert f.shape == net[name_].shape and torch.isfinite(f).all() and (f >= 0).all()
     assert json.loads((runs / "task1" / "metrics.json").read_text())["distance_from_init"] is None
+    # θ₀ of the model trained from scratch, hash-linked from its trained weights.
+    init = runs / "task1" / "init.safetensors"
+    meta = json.loads(safe_open(str(runs / "task1" / "net.safetensors"), "pt").metadata()["tmerge"])
+    assert meta["init_sha256"] == file_sha256(init) and not (runs / "task2" / "init.safetensors").exists()
+    assert set(load_file(str(init))) == set(load_file(str(runs / "task1" / "net.safetensors")))
 
 
 def test_task2_records_its_distance_from_task1(runs):
@@ -169,6 +176,20 @@ def test_full_portion_exports_the_unlabelled_set(runs, tiny_default):
 def test_other_initialisations(runs, tiny_default, init):
     assert main(["target", f"init={init}", *brats_args(tiny_default, runs)]) == 0
     assert (runs / "brats" / "p50" / init / "test_summary.json").is_file()
+
+
+def test_task_vector_init_chooses_its_grid_on_validation(runs, tiny_default):
+    """ties with k ∈ {20, 100}: each candidate's P is frozen while S adapts; the one with the lower
+    validation loss is fine-tuned, and selection.json says so."""
+    args = [*brats_args(tiny_default, runs), "init=ties", "merge.k=[20,100]"]
+    assert main(["target", *args]) == 0
+    run = runs / "brats" / "p50" / "ties"
+    selection = json.loads((run / "selection.json").read_text())
+    assert [c["params"]["k"] for c in selection["candidates"]] == [20, 100]
+    best = min(selection["candidates"], key=lambda c: c["val_loss"])
+    assert selection["chosen"] == best["params"]
+    assert json.loads((run / "stages.json").read_text())["merge"]["params"] == best["params"]
+    assert (run / "test_summary.json").is_file()
 
 
 def test_missing_source_is_one_clear_error(tiny_default, tmp_path, capsys):

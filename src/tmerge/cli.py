@@ -40,6 +40,7 @@ class Command:
     run: str
     experiment: str | None = None
     preset: tuple[str, ...] = ()  # overrides applied before the user's (e.g. init=timm)
+    files: bool = False  # bare arguments (no "=") are YAML files layered below the overrides
 
     def load(self, attr: str) -> Any:
         return getattr(importlib.import_module(self.module), attr)
@@ -90,6 +91,13 @@ COMMANDS: dict[str, Command] = {
         "TargetStageConfig",
         "run_sweep",
         "brats",
+    ),
+    "merge": Command(
+        "merge any models whose state dicts match, by a recipe: tmerge merge RECIPE.yaml [key=value …]",
+        "tmerge.stages.merge",
+        "MergeConfig",
+        "run_merge",
+        files=True,
     ),
     "report": Command(
         "the paper's tables and figures with paired statistics from the finished runs (runs/report/)",
@@ -172,13 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     cmd = COMMANDS[args.command]
+    files = [a for a in args.overrides if "=" not in a] if cmd.files else []
+    overrides = [a for a in args.overrides if a not in files]
     try:
         cfg = compose(
             cmd.load(cmd.schema),
             cmd.experiment,
-            [*cmd.preset, *args.overrides],
+            [*cmd.preset, *overrides],
             profile=args.profile,
             aliases=getattr(importlib.import_module(cmd.module), "ALIASES", {}),
+            files=files,
         )
         if args.show_config:
             print(to_yaml(cfg), end="")

@@ -81,6 +81,7 @@ def compose(
     *,
     profile: str = "default",
     aliases: Mapping[str, str] | None = None,
+    files: Sequence[str | Path] = (),
 ) -> T:
     """Build a validated config object of type ``schema``.
 
@@ -90,6 +91,8 @@ def compose(
         overrides: ``key=value`` strings from the command line (highest layer).
         profile: ``"default"`` (CPU-sized, embedded data) or ``"paper"`` (the paper's scale).
         aliases: short key → full key (e.g. ``{"portion": "data.portion"}``).
+        files: YAML files merged above the experiment file and below the overrides (e.g. a
+            ``tmerge merge`` recipe).
 
     Returns:
         An instance of ``schema`` (an OmegaConf structured config: attribute access, typed).
@@ -99,17 +102,22 @@ def compose(
             or the file.
     """
     cfg = OmegaConf.structured(schema)
-    if stage is not None:
-        path = experiment_file(stage, profile)
-        if path is not None:
-            try:
-                layer = OmegaConf.load(path)
-            except Exception as exc:  # YAML syntax errors come in several types
-                raise ConfigError(f"{path}: not a readable YAML file ({exc})") from None
-            try:
-                cfg = OmegaConf.merge(cfg, layer)
-            except OmegaConfBaseException as exc:
-                raise ConfigError(f"config key {_describe(exc)} (in {path})") from None
+    layers = [experiment_file(stage, profile)] if stage is not None else []
+    for given in files:
+        if not Path(given).is_file():
+            raise ConfigError(f"{given}: file not found; expected a YAML file")
+        layers.append(Path(given))
+    for path in layers:
+        if path is None:
+            continue
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors come in several types
+            raise ConfigError(f"{path}: not a readable YAML file ({exc})") from None
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"config key {_describe(exc)} (in {path})") from None
     # One override at a time, so an error names the whole key the user typed.
     for item in apply_aliases(overrides, aliases or {}):
         key = item.partition("=")[0]

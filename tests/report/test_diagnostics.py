@@ -220,3 +220,15 @@ def test_table2_sweep_with_mean_timm_is_mean_and_sd_over_seeds(fake):
     assert cells[2] == "3"  # seeds
     single = cells[header.strip("| ").split(" | ").index("mean-imm")]
     assert single.endswith(" (1/3 seeds)") and "±" not in single  # one seed: no sd to give
+
+
+def test_methods_table_says_what_each_method_uses():
+    from tmerge.report.document import methods_section
+
+    text = methods_section(["none", "timm", "ties", "unknown-init"])
+    rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
+    assert set(rows) == {"none", "timm", "ties"}
+    # timm: Fisher, target labels, learned per layer; ties: a base θ₀ and a grid on validation.
+    assert rows["timm"].split(" | ")[2:] == ["yes", "", "yes", "yes |"]
+    assert rows["ties"].split(" | ")[2:] == ["", "yes", "grid", " |"]
+    assert methods_section(["unknown-init"]) == ""

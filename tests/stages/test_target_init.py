@@ -11,10 +11,19 @@ import torch
 from tmerge.data.splits import brats_splits
 from tmerge.errors import ConfigError
 from tmerge.merge import AdaptiveMerge
+from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule, param_groups
 from tmerge.nets import Isensee2017, layer_groups, partition
 from tmerge.stages.common import head_names
-from tmerge.stages.target import INITS, Source, TargetStageConfig, initialise, run_config
+from tmerge.stages.target import (
+    INITS,
+    Source,
+    TargetStageConfig,
+    VectorMergeConfig,
+    initialise,
+    run_config,
+    vector_candidates,
+)
 from tmerge.transfer import TransferConfig
 
 
@@ -42,8 +51,9 @@ def test_specific_parameters_after_every_init(name: str, specific: str) -> None:
     fresh = build().state_dict()
     torch.manual_seed(0)
     net = build()
-    used = sources if init.kind in ("imm", "timm") else sources[:1]
-    start = initialise(cfg, init, net, used)
+    used = sources if init.merges else sources[:1]
+    base = source(0).state if init.kind == "vector" else None
+    start = initialise(cfg, init, net, used, base)
     _, spec = partition(net)
     heads = set(head_names(net, spec))
     norms = [n for n in spec if n not in heads]
@@ -80,6 +90,40 @@ def test_merged_inits_normalise_fishers_and_mean_variants_have_none() -> None:
         "encoder.0.conv.conv" not in start.layers
         and len(start.layers) == len(layer_groups(build(), partition(build())[0])) - 1
     )
+
+
+@pytest.mark.parametrize("name", ["task-arithmetic", "ties", "dare", "dare-ties", "slerp"])
+def test_task_vector_inits_merge_p_by_their_method(name: str) -> None:
+    """P is the method's merge of the sources (θ₀ = the base) on the mergeable layers; the first
+    convolution (2 HCP channels vs 4) keeps its fresh initialisation."""
+    sources, base = [source(1), source(2)], source(0).state
+    cfg = TargetStageConfig(init=name)
+    torch.manual_seed(0)
+    fresh = build().state_dict()
+    torch.manual_seed(0)
+    start = initialise(cfg, INITS[name], build(), sources, base)
+    state = start.net.state_dict()
+    names = [n for ns in start.layers.values() for n in ns]
+    params = vector_candidates(cfg, INITS[name])[0]
+    expected = METHODS[name].run(
+        [{n: s.state[n] for n in names} for s in sources], {n: base[n] for n in names}, None, **params
+    )
+    for n in names:
+        torch.testing.assert_close(state[n], expected[n], msg=n)
+    assert torch.equal(state["encoder.0.conv.conv.weight"], fresh["encoder.0.conv.conv.weight"])
+
+
+def test_vector_candidates_are_the_grid_of_the_methods_parameters() -> None:
+    cfg = TargetStageConfig(merge=VectorMergeConfig(lam=[0.5, 1.0], k=[10.0, 20.0, 50.0], seed=3))
+    ties_grid = vector_candidates(cfg, INITS["ties"])
+    assert len(ties_grid) == 6 and {"k": 10.0, "lam": 0.5} in ties_grid
+    assert vector_candidates(cfg, INITS["dare"]) == [
+        {"p": 0.5, "lam": 0.5, "seed": 3},
+        {"p": 0.5, "lam": 1.0, "seed": 3},
+    ]
+    assert vector_candidates(cfg, INITS["slerp"]) == [{"t": 0.5}]
+    with pytest.raises(ConfigError, match="merge.lam: expected a value or a list"):
+        VectorMergeConfig(lam=[])
 
 
 def test_transfer_specific_is_validated() -> None:

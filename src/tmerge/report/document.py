@@ -12,7 +12,7 @@ from typing import Any
 
 from tmerge.errors import RunError
 from tmerge.report.diagnostics import ALPHA_INITS, alpha_runs, distance_summary, summarise_alphas
-from tmerge.report.runs import SINGLE, RunIndex, TargetRun, config_value, ordered_inits
+from tmerge.report.runs import SINGLE, RunIndex, TargetRun, config_value, init_sort_key, ordered_inits
 from tmerge.report.tables import MISSING, Row, md_table
 
 #: Settings shown beside each BraTS run: (label, config key).
@@ -93,6 +93,37 @@ def _alpha_line(run: TargetRun, root: Path) -> list[str]:
             f", lowest val loss at epoch {a.best_epoch}" if a.best_epoch is not None else ""
         )
     return [*head, a.source, f"{a.low:.3f}–{a.high:.3f}", f"{a.mean:.3f}", str(a.n_layers), epochs]
+
+
+#: What each initialisation uses besides the source weights (the report's methods table):
+#: the sources' Fishers, a common base θ₀, the target's labels before fine-tuning (α learned on
+#: the target, or a hyper-parameter grid chosen on its validation set), per-layer learned ratios.
+METHOD_INFO: dict[str, tuple[str, str, str, str, str]] = {
+    # init: (description, Fisher, base, target labels, learned per layer)
+    "none": ("no transfer", "", "", "", ""),
+    "m1": ("parameter transfer from M1", "", "", "", ""),
+    "m2": ("parameter transfer from M2", "", "", "", ""),
+    "imm": ("eq. 2, uniform α (mode-IMM)", "yes", "", "", ""),
+    "mean-imm": ("average, uniform α", "", "", "", ""),
+    "mean-timm": ("average, α learned per layer (layer-wise AdaMerging)", "", "", "yes", "yes"),
+    "timm": ("eq. 2, α learned per layer (T-IMM)", "yes", "", "yes", "yes"),
+    "task-arithmetic": ("θ₀ + λ Σ τ_t", "", "yes", "grid", ""),
+    "ties": ("trim, sign election, disjoint mean of τ_t", "", "yes", "grid", ""),
+    "dare": ("random drop and rescale of τ_t, then sum", "", "yes", "grid", ""),
+    "dare-ties": ("DARE, then TIES", "", "yes", "grid", ""),
+    "slerp": ("spherical interpolation per tensor", "", "", "grid", ""),
+}
+
+
+def methods_section(inits: Sequence[str]) -> str:
+    """A table of the initialisations in ``inits``: what information each uses. "grid": the
+    target's validation labels choose a hyper-parameter, when a grid of several is given."""
+    known = [i for i in inits if i in METHOD_INFO]
+    if not known:
+        return ""
+    rows = [[f"`{i}`", *METHOD_INFO[i]] for i in known]
+    header = ["init", "what", "Fisher", "base θ₀", "target labels before fine-tuning", "learned per layer"]
+    return "## Methods\n\n" + md_table(header, rows) + "\n"
 
 
 def mixing_section(index: RunIndex) -> str:
@@ -217,6 +248,7 @@ def report_markdown(
         for note in figure_notes.get(name, []):
             parts.append(f"- {note}")
         parts.append("")
+    parts.append(methods_section(sorted({r.init for r in index.targets}, key=init_sort_key)))
     parts.append(mixing_section(index))
     parts.append(sources_section(index))
     parts.append("## Runs\n")

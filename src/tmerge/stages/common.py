@@ -25,7 +25,8 @@ from torch import nn
 
 from tmerge.config import config_hash, save_config
 from tmerge.errors import ConfigError, RunError, TmergeError
-from tmerge.io import read_json, write_json, write_safetensors
+from tmerge.io import file_sha256, read_json, write_json, write_safetensors
+from tmerge.merge.imm import fisher_epsilon  # noqa: F401  (re-exported: the stages' ε of eq. 2)
 from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
 from tmerge.nets.config import NetConfig
 from tmerge.resume import is_rank_zero, run_lock
@@ -34,6 +35,8 @@ from tmerge.runner import LoggerConfig, TrainerConfig, resolve_compile
 log = logging.getLogger("tmerge")
 
 NET_FILE = "net.safetensors"
+#: The initial weights θ₀ of a source trained from scratch (the base of every task vector τ = θ − θ₀).
+INIT_FILE = "init.safetensors"
 FISHER_FILE = "fisher.safetensors"
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -245,19 +248,17 @@ def git_commit() -> tuple[str | None, bool | None]:
         return None, None
 
 
-def fisher_epsilon(fishers: Sequence[Mapping[str, torch.Tensor]] | None, relative: float) -> float:
-    """The ε of eq. 2 on the Fishers' own scale: ``relative`` × the mean Fisher entry.
-
-    Empirical Fishers of a segmentation loss are tiny and span many decades (on the embedded
-    data: mean ≈ 1e-7, median ≈ 1e-12), so an absolute ε such as 1e-8 would swamp ~90 % of the
-    entries and quietly turn IMM into plain averaging. Without Fishers (mean-IMM) ``relative``
-    is used as it is.
-    """
-    if not fishers:
-        return relative
-    total = sum(float(t.double().sum()) for f in fishers for t in f.values())
-    count = sum(t.numel() for f in fishers for t in f.values())
-    return relative * (total / count if count and total > 0 else 1.0)
+def check_init_matches(base: Path) -> None:
+    """Refuse a run folder's ``init.safetensors`` that is not the one its weights started from
+    (the source stage records its hash beside the trained weights)."""
+    net = base.parent / NET_FILE
+    if base.name != INIT_FILE or not net.is_file():
+        return
+    recorded = load_net(net)[1].get("init_sha256")
+    if recorded and file_sha256(base) != recorded:
+        raise RunError(
+            f"{base}: not the initial weights of {net} (its hash differs from the one recorded there)"
+        )
 
 
 def check_source_finished(path: Path, hint: str) -> None:

@@ -24,9 +24,11 @@ from tmerge.io import file_sha256, write_json
 from tmerge.merge.distance import layer_distances, summarise_distances
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
+from tmerge.resume import is_rank_zero
 from tmerge.runner import build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
+    INIT_FILE,
     NET_FILE,
     SOURCE_MARKER,
     FisherConfig,
@@ -118,6 +120,10 @@ def run_source(cfg: SourceStageConfig) -> Path:
             state, _, path = init_state
             report = transfer_parameters(net, state, exclude=head_names(net, specific))
             log.info("%s: initialised from %s — %s", name, path, report.summary())
+        elif is_rank_zero():
+            # θ₀, the base of the task vectors τ = θ − θ₀ of this model and of every model that
+            # descends from it (M2 starts from M1): task arithmetic, TIES, DARE (tmerge merge).
+            save_net(run_dir / INIT_FILE, net, meta)
 
         module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
         fisher = FisherCallback(
@@ -148,7 +154,12 @@ def run_source(cfg: SourceStageConfig) -> Path:
             # model (or run) is refused when the two are merged.
             fisher_file = run_dir / FISHER_FILE
             fisher_sha = file_sha256(fisher_file) if fisher_file.is_file() else None
-            save_net(run_dir / NET_FILE, module.net, {**meta, "fisher_sha256": fisher_sha})
+            init_file = run_dir / INIT_FILE
+            links = {
+                "fisher_sha256": fisher_sha,
+                "init_sha256": file_sha256(init_file) if init_file.is_file() else None,
+            }
+            save_net(run_dir / NET_FILE, module.net, {**meta, **links})
             # IMM assumes the models it merges sit in one basin: record how far this one moved
             # from the model it started from (M2 from M1), per fused layer.
             if init_state is not None:

@@ -62,16 +62,19 @@ from tmerge.evaluate import (
 from tmerge.fisher import check_finite, load_fisher, normalize_fisher
 from tmerge.io import file_sha256, read_json, write_json, write_text
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
+from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.runner import LoggerConfig, build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
+    INIT_FILE,
     NET_FILE,
     MergeFisherConfig,
     RunConfig,
     best_state_dict,
+    check_init_matches,
     check_source_finished,
     fisher_epsilon,
     head_names,
@@ -121,6 +124,30 @@ class AdaptionConfig:
 
 
 @dataclass
+class VectorMergeConfig:
+    """The task-vector initialisations (``task-arithmetic``, ``ties``, ``dare``, ``dare-ties``,
+    ``slerp``; :mod:`tmerge.merge.task_vectors`). Each hyper-parameter is a value or a small grid:
+    with several candidates the one with the lowest validation loss after adapting S on the
+    target (P frozen, S trained as the T-IMM adaption stage does) is chosen, before fine-tuning,
+    and written to ``selection.json``."""
+
+    # θ₀ of the task vectors τ_t = θ_t − θ₀. None: the first source's init.safetensors (the
+    # random initialisation M1 started from; M2 descends from it too). A run name: that run's
+    # trained weights (e.g. task1, which gives τ₂ = M2 − M1). Anything else: a safetensors file.
+    base: str | None = None
+    lam: list[float] = field(default_factory=lambda: [1.0])  # λ: scale of the merged task vector
+    k: list[float] = field(default_factory=lambda: [20.0])  # TIES: % of entries kept (Yadav et al.)
+    p: list[float] = field(default_factory=lambda: [0.5])  # DARE: drop probability (Yu et al.)
+    t: list[float] = field(default_factory=lambda: [0.5])  # SLERP: 0 = first source, 1 = second
+    seed: int = 0  # DARE's drop masks
+
+    def __post_init__(self) -> None:
+        for key in ("lam", "k", "p", "t"):
+            if not getattr(self, key):
+                raise ConfigError(f"merge.{key}: expected a value or a list of values, got an empty list")
+
+
+@dataclass
 class TargetStageConfig(RunConfig):
     """Config of a BraTS run (``tmerge timm``, ``tmerge imm``, ``tmerge target init=…``, sweeps)."""
 
@@ -143,6 +170,7 @@ class TargetStageConfig(RunConfig):
     adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)
+    merge: VectorMergeConfig = field(default_factory=VectorMergeConfig)
 
 
 ALIASES = {"portion": "data.portion", "epochs": "trainer.max_epochs"}
@@ -152,9 +180,19 @@ ALIASES = {"portion": "data.portion", "epochs": "trainer.max_epochs"}
 class Initialisation:
     """How the target network's weights are obtained before fine-tuning."""
 
-    kind: str  # "none" | "transfer" | "imm" | "timm"
+    kind: str  # "none" | "transfer" | "imm" | "timm" | "vector"
     source: Callable[[TargetStageConfig], list[str]] = lambda cfg: []
     fisher: bool = True  # False: mean-IMM (unit Fishers)
+    method: str | None = None  # kind "vector": the tmerge.merge.methods entry
+
+    @property
+    def merges(self) -> bool:
+        """Whether P is a merge of several sources (which then must share their architecture)."""
+        return self.kind in ("imm", "timm", "vector")
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.fisher and self.kind in ("imm", "timm")
 
 
 def _nth(i: int) -> Callable[[TargetStageConfig], list[str]]:
@@ -183,6 +221,10 @@ INITS: dict[str, Initialisation] = {
     "mean-imm": Initialisation("imm", _all_sources, fisher=False),
     "timm": Initialisation("timm", _all_sources),
     "mean-timm": Initialisation("timm", _all_sources, fisher=False),
+    **{
+        m: Initialisation("vector", _all_sources, fisher=False, method=m)
+        for m in ("task-arithmetic", "ties", "dare", "dare-ties", "slerp")
+    },
 }
 
 
@@ -342,13 +384,20 @@ class Initialised:
 
 
 def initialise(
-    cfg: TargetStageConfig, init: Initialisation, net: nn.Module, sources: list[Source]
+    cfg: TargetStageConfig,
+    init: Initialisation,
+    net: nn.Module,
+    sources: list[Source],
+    base: dict[str, torch.Tensor] | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Initialised:
     """Initialise a freshly built target ``net`` (in place) by ``init``.
 
     * ``none``: as built. ``transfer``: every tensor of the source whose shape matches, except S
       under ``transfer.specific=reinit`` (the heads in any case). ``imm``: P by eq. 2 with uniform
       α. ``timm``: P is left to the adaption stage (:class:`~tmerge.merge.AdaptiveMerge`).
+      ``vector``: P by the method of :mod:`tmerge.merge.methods` from the sources and ``base``
+      (θ₀) with ``params`` (one candidate of :func:`vector_candidates`).
     * Under ``transfer.specific=keep`` the merged initialisations take the instance norms as the
       mean of the sources' (uniform α; T-IMM then adapts them with δ).
 
@@ -375,14 +424,113 @@ def initialise(
         )
     fishers = None
     if init.fisher:
-        fishers = [normalize_fisher(s.fisher, cfg.fisher.normalize) for s in sources if s.fisher is not None]
+        if any(s.fisher is None for s in sources):
+            raise ValueError(
+                f"initialise: {cfg.init} merges by the Fisher, but a source was loaded without one"
+            )
+        fishers = [normalize_fisher(s.fisher, cfg.fisher.normalize) for s in sources]
     eps = fisher_epsilon(fishers, cfg.adaption.eps)
     kept = average_parameters(net, [s.state for s in sources], norms) if keep else []
     if init.kind == "imm":
         alphas = torch.full((len(sources),), 1.0 / len(sources))
         merged = imm_merge([s.state for s in sources], fishers, alphas, layers=layers, eps=eps)
         net.load_state_dict({**net.state_dict(), **merged})
+    elif init.kind == "vector":
+        spec = METHODS[str(init.method)]
+        if spec.base and base is None:
+            raise ValueError(f"initialise: {cfg.init} needs the base θ₀")
+        names = [n for ns in layers.values() for n in ns]
+        merged = spec.run(
+            [{n: s.state[n] for n in names} for s in sources],
+            None if base is None else {n: base[n] for n in names},
+            None,
+            **(params or vector_candidates(cfg, init)[0]),
+        )
+        net.load_state_dict({**net.state_dict(), **merged})
     return Initialised(net, layers, fishers, eps, kept)
+
+
+def vector_candidates(cfg: TargetStageConfig, init: Initialisation) -> list[dict[str, Any]]:
+    """The hyper-parameter candidates of a task-vector initialisation: the product of the
+    ``merge.*`` lists it uses (λ, k, p, t), each with ``merge.seed`` for DARE."""
+    spec = METHODS[str(init.method)]
+    grid = [dict()]  # type: list[dict[str, Any]]
+    for key in spec.params:
+        values = [cfg.merge.seed] if key == "seed" else list(getattr(cfg.merge, key))
+        grid = [{**g, key: v} for g in grid for v in values]
+    return grid
+
+
+def load_base(
+    cfg: TargetStageConfig, source_names: list[str], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """θ₀ of the task-vector methods (``merge.base``), input layer mapped like the sources'.
+
+    Raises:
+        RunError: the file does not exist, is unreadable, or is not the init its run recorded.
+    """
+    root = runs_dir(cfg.runs_dir)
+    if cfg.merge.base is None:
+        path = root / source_names[0] / INIT_FILE
+        hint = f"retrain {source_names[0]} with this version (it saves its initial weights) or set merge.base"
+    elif (root / cfg.merge.base / NET_FILE).is_file():
+        path, hint = root / cfg.merge.base / NET_FILE, ""
+    else:
+        path, hint = Path(cfg.merge.base).expanduser(), "set merge.base to a run name or a safetensors file"
+    if not path.is_file():
+        raise RunError(f"merge.base: {path} does not exist; {hint}")
+    check_init_matches(path)
+    state, _ = load_net(path)
+    if cfg.channel_map is not None:
+        state = map_input_channels(state, target, list(cfg.channel_map), rescale=True)
+    return state
+
+
+def select_candidate(
+    cfg: TargetStageConfig,
+    init: Initialisation,
+    dm: BraTSDataModule,
+    sources: list[Source],
+    base: dict[str, torch.Tensor] | None,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """The candidate of :func:`vector_candidates` to fine-tune: the only one, or the one whose
+    merged P, frozen, reaches the lowest validation loss after S (norms, heads, re-initialised
+    layers) is trained as in the T-IMM adaption stage (``adaption.lr``, early stopping on the
+    validation loss, ``adaption.max_epochs``). Writes ``selection.json`` when it chose."""
+    candidates = vector_candidates(cfg, init)
+    if len(candidates) == 1:
+        return candidates[0]
+    scores = []
+    for i, params in enumerate(candidates):
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        start = initialise(cfg, init, cfg.net.build(dm.in_channels, dm.n_outputs), sources, base, params)
+        frozen = {n for ns in start.layers.values() for n in ns}
+        for name, param in start.net.named_parameters():
+            param.requires_grad_(name not in frozen)
+        module = segmentation_module(
+            start.net, dm, cfg, cfg.data.patch_size, optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr)
+        )
+        label = f"p{cfg.data.portion}/{cfg.init} selection {i + 1}/{len(candidates)} {params}"
+        _, result = fit(
+            module,
+            dm,
+            run_dir=run_dir / "selection" / str(i),
+            trainer_cfg=cfg.trainer,
+            monitor="val/loss",
+            mode="min",
+            name=label,
+            max_epochs=cfg.adaption.max_epochs,
+            patience=cfg.adaption.patience,
+        )
+        scores.append({"params": params, "val_loss": result.best_score, "epochs": result.epochs})
+        log.info("%s: best val loss %.4f", label, result.best_score or float("nan"))
+    best = min(scores, key=lambda r: float("inf") if r["val_loss"] is None else r["val_loss"])
+    write_json(
+        run_dir / "selection.json", {"method": init.method, "candidates": scores, "chosen": best["params"]}
+    )
+    log.info("%s: chose %s (val loss %.4f)", cfg.init, best["params"], best["val_loss"] or float("nan"))
+    return best["params"]
 
 
 def run_config(cfg: TargetStageConfig, init: str | None = None, seed: int | None = None) -> TargetStageConfig:
@@ -403,7 +551,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     run_dir = target_dir(cfg, cfg.init, None if len(cfg.seeds) <= 1 else cfg.seed)
     cfg = run_config(cfg)
     source_names = init.source(cfg)
-    if init.kind in ("imm", "timm") and len(source_names) < 2:
+    if init.merges and len(source_names) < 2:
         raise ConfigError(f"sources: init={cfg.init} merges at least 2 source runs, got {source_names}")
     run_cfg = dataclasses.replace(cfg, inits=[cfg.init], seeds=[cfg.seed])
     # Everything that can fail on the user's input (sources, architectures, Fishers) is checked
@@ -415,9 +563,12 @@ def run_target(cfg: TargetStageConfig) -> Path:
         cfg,
         source_names,
         fused,
-        with_fisher=init.fisher and init.kind in ("imm", "timm"),
+        with_fisher=init.needs_fisher,
         target=net.state_dict(),
     )
+    base = None
+    if init.kind == "vector" and METHODS[str(init.method)].base:
+        base = load_base(cfg, source_names, net.state_dict())
     dm.check_layout()
     with stage_guard(run_dir):
         if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
@@ -432,11 +583,15 @@ def run_target(cfg: TargetStageConfig) -> Path:
             "init": cfg.init,
             "sources": source_names,
             "specific": cfg.transfer.specific,
-            "fisher_normalize": cfg.fisher.normalize
-            if init.fisher and init.kind in ("imm", "timm")
-            else None,
+            "fisher_normalize": cfg.fisher.normalize if init.needs_fisher else None,
         }
-        start = initialise(cfg, init, net, sources)
+        params = None
+        if init.kind == "vector":
+            params = select_candidate(cfg, init, dm, sources, base, run_dir)
+            stages["merge"] = {"method": init.method, "params": params}
+            L.seed_everything(cfg.seed, workers=True, verbose=False)  # S as fresh as for every init
+            net = cfg.net.build(dm.in_channels, dm.n_outputs)
+        start = initialise(cfg, init, net, sources, base, params)
         net = start.net
         if init.kind == "timm":
             net, stages["adaption"] = adapt(cfg, dm, net, sources, start, run_dir, root, tags)

@@ -1,0 +1,107 @@
+"""The merge methods by name: what each computes, its parameters, and what it needs.
+
+One table serves ``tmerge merge`` (recipes) and the target stage's initialisations, so a method
+is defined once. Each entry's ``run(models, base, fishers, **params)`` takes T state dicts, the
+base θ₀ (or None) and the T Fishers (or None) and returns the merged state dict; the maths is in
+:mod:`tmerge.merge.imm` and :mod:`tmerge.merge.task_vectors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tmerge.merge.imm import fisher_epsilon, imm_merge
+from tmerge.merge.task_vectors import dare, slerp, task_arithmetic, ties
+
+
+def _imm(fisher: bool) -> Callable[..., dict[str, Tensor]]:
+    """Eq. 2 with the recipe's α (default uniform). Tensors without a Fisher (a source's Fisher
+    covers its fused parameters only: norms and heads have none) are merged with unit Fishers,
+    i.e. averaged with the same α."""
+
+    def run(
+        models: Sequence[Mapping[str, Tensor]], base: Any, fishers: Any, **params: Any
+    ) -> dict[str, Tensor]:
+        t = len(models)
+        alphas = params.get("alphas")
+        alpha = torch.full((t,), 1.0 / t) if alphas is None else torch.tensor(alphas, dtype=torch.float32)
+        names = [n for n in models[0] if models[0][n].is_floating_point()]
+        weighted = [n for n in names if fisher and all(n in f for f in fishers)]
+        plain = [n for n in names if n not in weighted]
+        out = {n: models[0][n].clone() for n in models[0] if n not in names}
+        if weighted:
+            f = [{n: x[n] for n in weighted} for x in fishers]
+            eps = fisher_epsilon(f, float(params.get("eps", 1e-8)))
+            out.update(imm_merge(models, f, alpha, names=weighted, eps=eps))
+        if plain:
+            out.update(imm_merge(models, None, alpha, names=plain, eps=float(params.get("eps", 1e-8))))
+        return out
+
+    return run
+
+
+def _needs_base(fn: Callable[..., dict[str, Tensor]]) -> Callable[..., dict[str, Tensor]]:
+    def run(
+        models: Sequence[Mapping[str, Tensor]], base: Any, fishers: Any, **params: Any
+    ) -> dict[str, Tensor]:
+        return fn(models, base, **params)
+
+    return run
+
+
+def _slerp(models: Sequence[Mapping[str, Tensor]], base: Any, fishers: Any, *, t: float) -> dict[str, Tensor]:
+    return slerp(models, t)
+
+
+def _dare_ties(
+    models: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor],
+    *,
+    p: float,
+    k: float,
+    lam: float,
+    seed: int,
+) -> dict[str, Tensor]:
+    return dare(models, base, p=p, lam=lam, seed=seed, ties_k=k)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: its function, its parameters (with defaults) and the inputs it needs.
+
+    Attributes:
+        uses: what information the method uses besides the weights (for the report's methods
+            table): any of "Fisher", "base", "target labels", "learned per layer".
+    """
+
+    run: Callable[..., dict[str, Tensor]]
+    params: Mapping[str, Any]
+    base: bool = False  # needs θ₀
+    fishers: bool = False  # needs the models' Fishers
+    models: int | None = None  # exact number of models, if fixed
+    paper: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "imm": Method(
+        _imm(True), {"alphas": None, "eps": 1e-8}, fishers=True, paper="Lee et al. 2017 (mode-IMM)"
+    ),
+    "mean-imm": Method(_imm(False), {"alphas": None, "eps": 1e-8}, paper="Lee et al. 2017 (mean-IMM)"),
+    "task-arithmetic": Method(
+        _needs_base(task_arithmetic), {"lam": 1.0}, base=True, paper="Ilharco et al. 2023"
+    ),
+    "ties": Method(_needs_base(ties), {"k": 20.0, "lam": 1.0}, base=True, paper="Yadav et al. 2023"),
+    "dare": Method(_needs_base(dare), {"p": 0.5, "lam": 1.0, "seed": 0}, base=True, paper="Yu et al. 2024"),
+    "dare-ties": Method(
+        _needs_base(_dare_ties),
+        {"p": 0.5, "k": 20.0, "lam": 1.0, "seed": 0},
+        base=True,
+        paper="Yu et al. 2024",
+    ),
+    "slerp": Method(_slerp, {"t": 0.5}, models=2, paper="Shoemake 1985 (as in mergekit)"),
+}
