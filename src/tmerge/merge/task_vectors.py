@@ -22,7 +22,7 @@ checked by :func:`check_state_dicts`; errors are ``ValueError`` naming the key.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +30,9 @@ from torch import Tensor
 StateDict = Mapping[str, Tensor]
 
 
-def check_state_dicts(models: Sequence[StateDict], base: StateDict | None = None, what: str = "merge") -> list[str]:
+def check_state_dicts(
+    models: Sequence[StateDict], base: StateDict | None = None, what: str = "merge"
+) -> list[str]:
     """The names every model (and the base) holds with one shape and dtype, in the first model's order.
 
     Raises:
@@ -50,14 +52,18 @@ def check_state_dicts(models: Sequence[StateDict], base: StateDict | None = None
             raise ValueError(f"{what}: {label} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}")
         extra = [n for n in sd if n not in ref]
         if extra:
-            raise ValueError(f"{what}: {label} has keys model 0 lacks: {extra[:3]}{' …' if len(extra) > 3 else ''}")
+            raise ValueError(
+                f"{what}: {label} has keys model 0 lacks: {extra[:3]}{' …' if len(extra) > 3 else ''}"
+            )
         for n in names:
             if sd[n].shape != ref[n].shape:
                 raise ValueError(
                     f"{what}: {n!r} has shape {tuple(sd[n].shape)} in {label}, {tuple(ref[n].shape)} in model 0"
                 )
             if sd[n].dtype != ref[n].dtype:
-                raise ValueError(f"{what}: {n!r} has dtype {sd[n].dtype} in {label}, {ref[n].dtype} in model 0")
+                raise ValueError(
+                    f"{what}: {n!r} has dtype {sd[n].dtype} in {label}, {ref[n].dtype} in model 0"
+                )
     return names
 
 
@@ -65,7 +71,29 @@ def _mergeable(t: Tensor) -> bool:
     return t.is_floating_point()
 
 
-def task_vectors(models: Sequence[StateDict], base: StateDict, names: Iterable[str] | None = None) -> list[dict[str, Tensor]]:
+def _add_to_base(
+    names: Sequence[str],
+    models: Sequence[StateDict],
+    base: StateDict,
+    lam: float,
+    merged_vector: Callable[[str, list[Tensor]], Tensor],
+) -> dict[str, Tensor]:
+    """θ₀ + λ · ``merged_vector(name, [τ_1, …, τ_T])`` per floating-point tensor (computed in
+    float64, returned in the base's dtype); other tensors are copied from the first model."""
+    out: dict[str, Tensor] = {}
+    for n in names:
+        if not _mergeable(base[n]):
+            out[n] = models[0][n].clone()
+            continue
+        theta0 = base[n].to(torch.float64)
+        taus = [m[n].to(torch.float64) - theta0 for m in models]
+        out[n] = (theta0 + lam * merged_vector(n, taus)).to(base[n].dtype)
+    return out
+
+
+def task_vectors(
+    models: Sequence[StateDict], base: StateDict, names: Iterable[str] | None = None
+) -> list[dict[str, Tensor]]:
     """τ_t = θ_t − θ₀ for every floating-point tensor (of ``names``, default all)."""
     keys = check_state_dicts(models, base, "task_vectors") if names is None else list(names)
     return [{n: m[n] - base[n] for n in keys if _mergeable(m[n])} for m in models]
@@ -82,14 +110,7 @@ def task_arithmetic(models: Sequence[StateDict], base: StateDict, lam: float = 1
         lam: λ, the scale of the summed task vector.
     """
     names = check_state_dicts(models, base, "task_arithmetic")
-    out: dict[str, Tensor] = {}
-    for n in names:
-        if not _mergeable(base[n]):
-            out[n] = models[0][n].clone()
-            continue
-        total = sum((m[n].to(torch.float64) - base[n].to(torch.float64) for m in models), torch.zeros(()))
-        out[n] = (base[n].to(torch.float64) + lam * total).to(base[n].dtype)
-    return out
+    return _add_to_base(names, models, base, lam, lambda _, taus: sum(taus[1:], taus[0]))
 
 
 def trim(tau: Tensor, k: float) -> Tensor:
@@ -127,17 +148,12 @@ def ties_vector(taus: Sequence[Tensor], k: float = 20.0) -> Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).to(taus[0].dtype)
 
 
-def ties(models: Sequence[StateDict], base: StateDict, k: float = 20.0, lam: float = 1.0) -> dict[str, Tensor]:
+def ties(
+    models: Sequence[StateDict], base: StateDict, k: float = 20.0, lam: float = 1.0
+) -> dict[str, Tensor]:
     """θ = θ₀ + λ · TIES(τ_1, …, τ_T) per tensor (Yadav et al. 2023); see :func:`ties_vector`."""
     names = check_state_dicts(models, base, "ties")
-    out: dict[str, Tensor] = {}
-    for n in names:
-        if not _mergeable(base[n]):
-            out[n] = models[0][n].clone()
-            continue
-        merged = ties_vector([m[n] - base[n] for m in models], k)
-        out[n] = base[n] + lam * merged
-    return out
+    return _add_to_base(names, models, base, lam, lambda _, taus: ties_vector(taus, k))
 
 
 def dare_vector(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
@@ -174,16 +190,21 @@ def dare(
     """
     names = check_state_dicts(models, base, "dare")
     g = torch.Generator().manual_seed(seed)
-    sparse = [{n: dare_vector(m[n] - base[n], p, g) for n in names if _mergeable(base[n])} for m in models]
-    out: dict[str, Tensor] = {}
-    for n in names:
-        if not _mergeable(base[n]):
-            out[n] = models[0][n].clone()
-            continue
+    # Masks drawn model by model, then key by key, so that a seed fixes every mask.
+    sparse = [
+        {
+            n: dare_vector(m[n].to(torch.float64) - base[n].to(torch.float64), p, g)
+            for n in names
+            if _mergeable(base[n])
+        }
+        for m in models
+    ]
+
+    def merged(n: str, _: list[Tensor]) -> Tensor:
         taus = [s[n] for s in sparse]
-        merged = sum(taus[1:], taus[0]) if ties_k is None else ties_vector(taus, ties_k)
-        out[n] = base[n] + lam * merged
-    return out
+        return sum(taus[1:], taus[0]) if ties_k is None else ties_vector(taus, ties_k)
+
+    return _add_to_base(names, models, base, lam, merged)
 
 
 def slerp_tensor(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
