@@ -236,3 +236,41 @@ def slerp(models: Sequence[StateDict], t: float = 0.5) -> dict[str, Tensor]:
     names = check_state_dicts(models, None, "slerp")
     a, b = models
     return {n: slerp_tensor(a[n], b[n], t) if _mergeable(a[n]) else a[n].clone() for n in names}
+
+
+def regmean(weights: Sequence[Tensor], grams: Sequence[Tensor], ridge: float = 0.0) -> Tensor:
+    """RegMean for one linear map (Jin et al. 2023, "Dataless knowledge fusion by merging weights
+    of language models"): the W that minimises Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖², i.e.
+
+        W = (Σ_t W_t G_t)(Σ_t G_t)⁻¹,   G_t = X_tᵀ X_t (the Gram matrix of model t's layer inputs).
+
+    A convolution is a linear map of its unfolded input patches: flatten its weight to
+    ``(C_out, C_in·k³)`` and take the Gram matrix of the unfolded inputs.
+
+    Args:
+        weights: T weight matrices ``(out, in)``.
+        grams: T Gram matrices ``(in, in)`` of the inputs each model's layer saw.
+        ridge: added to the diagonal of Σ_t G_t (relative to its mean diagonal entry) when the
+            inputs do not span every direction.
+
+    Returns:
+        The merged ``(out, in)`` matrix, in the first weight's dtype.
+    """
+    if len(weights) != len(grams) or not weights:
+        raise ValueError(
+            f"regmean: expected as many Gram matrices as weights, got {len(grams)} and {len(weights)}"
+        )
+    for t, (w, g) in enumerate(zip(weights, grams, strict=True)):
+        if w.ndim != 2 or g.shape != (w.shape[1], w.shape[1]):
+            raise ValueError(
+                f"regmean: weight {t} must be (out, in) with a Gram matrix (in, in), got {tuple(w.shape)} and {tuple(g.shape)}"
+            )
+    total = sum((g.to(torch.float64) for g in grams), torch.zeros(()))
+    if ridge:
+        total = total + ridge * total.diagonal().mean() * torch.eye(total.shape[0], dtype=torch.float64)
+    rhs = sum(
+        (w.to(torch.float64) @ g.to(torch.float64) for w, g in zip(weights, grams, strict=True)),
+        torch.zeros(()),
+    )
+    # W Σ G = Σ W_t G_t  ⇔  (Σ G) Wᵀ = (Σ W_t G_t)ᵀ, Σ G symmetric.
+    return torch.linalg.solve(total, rhs.T).T.to(weights[0].dtype)

@@ -66,6 +66,7 @@ from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
+from tmerge.resume import is_rank_zero
 from tmerge.runner import LoggerConfig, build_loggers, close_loggers, fit
 from tmerge.stages.common import (
     FISHER_FILE,
@@ -526,9 +527,9 @@ def select_candidate(
         scores.append({"params": params, "val_loss": result.best_score, "epochs": result.epochs})
         log.info("%s: best val loss %.4f", label, result.best_score or float("nan"))
     best = min(scores, key=lambda r: float("inf") if r["val_loss"] is None else r["val_loss"])
-    write_json(
-        run_dir / "selection.json", {"method": init.method, "candidates": scores, "chosen": best["params"]}
-    )
+    if is_rank_zero():
+        record = {"method": init.method, "candidates": scores, "chosen": best["params"]}
+        write_json(run_dir / "selection.json", record)
     log.info("%s: chose %s (val loss %.4f)", cfg.init, best["params"], best["val_loss"] or float("nan"))
     return best["params"]
 
