@@ -80,11 +80,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from typing_extensions import override
 
 from tmerge.errors import RunError
 from tmerge.io import write_safetensors
+from tmerge.stateless import stateless_call
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(output (1, K, …), target (1, …)) -> scalar``: the loss of one sample."""
@@ -218,7 +218,7 @@ def sample_loss(
             if state is None:
                 state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
             state = {n: t.to(autocast_dtype) if t.is_floating_point() else t for n, t in state.items()}
-        out = model(x) if state is None else functional_call(model, dict(state), (x,))
+        out = model(x) if state is None else stateless_call(model, state, (x,))
     if autocast_dtype is not None and isinstance(out, Tensor):
         out = out.float()
     return _loss_scalar(loss_fn(out, y))

@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from tmerge.errors import RunError
 from tmerge.merge.imm import (
@@ -31,6 +30,7 @@ from tmerge.merge.imm import (
     pack_terms,
 )
 from tmerge.merge.mixing import LayerwiseMixing
+from tmerge.stateless import alias_names, shared_names, stateless_call, with_aliases
 
 
 class _Slot(NamedTuple):
@@ -168,6 +168,7 @@ class AdaptiveMerge(nn.Module):
             check_fishers(fishers, {n: sources[0][n].shape for ns in layer_map.values() for n in ns})
 
         self.net = net
+        self._aliases = alias_names(net)  # modules reachable under two names (see tmerge.stateless)
         self.n_models = n_models
         self.layers: dict[str, list[str]] = layer_map
         self.eps = eps
@@ -269,7 +270,7 @@ class AdaptiveMerge(nn.Module):
         Arguments are passed to the wrapped network unchanged (e.g. ``x`` of shape
         ``(B, C, D, H, W)``); the network's output is returned.
         """
-        return functional_call(self.net, self.merged_parameters(), args, kwargs)
+        return stateless_call(self.net, self.merged_parameters(), args, kwargs, self._aliases)
 
     @torch.no_grad()
     def materialize(self) -> dict[str, Tensor]:
@@ -279,7 +280,9 @@ class AdaptiveMerge(nn.Module):
             name → tensor, loadable with ``net.load_state_dict(...)`` (strict).
         """
         sd = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        for n, v in self.merged_parameters().items():
+        # A shared parameter appears under each of its names in a state dict; all get the merge.
+        merged = with_aliases(self.merged_parameters(), shared_names(self.net))
+        for n, v in merged.items():
             sd[n] = v.detach().clone()
         return sd
 
