@@ -94,7 +94,8 @@ def test_truncated_nifti_mid_stage_leaves_no_run_folder(tiny_default, tmp_path, 
     )
     assert status == 2, err
     assert "_flair.nii.gz" in err and "Traceback" not in err
-    assert not (runs / "brats" / "p50" / "none").exists()
+    # Nothing left behind: no run folder, no lock file, no empty folders made for them.
+    assert not (runs / "brats").exists(), sorted(str(p) for p in runs.rglob("*"))
 
 
 def test_map_input_channels_reuses_and_rescales_filters():

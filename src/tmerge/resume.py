@@ -11,17 +11,18 @@ next batch boundary; :class:`SaveOnSigterm` writes ``last.ckpt`` there and the s
 :class:`~tmerge.errors.Interrupted` (exit status 143).
 
 Two processes on one run folder would overwrite each other's checkpoints: :func:`run_lock`
-holds an exclusive ``flock`` on ``<parent>/.<run>.lock`` (released by the kernel when the
-process dies, so a killed run never leaves a stale lock).
+holds an exclusive lock on ``<parent>/.<run>.lock`` (``filelock``: an ``flock`` where the file
+system has it, a soft lock naming its holder elsewhere; a dead holder's lock is reclaimed).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
+import platform
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,39 +48,71 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def _lock_holder(lock_path: Path) -> tuple[str, str] | None:
+    """``(pid, host)`` written at the top of a lock file (by us for ``flock`` locks, by
+    ``filelock`` for its soft locks: both start with the pid and the host name), if any."""
+    try:
+        lines = lock_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return (lines[0], lines[1]) if len(lines) >= 2 and lines[0].isdigit() else None
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the duration of a stage (rank 0 only: the other
     DDP ranks are this run's own processes).
 
+    The lock is ``<parent>/.<run>.lock``, taken with ``filelock``: an ``flock`` where the file
+    system supports it (released by the kernel when the process dies), and otherwise (some
+    Lustre, GPFS and NFS mounts answer ENOSYS or EINVAL) a soft lock file that names its holder's
+    pid and host, reclaimed once that process is gone. A lock left by a process that died is
+    reclaimed with a message. If the stage left no run folder (it failed on its input before
+    writing one), the lock file and the folders made for it are removed again.
+
     Raises:
-        RunError: another process holds the lock, naming its pid.
+        RunError: another process holds the lock, naming its pid and host.
     """
     if not is_rank_zero():
         yield
         return
+    from filelock import FileLock, Timeout
+
     lock_path = run_dir.parent / f".{run_dir.name}.lock"
+    made = [p for p in (lock_path.parent, *lock_path.parent.parents) if not p.exists()]
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RunError(
-                f"{run_dir} is in use by another tmerge process (pid {holder}, lock {lock_path}); "
-                "wait for it to finish or stop it first"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    previous = _lock_holder(lock_path)
+    lock = FileLock(lock_path, timeout=0, is_singleton=False, thread_local=False)
+    try:
+        with warnings.catch_warnings():
+            # filelock warns when it falls back to a soft lock; the docstring says why that is fine.
+            warnings.filterwarnings("ignore", message="flock not supported")
+            lock.acquire()
+    except Timeout:
+        holder = _lock_holder(lock_path)
+        who = f"pid {holder[0]} on {holder[1]}" if holder else "unknown process"
+        raise RunError(
+            f"{run_dir} is in use by another tmerge process ({who}, lock {lock_path}); "
+            "wait for it to finish or stop it first"
+        ) from None
+    try:
+        if previous is not None and previous[0] != str(os.getpid()):
+            log.info("%s: reclaimed a stale lock of pid %s on %s (that process is gone)", lock_path, *previous)
+        # An flock leaves the file to us: describe the holder in it. (A soft lock's file is
+        # filelock's own record, which already starts with the pid and host.)
+        native = lock_path.stat().st_size == 0
+        if native:
+            lock_path.write_text(f"{os.getpid()}\n{platform.node()}\n")
+        yield
+    finally:
+        if native and lock_path.is_file():
+            lock_path.write_text("")  # a later holder must not take this process for a dead one
+        lock.release()
+        if not run_dir.exists():  # nothing was written: leave nothing behind
+            lock_path.unlink(missing_ok=True)
+            for folder in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def resume_point(run_dir: Path) -> Path | None:
