@@ -101,3 +101,16 @@ def test_a_stage_that_wrote_nothing_leaves_no_lock_or_folders(tmp_path):
     with run_lock(run):  # a stage that made its folder keeps it (and the empty lock file)
         run.mkdir(parents=True)
     assert run.is_dir() and (run.parent / ".timm.lock").read_text() == ""
+
+
+def test_resume_point_is_the_newest_of_last_and_slurm_requeue_checkpoints(tmp_path):
+    from tmerge.resume import resume_point
+
+    assert resume_point(tmp_path) is None
+    last, hpc1, hpc2 = tmp_path / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
+    for i, path in enumerate((hpc1, last, hpc2)):  # written in this order
+        path.write_bytes(b"x")
+        os.utime(path, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    assert resume_point(tmp_path) == hpc2
+    os.utime(last, ns=(2 * 10**18, 2 * 10**18))  # a later validation wrote last.ckpt again
+    assert resume_point(tmp_path) == last

@@ -116,9 +116,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def resume_point(run_dir: Path) -> Path | None:
-    """``run_dir/last.ckpt`` if a previous attempt left one."""
-    path = run_dir / LAST_CKPT
-    return path if path.is_file() else None
+    """The newest checkpoint a previous attempt left: ``last.ckpt`` (every validation) or one of
+    Lightning's SLURM requeue checkpoints ``hpc_ckpt_<k>.ckpt`` (written on SIGUSR1 before the job
+    is requeued, usually mid-epoch and so newer than ``last.ckpt``); None if there is none."""
+    found = [p for p in (run_dir / LAST_CKPT, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def checkpoint_progress(path: Path) -> tuple[int, int]:
