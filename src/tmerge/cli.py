@@ -99,6 +99,12 @@ COMMANDS: dict[str, Command] = {
         "run_merge",
         files=True,
     ),
+    "score": Command(
+        "grade a folder of predicted BraTS label maps against true ones (Dice, HD95 per region, a CSV)",
+        "tmerge.stages.score",
+        "ScoreConfig",
+        "run_score",
+    ),
     "report": Command(
         "the paper's tables and figures with paired statistics from the finished runs (runs/report/)",
         "tmerge.report",

@@ -268,3 +268,24 @@ def summarise(records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def write_scores(
+    csv_path: Path, summary_path: Path, records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Write the per-subject scores (``subject`` + :func:`score_columns`, sorted by subject) as CSV
+    and then their :func:`summarise` as JSON, each atomically; return the summary."""
+    import csv
+    import io
+
+    from tmerge.io import write_json, write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["subject", *score_columns(class_names)], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(per_subject_rows(records, class_names))
+    write_text(csv_path, buf.getvalue())
+    summary = summarise(records, class_names)
+    write_json(summary_path, summary)
+    return summary
+

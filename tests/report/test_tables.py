@@ -183,3 +183,12 @@ def test_folder_without_config_or_marker_is_not_a_run(fake):
     fake.target(4, "timm")
     (fake.root / "brats" / "p4" / "m2").mkdir()  # e.g. made by hand, nothing in it
     assert [r.init for r in discover(fake.root).targets] == ["timm"]
+
+
+def test_the_full_portion_is_labelled_validation():
+    from tmerge.report.runs import SINGLE, SWEEP
+    from tmerge.report.tables import Row
+
+    assert Row(100, SINGLE).label() == "100 % (validation)"
+    assert Row(100, SWEEP, (0, 1)).label() == "100 % (validation), seeds 0,1"
+    assert Row(8, SINGLE).label() == "8 %"

@@ -23,6 +23,10 @@ from tmerge.report.runs import REGIONS, SINGLE, SWEEP, ForgettingRun, RunIndex, 
 MISSING = "—"
 
 
+#: The portion whose held-out subjects double as the validation set (paper §4.4).
+FULL_PORTION = 100
+
+
 @dataclass(frozen=True)
 class Row:
     """One table row: a portion's single-seed runs, or its sweep over ``seeds``."""
@@ -32,9 +36,12 @@ class Row:
     seeds: tuple[int, ...] = ()
 
     def label(self) -> str:
+        # At 100 % the 40 "test" subjects also validate (paper §4.4: every other labelled subject
+        # trains), so their scores choose the checkpoint: they are validation scores, not a test.
+        portion = f"{self.portion} % (validation)" if self.portion == FULL_PORTION else f"{self.portion} %"
         if self.group == SINGLE:
-            return f"{self.portion} %"
-        return f"{self.portion} %, seeds {','.join(map(str, self.seeds))}"
+            return portion
+        return f"{portion}, seeds {','.join(map(str, self.seeds))}"
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,11 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
         "error, and with a handful of seeds it is itself rough. n: test subjects per run; "
         "seeds: how many seeds the row holds. "
         f"{MISSING}: no finished run. HD95 is averaged over the subjects where it is finite; "
-        '"(k n/a)" counts the values left out (an empty prediction or ground truth).\n',
+        '"(k n/a)" counts the values left out (an empty prediction or ground truth). '
+        "At 100 % the 40 held-out subjects are also the validation set that selects the "
+        'checkpoint (as in the paper, which reported the online leaderboard instead): its rows are '
+        'labelled "(validation)" and are not test scores; grade the exported unlabelled set with '
+        "`tmerge score` where its labels exist.\n",
     ]
     for title, column, digits in TABLE2_METRICS:
         body = []

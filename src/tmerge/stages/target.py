@@ -32,9 +32,7 @@ Outputs in ``runs/brats/p<portion>/<init>/`` (``…/seed<k>/<init>`` for ``seeds
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 from collections.abc import Callable
@@ -55,12 +53,10 @@ from tmerge.evaluate import (
     PREDICTIONS_DIR,
     VALIDATION_DIR,
     label_names,
-    per_subject_rows,
-    score_columns,
-    summarise,
+    write_scores,
 )
 from tmerge.fisher import check_finite, load_fisher, normalize_fisher
-from tmerge.io import file_sha256, read_json, write_json, write_text
+from tmerge.io import file_sha256, read_json, write_json
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
 from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import SegmentationModule
@@ -777,15 +773,7 @@ def write_test_results(
         The summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}`` (formats:
         :mod:`tmerge.evaluate`).
     """
-    columns = ["subject", *score_columns(class_names)]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(per_subject_rows(records, class_names))
-    write_text(run_dir / "test_per_subject.csv", buf.getvalue())
-    summary = summarise(records, class_names)
-    write_json(run_dir / MARKER, summary)
-    return summary
+    return write_scores(run_dir / "test_per_subject.csv", run_dir / MARKER, records, class_names)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

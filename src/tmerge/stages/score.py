@@ -1,0 +1,104 @@
+"""``tmerge score predictions=DIR labels=DIR``: grade a folder of predicted BraTS label maps.
+
+Scores each ``<subject>.nii.gz`` of ``predictions`` against the subject's true label map the way
+the BraTS leaderboard does: Dice and HD95 (mm, from the affine) per region ET (4), TC (1 ∪ 4)
+and WT (1 ∪ 2 ∪ 4), empty-versus-empty scored Dice 1 and HD95 0, a missed or hallucinated
+region Dice 0 and HD95 the volume's diagonal (see :mod:`tmerge.evaluate`). This is how the
+``predictions/validation/`` export of a ``portion=100`` run is graded when its labels exist.
+
+The true label map of a subject is looked for in ``labels`` as ``<subject>.nii.gz``,
+``<subject>_seg.nii.gz`` or, anywhere below, ``<subject>/<subject>_seg.nii.gz`` (the BraTS
+layout; ``.nii`` too). Writes ``<out>/scores.csv`` (the columns of ``test_per_subject.csv``) and
+then ``<out>/scores_summary.json`` (means, as ``test_summary.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tmerge.data.labels import REGIONS, check_brats_labels
+from tmerge.data.nifti import load_labels
+from tmerge.data.preprocess import voxel_spacing
+from tmerge.errors import ConfigError, DataError
+from tmerge.evaluate import score_label_maps, write_scores
+
+log = logging.getLogger("tmerge")
+
+NIFTI = (".nii.gz", ".nii")
+
+
+@dataclass
+class ScoreConfig:
+    """Config of ``tmerge score``."""
+
+    predictions: str | None = None  # folder of <subject>.nii.gz label maps (0/1/2/4)
+    labels: str | None = None  # folder holding the true label maps (see the module doc)
+    out: str | None = None  # where scores.csv and scores_summary.json go; None: the predictions folder
+
+
+def _subject(path: Path) -> str | None:
+    return next((path.name[: -len(ext)] for ext in NIFTI if path.name.endswith(ext)), None)
+
+
+def find_label(labels: Path, subject: str) -> Path | None:
+    """The true label map of ``subject`` under ``labels`` (see the module doc), or None."""
+    for ext in NIFTI:
+        for name in (f"{subject}{ext}", f"{subject}_seg{ext}"):
+            if (labels / name).is_file():
+                return labels / name
+    for ext in NIFTI:
+        found = sorted(labels.rglob(f"{subject}/{subject}_seg{ext}"))
+        if found:
+            return found[0]
+    return None
+
+
+def run_score(cfg: ScoreConfig) -> Path:
+    """Score every prediction; return the CSV written.
+
+    Raises:
+        ConfigError: ``predictions`` or ``labels`` not given or not a folder.
+        DataError: no predictions; a prediction without a label map (all are named); a label map
+            of another grid or orientation; values that are not BraTS labels.
+    """
+    for key in ("predictions", "labels"):
+        value = getattr(cfg, key)
+        if value is None or not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{key}: expected a folder of NIfTI label maps, got {value!r}")
+    predictions, labels = Path(cfg.predictions).expanduser(), Path(cfg.labels).expanduser()
+    files = {s: p for p in sorted(predictions.iterdir()) if p.is_file() and (s := _subject(p))}
+    if not files:
+        raise DataError(f"{predictions}: no <subject>.nii.gz predictions found")
+    truths = {s: find_label(labels, s) for s in files}
+    missing = [s for s, t in truths.items() if t is None]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(
+            f"{labels}: no label map for {len(missing)} of {len(files)} predictions ({shown}); expected "
+            "<subject>.nii.gz, <subject>_seg.nii.gz or <subject>/<subject>_seg.nii.gz"
+        )
+    records = []
+    for i, (subject, path) in enumerate(files.items(), start=1):
+        pred, pred_affine = load_labels(path)
+        truth, affine = load_labels(truths[subject])
+        check_brats_labels(pred, path)
+        check_brats_labels(truth, truths[subject])
+        if pred.shape != truth.shape or not np.allclose(pred_affine, affine, atol=1e-4):
+            raise DataError(
+                f"{path}: shape {pred.shape} on another grid than its label map {truths[subject]} "
+                f"(shape {truth.shape}); expected the prediction in the label map's geometry"
+            )
+        records.append(
+            {"subject": subject, **score_label_maps(pred, truth, "sigmoid", REGIONS, voxel_spacing(affine))}
+        )
+        if i % 25 == 0 or i == len(files):
+            log.info("score: %d/%d subjects", i, len(files))
+    out = Path(cfg.out).expanduser() if cfg.out else predictions
+    summary = write_scores(out / "scores.csv", out / "scores_summary.json", records, list(REGIONS))
+    dice = ", ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items())
+    log.info("score: %d subjects, Dice %s → %s", summary["n"], dice, out / "scores.csv")
+    return out / "scores.csv"
