@@ -57,18 +57,27 @@ def test_soft_lock_where_flock_is_unsupported(tmp_path, no_flock):
         pass
 
 
+# A holder as run_lock leaves it, without importing tmerge (and torch) in the child: an flock with
+# "pid\nhost" in the file, or filelock's soft lock (whose record starts the same way).
 HOLD = """
-import errno, fcntl, sys, time
+import errno, fcntl, os, platform, sys, time, warnings
 from pathlib import Path
+warnings.simplefilter("ignore")
 if sys.argv[2] == "soft":
     def broken(fd, op):
         raise OSError(errno.ENOSYS, "Function not implemented")
     fcntl.flock = broken
-from tmerge.resume import run_lock
-with run_lock(Path(sys.argv[1])):
-    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
-    print("held", flush=True)
-    time.sleep(120)
+from filelock import FileLock
+run = Path(sys.argv[1])
+lock_path = run.parent / f".{run.name}.lock"
+lock_path.parent.mkdir(parents=True, exist_ok=True)
+lock = FileLock(lock_path, timeout=0)
+lock.acquire()
+if lock_path.stat().st_size == 0:
+    lock_path.write_text(f"{os.getpid()}\\n{platform.node()}\\n")
+run.mkdir(parents=True, exist_ok=True)
+print("held", flush=True)
+time.sleep(120)
 """
 
 
