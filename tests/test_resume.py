@@ -96,9 +96,17 @@ def test_a_dead_holders_lock_is_reclaimed_with_a_message(tmp_path, caplog, mode,
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     time.sleep(0.1)
+    lock = run.parent / ".task1.lock"
+    with caplog.at_level(logging.INFO, logger="tmerge"), run_lock(run):
+        # The file now names this process, so a contender is told the live holder.
+        assert lock.read_text().splitlines()[0] == str(os.getpid())
+    assert f"reclaimed a stale lock of pid {proc.pid}" in caplog.text
+    if mode == "flock":
+        assert lock.read_text() == ""  # cleared on release: no dead holder left behind
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="tmerge"), run_lock(run):
         pass
-    assert f"reclaimed a stale lock of pid {proc.pid}" in caplog.text
+    assert "reclaimed" not in caplog.text  # nothing stale the second time
 
 
 def test_a_stage_that_wrote_nothing_leaves_no_lock_or_folders(tmp_path):

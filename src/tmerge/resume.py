@@ -95,21 +95,24 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             f"{run_dir} is in use by another tmerge process ({who}, lock {lock_path}); "
             "wait for it to finish or stop it first"
         ) from None
+    me = str(os.getpid())
+    # A soft lock's file is filelock's own record, which already starts with our pid and host. An
+    # flock leaves the file to us: empty, or the record of a holder that was killed before it
+    # could clear it; either way we describe ourselves in it.
+    native = (_lock_holder(lock_path) or ("",))[0] != me
     try:
-        if previous is not None and previous[0] != str(os.getpid()):
+        if previous is not None and previous[0] != me:
             log.info("%s: reclaimed a stale lock of pid %s on %s (that process is gone)", lock_path, *previous)
-        # An flock leaves the file to us: describe the holder in it. (A soft lock's file is
-        # filelock's own record, which already starts with the pid and host.)
-        native = lock_path.stat().st_size == 0
         if native:
-            lock_path.write_text(f"{os.getpid()}\n{platform.node()}\n")
+            lock_path.write_text(f"{me}\n{platform.node()}\n")
         yield
     finally:
         if native and lock_path.is_file():
             lock_path.write_text("")  # a later holder must not take this process for a dead one
-        lock.release()
         if not run_dir.exists():  # nothing was written: leave nothing behind
-            lock_path.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)  # before the release: no one else can hold it yet
+        lock.release()
+        if not run_dir.exists():
             for folder in made:  # innermost first
                 with contextlib.suppress(OSError):
                     folder.rmdir()

@@ -136,3 +136,20 @@ def test_regmean_is_the_least_squares_solution_on_a_linear_layer() -> None:
     torch.testing.assert_close(regmean(ws, [same] * 3), sum(ws) / 3)
     with pytest.raises(ValueError, match="Gram matrix"):
         regmean([ws[0]], [torch.eye(4, dtype=torch.float64)])
+
+
+def test_dare_masks_do_not_depend_on_the_grouping_of_tensors() -> None:
+    """Merging {a, b} at once or a and b separately (as per-layer overrides do) gives the same
+    masks; and two tensors, or two models, never share a mask."""
+    torch.manual_seed(3)
+    base = {"a": torch.zeros(200), "b": torch.zeros(200)}
+    models = [{k: torch.ones(200) for k in base} for _ in range(2)]
+    together = dare(models, base, p=0.5, lam=1.0, seed=1)
+    for k in base:
+        alone = dare([{k: m[k]} for m in models], {k: base[k]}, p=0.5, lam=1.0, seed=1)
+        assert torch.equal(together[k], alone[k])
+    assert not torch.equal(together["a"], together["b"])
+    one = dare(models[:1], base, p=0.5, seed=1)["a"]
+    # Each model's kept entries are 2 (= 1/(1-p)); with independent masks the sum over the two
+    # models also takes the value 2 somewhere (kept in one model only).
+    assert set(together["a"].unique().tolist()) == {0.0, 2.0, 4.0} and set(one.unique().tolist()) == {0.0, 2.0}

@@ -174,3 +174,56 @@ def test_example_recipes_name_known_methods(method):
     path = Path(__file__).resolve().parents[2] / "experiments" / "merge" / f"{method}.yaml"
     content = yaml.safe_load(path.read_text())
     assert content["method"] == method and len(content["models"]) == 2 and content["output"]
+
+
+def test_parameter_values_out_of_range_are_refused_before_loading(tmp_path, capsys):
+    base, a = unet(0), unet(1)
+    fb, fa = save(tmp_path / "base.safetensors", base), save(tmp_path / "a.safetensors", a)
+    out = tmp_path / "o.safetensors"
+    for method, params, message in (
+        ("ties", {"k": 0}, "params: ties: k must be a percentage in (0, 100], got 0"),
+        ("dare", {"p": 1.0}, "params: dare: p must be a drop probability in [0, 1), got 1.0"),
+    ):
+        r = recipe(
+            tmp_path / "r.yaml", method=method, models=[str(fa)], base=str(fb), params=params, output=str(out)
+        )
+        assert main(["merge", str(r)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_imm_eps_does_not_depend_on_the_override_groups(tmp_path):
+    """An override that changes nothing gives the same merge: ε is on the scale of all Fishers."""
+    source_run(tmp_path, "task1", 1)
+    source_run(tmp_path, "task2", 2)
+    models = [str(tmp_path / "task1"), str(tmp_path / "task2")]
+    plain, split = tmp_path / "plain.safetensors", tmp_path / "split.safetensors"
+    assert (
+        main(
+            [
+                "merge",
+                str(
+                    recipe(
+                        tmp_path / "a.yaml",
+                        method="imm",
+                        models=models,
+                        params={"eps": 0.5},
+                        output=str(plain),
+                    )
+                ),
+            ]
+        )
+        == 0
+    )
+    r = recipe(
+        tmp_path / "b.yaml",
+        method="imm",
+        models=models,
+        params={"eps": 0.5},
+        overrides=[{"match": "encoder.0.*", "params": {}}],
+        output=str(split),
+    )
+    assert main(["merge", str(r)]) == 0
+    a, b = load_file(str(plain)), load_file(str(split))
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], msg=n)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -32,9 +33,10 @@ def build(in_channels: int = 4, n_classes: int = 3) -> torch.nn.Module:
 
 
 def source(seed: int) -> Source:
-    """A source of 2 input channels (as HCP) with every tensor, norms included, set at random."""
+    """A source of 2 input channels (as HCP) with every tensor, norms included, set at random. It
+    has as many outputs as the target, so that its heads fit and only the rule keeps them out."""
     torch.manual_seed(seed)
-    net = build(in_channels=2, n_classes=8)
+    net = build(in_channels=2, n_classes=3)
     state = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
     fused, _ = partition(net)
     fisher = {n: torch.rand_like(state[n]) + 0.1 for n in fused}
@@ -122,8 +124,18 @@ def test_vector_candidates_are_the_grid_of_the_methods_parameters() -> None:
         {"p": 0.5, "lam": 1.0, "seed": 3},
     ]
     assert vector_candidates(cfg, INITS["slerp"]) == [{"t": 0.5}]
-    with pytest.raises(ConfigError, match="merge.lam: expected a value or a list"):
+    with pytest.raises(ConfigError, match="merge.lam: expected a list of one value or a small grid"):
         VectorMergeConfig(lam=[])
+
+
+def test_vector_merge_values_are_checked_when_the_config_is_made() -> None:
+    for key, value, expected in (
+        ("k", [0.0], "merge.k: k must be a percentage in (0, 100], got 0.0"),
+        ("p", [0.5, 1.0], "merge.p: p must be a drop probability in [0, 1), got 1.0"),
+        ("t", [2.0], "merge.t: t must be a number in [0, 1], got 2.0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            VectorMergeConfig(**{key: value})
 
 
 def test_transfer_specific_is_validated() -> None:

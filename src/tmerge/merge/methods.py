@@ -8,6 +8,7 @@ base θ₀ (or None) and the T Fishers (or None) and returns the merged state di
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,8 @@ from tmerge.merge.task_vectors import dare, slerp, task_arithmetic, ties
 def _imm(fisher: bool) -> Callable[..., dict[str, Tensor]]:
     """Eq. 2 with the recipe's α (default uniform). Tensors without a Fisher (a source's Fisher
     covers its fused parameters only: norms and heads have none) are merged with unit Fishers,
-    i.e. averaged with the same α."""
+    i.e. averaged with the same α. ``fisher_scale`` (set by the caller, not the user): the mean
+    Fisher entry that ε is relative to; None: this call's Fishers'."""
 
     def run(
         models: Sequence[Mapping[str, Tensor]], base: Any, fishers: Any, **params: Any
@@ -36,7 +38,14 @@ def _imm(fisher: bool) -> Callable[..., dict[str, Tensor]]:
         out = {n: models[0][n].clone() for n in models[0] if n not in names}
         if weighted:
             f = [{n: x[n] for n in weighted} for x in fishers]
-            eps = fisher_epsilon(f, float(params.get("eps", 1e-8)))
+            # ε on the scale of all the Fishers, not only of this call's tensors: a recipe that
+            # merges its tensors in groups (per-layer overrides) gets the same ε for each.
+            scale = params.get("fisher_scale")
+            eps = (
+                float(params.get("eps", 1e-8)) * scale
+                if scale
+                else fisher_epsilon(f, float(params.get("eps", 1e-8)))
+            )
             out.update(imm_merge(models, f, alpha, names=weighted, eps=eps))
         if plain:
             out.update(imm_merge(models, None, alpha, names=plain, eps=float(params.get("eps", 1e-8))))
@@ -85,6 +94,48 @@ class Method:
     fishers: bool = False  # needs the models' Fishers
     models: int | None = None  # exact number of models, if fixed
     paper: str = ""
+
+
+#: Valid values of the methods' parameters: name → (check, what is expected).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "k": (lambda v: 0 < float(v) <= 100, "a percentage in (0, 100]"),
+    "p": (lambda v: 0 <= float(v) < 1, "a drop probability in [0, 1)"),
+    "t": (lambda v: 0 <= float(v) <= 1, "a number in [0, 1]"),
+    "lam": (lambda v: math.isfinite(float(v)), "a finite number"),
+    "eps": (lambda v: float(v) > 0, "a positive number"),
+    "seed": (lambda v: int(v) == v and int(v) >= 0, "an integer >= 0"),
+}
+
+
+def check_params(method: str, params: Mapping[str, Any], n_models: int) -> None:
+    """Check a method's parameters and model count before anything is merged.
+
+    Raises:
+        ValueError: an unknown method or parameter, a value out of range (named, with what is
+            expected), or the wrong number of models.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
+    spec = METHODS[method]
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ValueError(f"{method} takes {', '.join(spec.params)}; unknown {', '.join(unknown)}")
+    for key, value in params.items():
+        if key in _RANGES and value is not None:
+            ok, expected = _RANGES[key]
+            try:
+                valid = ok(value)
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise ValueError(f"{method}: {key} must be {expected}, got {value!r}")
+    alphas = params.get("alphas")
+    if alphas is not None and len(alphas) != n_models:
+        raise ValueError(f"{method}: alphas must have one entry per model ({n_models}), got {list(alphas)}")
+    if spec.models is not None and n_models != spec.models:
+        raise ValueError(f"{method} merges exactly {spec.models} models, got {n_models}")
+    if n_models < (1 if spec.base else 2):
+        raise ValueError(f"{method} needs at least {1 if spec.base else 2} models, got {n_models}")
 
 
 METHODS: dict[str, Method] = {

@@ -8,6 +8,8 @@ M1 started from, since M2 starts from M1). The *task vector* of model t is τ_t 
 * TIES (Yadav et al. 2023, "TIES-Merging: resolving interference when merging models"): trim each
   τ_t to its k % largest-magnitude entries, elect per entry the sign of the summed trimmed mass
   γ = sgn(Σ_t τ̂_t), average the trimmed entries that agree with γ (disjoint mean), θ = θ₀ + λ τ_m.
+  The trim is per tensor, as mergekit does it; Yadav et al.'s code ranks the whole flattened task
+  vector at once, which lets large layers take most of the k %.
 * DARE (Yu et al. 2024, "Language models are super Mario"): drop each entry of τ_t with
   probability p and rescale the rest by 1/(1 − p), which keeps E[τ̃_t] = τ_t; then merge the
   sparsified vectors by task arithmetic (``dare``) or TIES (``dare-ties``).
@@ -21,6 +23,7 @@ checked by :func:`check_state_dicts`; errors are ``ValueError`` naming the key.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -156,6 +159,14 @@ def ties(
     return _add_to_base(names, models, base, lam, lambda _, taus: ties_vector(taus, k))
 
 
+def mask_seed(seed: int, model: int, name: str) -> int:
+    """The seed of one tensor's DARE mask: fixed by (seed, model index, tensor name), so a mask
+    does not depend on which other tensors are merged with it or in which order. A 32-bit hash:
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed."""
+    digest = hashlib.blake2b(f"{seed}/{model}/{name}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
 def dare_vector(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
     """Drop each entry of ``tau`` with probability ``p``, rescale the kept ones by 1/(1 − p).
 
@@ -184,21 +195,18 @@ def dare(
         models, base: as for :func:`task_arithmetic`.
         p: drop probability.
         lam: λ of the final merge.
-        seed: of the drop masks (one generator for all models, drawn in model then key order).
+        seed: of the drop masks; each tensor's mask is seeded by (seed, model, name)
+            (:func:`mask_seed`).
         ties_k: None merges the sparsified vectors by task arithmetic (``dare``); a percentage
             merges them by TIES with that trim (``dare-ties``).
     """
     names = check_state_dicts(models, base, "dare")
-    g = torch.Generator().manual_seed(seed)
-    # Masks drawn model by model, then key by key, so that a seed fixes every mask.
-    sparse = [
-        {
-            n: dare_vector(m[n].to(torch.float64) - base[n].to(torch.float64), p, g)
-            for n in names
-            if _mergeable(base[n])
-        }
-        for m in models
-    ]
+
+    def sparse_tau(t: int, n: str) -> Tensor:
+        g = torch.Generator().manual_seed(mask_seed(seed, t, n))
+        return dare_vector(models[t][n].to(torch.float64) - base[n].to(torch.float64), p, g)
+
+    sparse = [{n: sparse_tau(t, n) for n in names if _mergeable(base[n])} for t in range(len(models))]
 
     def merged(n: str, _: list[Tensor]) -> Tensor:
         taus = [s[n] for s in sparse]
@@ -238,7 +246,7 @@ def slerp(models: Sequence[StateDict], t: float = 0.5) -> dict[str, Tensor]:
     return {n: slerp_tensor(a[n], b[n], t) if _mergeable(a[n]) else a[n].clone() for n in names}
 
 
-def regmean(weights: Sequence[Tensor], grams: Sequence[Tensor], ridge: float = 0.0) -> Tensor:
+def regmean(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 1.0) -> Tensor:
     """RegMean for one linear map (Jin et al. 2023, "Dataless knowledge fusion by merging weights
     of language models"): the W that minimises Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖², i.e.
 
@@ -250,8 +258,9 @@ def regmean(weights: Sequence[Tensor], grams: Sequence[Tensor], ridge: float = 0
     Args:
         weights: T weight matrices ``(out, in)``.
         grams: T Gram matrices ``(in, in)`` of the inputs each model's layer saw.
-        ridge: added to the diagonal of Σ_t G_t (relative to its mean diagonal entry) when the
-            inputs do not span every direction.
+        alpha: Jin et al.'s shrinkage of each G_t's off-diagonal entries,
+            G̃_t = α G_t + (1 − α) diag(G_t), in [0, 1]; 1 keeps the Gram matrices as they are, and
+            a smaller α regularises when the inputs do not span every direction.
 
     Returns:
         The merged ``(out, in)`` matrix, in the first weight's dtype.
@@ -265,9 +274,12 @@ def regmean(weights: Sequence[Tensor], grams: Sequence[Tensor], ridge: float = 0
             raise ValueError(
                 f"regmean: weight {t} must be (out, in) with a Gram matrix (in, in), got {tuple(w.shape)} and {tuple(g.shape)}"
             )
-    total = sum((g.to(torch.float64) for g in grams), torch.zeros(()))
-    if ridge:
-        total = total + ridge * total.diagonal().mean() * torch.eye(total.shape[0], dtype=torch.float64)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"regmean: alpha must lie in [0, 1], got {alpha!r}")
+    grams = [
+        alpha * g.to(torch.float64) + (1 - alpha) * torch.diag(g.diagonal().to(torch.float64)) for g in grams
+    ]
+    total = sum(grams, torch.zeros(()))
     rhs = sum(
         (w.to(torch.float64) @ g.to(torch.float64) for w, g in zip(weights, grams, strict=True)),
         torch.zeros(()),

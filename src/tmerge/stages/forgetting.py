@@ -23,7 +23,7 @@ import torch
 
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import RunError
-from tmerge.fisher import load_fisher, normalize_fisher
+from tmerge.fisher import NORMALIZE, load_fisher, normalize_fisher
 from tmerge.io import atomic_path, read_json, write_json, write_text
 from tmerge.merge import imm_merge
 from tmerge.metrics import dice_per_class
@@ -79,12 +79,20 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
     out["IMM"] = imm_merge(states, fishers, uniform, layers=layers, eps=eps)
     alphas_path = timm_alphas(root, cfg.portion)
     if alphas_path.is_file():
-        log.info("forgetting: T-IMM row from the α of %s", alphas_path)
-        learned = read_json(alphas_path)["alphas"]
+        record = read_json(alphas_path)
+        learned = record["alphas"]
+        # The α were learned on Fishers normalised as that run did it: merge with the same.
+        mode = record.get("fisher", cfg.fisher.normalize)
+        timm_fishers = fishers
+        if mode != cfg.fisher.normalize and mode in NORMALIZE:
+            raw = [load_fisher(root / name / FISHER_FILE, expected_names=fused) for name in cfg.sources]
+            timm_fishers = [normalize_fisher(f, mode) for f in raw]
+        log.info("forgetting: T-IMM row from the α of %s (Fishers normalised: %s)", alphas_path, mode)
         # Layers the adaption did not mix (the first convolution: 2 HCP vs 4 BraTS channels)
         # keep IMM's uniform ratios.
         per_layer = {layer: torch.tensor(learned.get(layer, uniform.tolist())) for layer in layers}
-        out["T-IMM"] = imm_merge(states, fishers, per_layer, layers=layers, eps=eps)
+        timm_eps = fisher_epsilon(timm_fishers, cfg.eps)
+        out["T-IMM"] = imm_merge(states, timm_fishers, per_layer, layers=layers, eps=timm_eps)
     else:
         log.info(
             "forgetting: %s not found; the T-IMM row is left out (run `make timm PORTION=%d`)",

@@ -35,7 +35,8 @@ from tmerge.config import to_container
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import NORMALIZE, load_fisher, normalize_fisher
 from tmerge.io import file_sha256, write_json, write_safetensors
-from tmerge.merge.methods import METHODS, Method
+from tmerge.merge.imm import fisher_epsilon
+from tmerge.merge.methods import METHODS, Method, check_params
 from tmerge.merge.task_vectors import check_state_dicts
 from tmerge.stages.common import FISHER_FILE, INIT_FILE, NET_FILE, check_init_matches, load_net
 from tmerge.stages.target import check_fisher_matches
@@ -82,11 +83,20 @@ def _load(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _check_params(method: str, spec: Method, params: Mapping[str, Any], where: str) -> dict[str, Any]:
-    unknown = sorted(set(params) - set(spec.params))
-    if unknown:
-        raise ConfigError(f"{where}: {method} takes {', '.join(spec.params)}; unknown {', '.join(unknown)}")
+def _check_params(
+    method: str, spec: Method, params: Mapping[str, Any], where: str, n_models: int
+) -> dict[str, Any]:
+    """The method's defaults updated by ``params``, checked (names, ranges) before anything loads."""
+    try:
+        check_params(method, params, n_models)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return {**spec.params, **params}
+
+
+def _public(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters as the recipe gave them (without what the command adds, e.g. the Fisher scale)."""
+    return {k: v for k, v in params.items() if k != "fisher_scale"}
 
 
 def resolve_inputs(cfg: MergeConfig) -> tuple[list[Path], Path | None, list[Path] | None]:
@@ -145,9 +155,13 @@ def run_merge(cfg: MergeConfig) -> Path:
     model_files, base_file, fisher_files = resolve_inputs(cfg)
     spec = METHODS[cfg.method]
     plain = to_container(cfg)  # JSON-ready values (lists, not OmegaConf nodes)
-    params = _check_params(cfg.method, spec, plain["params"], "params")
+    n = len(model_files)
+    params = _check_params(cfg.method, spec, plain["params"], "params", n)
     overrides = [
-        (o["match"], _check_params(cfg.method, spec, {**plain["params"], **o["params"]}, f"overrides[{i}]"))
+        (
+            o["match"],
+            _check_params(cfg.method, spec, {**plain["params"], **o["params"]}, f"overrides[{i}]", n),
+        )
         for i, o in enumerate(plain["overrides"])
     ]
 
@@ -170,6 +184,12 @@ def run_merge(cfg: MergeConfig) -> Path:
             check_fisher_matches(f, fisher, mf, m, load_net(mf)[1])
             fishers.append(normalize_fisher(fisher, cfg.fisher_normalize))
 
+    if fishers is not None:  # ε relative to all the Fishers, whatever the override groups
+        weighted = [{n: f[n] for n in names if all(n in g for g in fishers)} for f in fishers]
+        scale = fisher_epsilon(weighted, 1.0)
+        params = {**params, "fisher_scale": scale}
+        overrides = [(m, {**p, "fisher_scale": scale}) for m, p in overrides]
+
     groups: dict[int, list[str]] = {}
     for n in names:
         k = next((i for i, (pattern, _) in enumerate(overrides) if fnmatch.fnmatchcase(n, pattern)), -1)
@@ -185,8 +205,8 @@ def run_merge(cfg: MergeConfig) -> Path:
     inputs = [{"path": str(p), "sha256": file_sha256(p)} for p in model_files]
     record = {
         "method": cfg.method,
-        "params": params,
-        "overrides": [{"match": m, "params": p} for m, p in overrides],
+        "params": _public(params),
+        "overrides": [{"match": m, "params": _public(p)} for m, p in overrides],
         "models": inputs,
         "base": None if base_file is None else {"path": str(base_file), "sha256": file_sha256(base_file)},
         "fishers": None

@@ -123,7 +123,7 @@ class AdaptionConfig:
 @dataclass
 class VectorMergeConfig:
     """The task-vector initialisations (``task-arithmetic``, ``ties``, ``dare``, ``dare-ties``,
-    ``slerp``; :mod:`tmerge.merge.task_vectors`). Each hyper-parameter is a value or a small grid:
+    ``slerp``; :mod:`tmerge.merge.task_vectors`). Each hyper-parameter is a list: one value or a small grid;
     with several candidates the one with the lowest validation loss after adapting S on the
     target (P frozen, S trained as the T-IMM adaption stage does) is chosen, before fine-tuning,
     and written to ``selection.json``."""
@@ -139,9 +139,21 @@ class VectorMergeConfig:
     seed: int = 0  # DARE's drop masks
 
     def __post_init__(self) -> None:
+        from tmerge.merge.methods import check_params
+
         for key in ("lam", "k", "p", "t"):
-            if not getattr(self, key):
-                raise ConfigError(f"merge.{key}: expected a value or a list of values, got an empty list")
+            values = getattr(self, key)
+            if not values:
+                raise ConfigError(
+                    f"merge.{key}: expected a list of one value or a small grid, got an empty list"
+                )
+            for value in values:
+                try:
+                    check_params("dare-ties" if key != "t" else "slerp", {key: value}, 2)
+                except ValueError as exc:
+                    raise ConfigError(f"merge.{key}: {str(exc).split(': ', 1)[-1]}") from None
+        if self.seed < 0:
+            raise ConfigError(f"merge.seed: expected an integer >= 0, got {self.seed}")
 
 
 @dataclass
@@ -396,7 +408,8 @@ def initialise(
       ``vector``: P by the method of :mod:`tmerge.merge.methods` from the sources and ``base``
       (θ₀) with ``params`` (one candidate of :func:`vector_candidates`).
     * Under ``transfer.specific=keep`` the merged initialisations take the instance norms as the
-      mean of the sources' (uniform α; T-IMM then adapts them with δ).
+      mean of the sources' (the uniform α every merge starts from; T-IMM's adaption then trains
+      them, as all of S).
 
     Returns:
         The net and, for merges, the mergeable layers, the normalised Fishers (None for the
@@ -483,6 +496,27 @@ def load_base(
     return state
 
 
+def check_base(
+    path_hint: str, base: dict[str, torch.Tensor], sources: list[Source], layers: dict[str, list[str]]
+) -> None:
+    """Refuse a base θ₀ that lacks a merged parameter or holds it in another shape than the sources.
+
+    Raises:
+        RunError: naming the base and the first such parameter.
+    """
+    for names in layers.values():
+        for n in names:
+            if n not in base:
+                raise RunError(
+                    f"merge.base: {path_hint} has no {n!r}; expected the weights the sources started from"
+                )
+            if base[n].shape != sources[0].state[n].shape:
+                raise RunError(
+                    f"merge.base: {path_hint}: {n!r} has shape {tuple(base[n].shape)}, the sources "
+                    f"{tuple(sources[0].state[n].shape)}; expected the weights the sources started from"
+                )
+
+
 def select_candidate(
     cfg: TargetStageConfig,
     init: Initialisation,
@@ -550,6 +584,11 @@ def run_target(cfg: TargetStageConfig) -> Path:
     source_names = init.source(cfg)
     if init.merges and len(source_names) < 2:
         raise ConfigError(f"sources: init={cfg.init} merges at least 2 source runs, got {source_names}")
+    if init.kind == "vector" and METHODS[str(init.method)].models not in (None, len(source_names)):
+        raise ConfigError(
+            f"sources: init={cfg.init} merges exactly {METHODS[str(init.method)].models} source runs, "
+            f"got {source_names}"
+        )
     run_cfg = dataclasses.replace(cfg, inits=[cfg.init], seeds=[cfg.seed])
     # Everything that can fail on the user's input (sources, architectures, Fishers) is checked
     # before the run folder is touched. The DataModule does no I/O before prepare_data.
@@ -566,6 +605,8 @@ def run_target(cfg: TargetStageConfig) -> Path:
     base = None
     if init.kind == "vector" and METHODS[str(init.method)].base:
         base = load_base(cfg, source_names, net.state_dict())
+        layers, _ = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
+        check_base(cfg.merge.base or f"{source_names[0]}/{INIT_FILE}", base, sources, layers)
     dm.check_layout()
     with stage_guard(run_dir):
         if not start_run(run_dir, run_cfg, MARKER, force=cfg.force):
