@@ -19,7 +19,7 @@ ARGS   ?=
 TMERGE := $(BIN)/tmerge
 RUN     = $(TMERGE) $(1) --profile $(PROFILE) $(ARGS)
 
-.PHONY: help install data task1 task2 source test test-fast lint clean
+.PHONY: help install data task1 task2 source test test-slow test-all lint clean
 
 help:
 	@sed -n '2,9p' Makefile
@@ -47,11 +47,16 @@ task2: install
 source: install
 	$(call RUN,source)
 
+# `make test`: every test but the slow ones (end-to-end trainings, DDP on two processes, the
+# adaption capability test), a few minutes on 2 cores; `make test-slow`: those; CI runs both.
 test: install
-	$(BIN)/pytest -q
-
-test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+test-all: install
+	$(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests
