@@ -16,6 +16,7 @@ Run as a script to measure other settings: ``python tests/stages/test_adaption_c
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def learned_alphas(sources: list[dict[str, torch.Tensor]], tmp: Path, **adaption
     start = Initialised(net, layers, ones, eps=1e-8)
     named = [Source(f"s{t}", s, {}, f) for t, (s, f) in enumerate(zip(sources, ones, strict=True))]
     released, _ = adapt(cfg, BlobData(seed=7), net, named, start, tmp, tmp, [])
-    record = __import__("json").loads((tmp / "alphas.json").read_text())
+    record = json.loads((tmp / "alphas.json").read_text())
     assert released is net
     return torch.tensor([record["alphas"][layer][0] for layer in layers])
 

@@ -107,6 +107,23 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def check_value(key: str, value: Any, where: str) -> None:
+    """Check one parameter value against its range (parameters without one pass).
+
+    Raises:
+        ValueError: ``"<where>: <key> must be <expected>, got <value>"``.
+    """
+    if key not in _RANGES or value is None:
+        return
+    ok, expected = _RANGES[key]
+    try:
+        valid = ok(value)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{where}: {key} must be {expected}, got {value!r}")
+
+
 def check_params(method: str, params: Mapping[str, Any], n_models: int) -> None:
     """Check a method's parameters and model count before anything is merged.
 
@@ -121,14 +138,7 @@ def check_params(method: str, params: Mapping[str, Any], n_models: int) -> None:
     if unknown:
         raise ValueError(f"{method} takes {', '.join(spec.params)}; unknown {', '.join(unknown)}")
     for key, value in params.items():
-        if key in _RANGES and value is not None:
-            ok, expected = _RANGES[key]
-            try:
-                valid = ok(value)
-            except (TypeError, ValueError):
-                valid = False
-            if not valid:
-                raise ValueError(f"{method}: {key} must be {expected}, got {value!r}")
+        check_value(key, value, method)
     alphas = params.get("alphas")
     if alphas is not None and len(alphas) != n_models:
         raise ValueError(f"{method}: alphas must have one entry per model ({n_models}), got {list(alphas)}")

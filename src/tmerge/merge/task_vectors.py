@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -92,14 +92,6 @@ def _add_to_base(
         taus = [m[n].to(torch.float64) - theta0 for m in models]
         out[n] = (theta0 + lam * merged_vector(n, taus)).to(base[n].dtype)
     return out
-
-
-def task_vectors(
-    models: Sequence[StateDict], base: StateDict, names: Iterable[str] | None = None
-) -> list[dict[str, Tensor]]:
-    """τ_t = θ_t − θ₀ for every floating-point tensor (of ``names``, default all)."""
-    keys = check_state_dicts(models, base, "task_vectors") if names is None else list(names)
-    return [{n: m[n] - base[n] for n in keys if _mergeable(m[n])} for m in models]
 
 
 def task_arithmetic(models: Sequence[StateDict], base: StateDict, lam: float = 1.0) -> dict[str, Tensor]:

@@ -44,6 +44,14 @@ RUN_FILE = "run.json"
 SOURCE_MARKER = "metrics.json"
 
 
+def check_normalize(value: str) -> None:
+    """Refuse a ``fisher.normalize`` that :func:`tmerge.fisher.normalize_fisher` does not know."""
+    from tmerge.fisher import NORMALIZE
+
+    if value not in NORMALIZE:
+        raise ConfigError(f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {value!r}")
+
+
 @dataclass
 class FisherConfig:
     """Empirical-Fisher settings for the source models (computed once, after training)."""
@@ -56,12 +64,9 @@ class FisherConfig:
     method: str = "auto"  # "auto" | "loop" | "vmap" | "compile" — all give the same numbers
 
     def __post_init__(self) -> None:
-        from tmerge.fisher import METHODS, NORMALIZE
+        from tmerge.fisher import METHODS
 
-        if self.normalize not in NORMALIZE:
-            raise ConfigError(
-                f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
-            )
+        check_normalize(self.normalize)
         if self.method not in METHODS:
             raise ConfigError(f"fisher.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -81,12 +86,7 @@ class MergeFisherConfig:
     normalize: str = "per_tensor"
 
     def __post_init__(self) -> None:
-        from tmerge.fisher import NORMALIZE
-
-        if self.normalize not in NORMALIZE:
-            raise ConfigError(
-                f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
-            )
+        check_normalize(self.normalize)
 
 
 @dataclass

@@ -139,7 +139,7 @@ class VectorMergeConfig:
     seed: int = 0  # DARE's drop masks
 
     def __post_init__(self) -> None:
-        from tmerge.merge.methods import check_params
+        from tmerge.merge.methods import check_value
 
         for key in ("lam", "k", "p", "t"):
             values = getattr(self, key)
@@ -149,9 +149,9 @@ class VectorMergeConfig:
                 )
             for value in values:
                 try:
-                    check_params("dare-ties" if key != "t" else "slerp", {key: value}, 2)
+                    check_value(key, value, f"merge.{key}")
                 except ValueError as exc:
-                    raise ConfigError(f"merge.{key}: {str(exc).split(': ', 1)[-1]}") from None
+                    raise ConfigError(str(exc)) from None
         if self.seed < 0:
             raise ConfigError(f"merge.seed: expected an integer >= 0, got {self.seed}")
 
