@@ -10,10 +10,10 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from tmerge.dashboard import log_alphas, log_test_results, wandb_loggers
+from tmerge.dashboard import log_alphas, log_test_results
 from tmerge.data.labels import REGIONS
 from tmerge.evaluate import label_names
-from tmerge.runner import build_loggers, close_loggers
+from tmerge.loggers import close_wandb, open_wandb, stage_loggers, wandb_loggers
 from tmerge.stages.target import TargetStageConfig, _logger_cfg
 
 RECORDS = [
@@ -73,9 +73,10 @@ def test_offline_run_has_group_tags_table_alphas_and_images(tmp_path, monkeypatc
     cfg = TargetStageConfig()
     cfg.data.portion = 4
     tags = ["p4", "timm", "seed0", "finetune"]
-    loggers = build_loggers(_logger_cfg(cfg, tags), tmp_path / "run", tmp_path, "p4-timm", {"seed": 0})
-    assert len(wandb_loggers(loggers)) == 1
-    run = loggers[1].experiment
+    wandb_run = open_wandb(_logger_cfg(cfg, tags), tmp_path, "p4-timm", {"seed": 0})
+    loggers = stage_loggers(tmp_path / "run", wandb_run, "finetune")
+    assert wandb_loggers(loggers) == [wandb_run]
+    run = wandb_run.experiment
     try:
         assert run.group == "brats-p4" and list(run.tags) == tags
         assert run.settings.mode == "offline"
@@ -94,7 +95,7 @@ def test_offline_run_has_group_tags_table_alphas_and_images(tmp_path, monkeypatc
         ]
         log_alphas(loggers, ALPHAS, ["task1", "task2"], step=3, trajectory=trajectory)
     finally:
-        close_loggers(loggers)
+        close_wandb(wandb_run)
 
     [folder] = (tmp_path / "wandb").glob("offline-run-*")
     record = _run_record(folder)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -277,3 +278,52 @@ def test_timm_with_channel_map_merges_the_first_layer(runs, tiny_default):
     alphas = json.loads((runs / "brats" / "p25" / "timm" / "alphas.json").read_text())
     # depth 3: 9 encoder + 6 decoder convolutions are fused, the input layer now among them
     assert "encoder.0.conv.conv" in alphas["layers"] and len(alphas["layers"]) == 15
+
+
+def test_wandb_agent_call_is_one_run_per_process(runs, tiny_default, tmp_path):
+    """The sweep YAML's command, rendered by wandb's own agent code for one grid point and run
+    as the agent runs it (WANDB_SWEEP_ID / WANDB_RUN_ID / WANDB_SWEEP_PARAM_PATH set, offline):
+    T-IMM's adaption and fine-tune stages log into the one run the agent pinned, under their
+    stage prefixes, and the run folder is the per-seed one."""
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+    from wandb.sdk.lib import config_util
+
+    sweep = yaml.safe_load(open("experiments/sweeps/brats.yaml"))
+    point = {"init": "timm", "seed": 1, "portion": 50}
+    assert all(point[k] in sweep["parameters"][k]["values"] for k in ("init", "seed")), "not on the grid"
+    fixed = {k: p["value"] for k, p in sweep["parameters"].items() if "value" in p}
+    fixed["logger.wandb.mode"] = "offline"  # the test's only change: nothing leaves the machine
+    tiny = dict(a.split("=", 1) for a in brats_args(tiny_default, runs) if not a.startswith("portion="))
+    args = {k: {"value": v} for k, v in {**point, **fixed, **tiny}.items()}
+    sweep_vars = create_sweep_command_args({"args": args})
+    command = []
+    for part in create_sweep_command(sweep["command"]):
+        command += sweep_vars[part[2:-1]] if part.startswith("${") else [part]
+    assert command[:2] == ["tmerge", "target"] and "init=timm" in command and "seed_folder=True" in command
+    command[0] = os.path.join(os.path.dirname(sys.executable), "tmerge")
+    params = tmp_path / "sweep-params.yaml"
+    config_util.save_config_file_from_dict(str(params), args)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SWEEP_ID": "sw33p1d",
+        "WANDB_RUN_ID": "agentrun1",
+        "WANDB_SWEEP_PARAM_PATH": str(params),
+        "WANDB_DIR": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = runs / "brats" / "p50" / "seed1" / "timm"
+    assert (run / "test_summary.json").is_file() and (run / "alphas.json").is_file()
+    folders = list((runs / "wandb").glob("offline-run-*"))
+    assert [f.name.rsplit("-", 1)[1] for f in folders] == ["agentrun1"], "one run, the agent's"
+    path = folders[0] / "run-agentrun1.wandb"
+    for _ in range(150):  # wandb's service may still be flushing the record
+        if b"test/per_subject" in path.read_bytes():
+            break
+        time.sleep(0.2)
+    record = path.read_bytes()
+    for key in (b"adaption/val/loss", b"finetune/val/dice", b"adaption/alphas", b"test/per_subject", b"sw33p1d"):
+        assert key in record, key

@@ -142,7 +142,7 @@ def configure_logging() -> None:
         r".*isinstance\(treespec, LeafSpec\)",  # Lightning internals on newer torch
         r"Checkpoint directory .* exists and is not empty",  # the run folder holds config.yaml first
         r".*does not have many workers",  # in-memory datasets: workers would only add overhead
-        # A resumed run's earlier metrics.csv has been kept aside (runner._keep_previous_csv).
+        # A resumed run's earlier metrics.csv has been kept aside (loggers._keep_previous_csv).
         r"Experiment logs directory .* exists and is not empty",
     ):
         warnings.filterwarnings("ignore", message=message)

@@ -2,7 +2,7 @@
 slices, and the T-IMM mixing ratios α per layer (the paper's Fig. 5).
 
 Every function takes a stage's Lightning loggers and logs through their ``WandbLogger`` (offline
-by default, see :func:`tmerge.runner.build_loggers`). Without one (``logger.wandb.mode=disabled``),
+by default, see :mod:`tmerge.loggers`). Without one (``logger.wandb.mode=disabled``),
 and on every DDP rank but 0, nothing happens, and ``wandb`` is not even imported. Offline, tables
 and images are written into the run folder under ``runs/wandb/`` and uploaded by ``wandb sync``;
 no network is touched.
@@ -20,16 +20,9 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
 
 from tmerge.evaluate import N_PREVIEWS, per_subject_rows, score_columns
-
-
-def wandb_loggers(loggers: Sequence[Logger]) -> list[Any]:
-    """The W&B loggers among ``loggers`` on global rank 0 (an empty list elsewhere)."""
-    if rank_zero_only.rank != 0:
-        return []
-    return [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+from tmerge.loggers import wandb_loggers
 
 
 def log_test_results(

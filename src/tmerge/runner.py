@@ -1,14 +1,13 @@
 """One place that builds the Lightning Trainer, its loggers and callbacks, and fits a module.
 
-A stage contributes only its LightningModule, its DataModule, what to monitor and any extra
-callbacks (e.g. the Fisher callback); checkpointing, early stopping, logging (CSV always, W&B
-offline by default) and precision choices live here, once.
+A stage contributes only its LightningModule, its DataModule, its loggers
+(:mod:`tmerge.loggers`), what to monitor and any extra callbacks (e.g. the Fisher callback);
+checkpointing, early stopping and precision choices live here, once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,12 +17,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tmerge.errors import ConfigError, Interrupted
 from tmerge.io import read_json, write_json
-from tmerge.resume import RngState, SaveOnSigterm, checkpoint_progress, is_rank_zero, resume_point
+from tmerge.resume import RngState, SaveOnSigterm, checkpoint_progress, resume_point
 
 log = logging.getLogger("tmerge")
 
@@ -55,24 +54,6 @@ class TrainerConfig:
     deterministic: bool = False  # True: deterministic algorithms (slower on GPU)
     # False: one summary line per epoch (readable in logs and under make); True: tqdm bars.
     progress_bar: bool = False
-
-
-@dataclass
-class WandbConfig:
-    """Weights & Biases logging through Lightning's ``WandbLogger``."""
-
-    # "offline" (default: nothing leaves the machine; `wandb sync runs/wandb/...` later),
-    # "online", or "disabled". WANDB_MODE in the environment overrides this.
-    mode: str = "offline"
-    project: str = "tmerge"
-    entity: str | None = None
-    group: str | None = None  # runs of one sweep share a group
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 class BestMetrics(Callback):
@@ -216,60 +197,6 @@ def resolve_compile(compile: str | bool, accelerator: str) -> bool:
     if value in ("true", "false"):
         return value == "true"
     raise ConfigError(f"trainer.compile: expected 'auto', 'true' or 'false', got {compile!r}")
-
-
-def build_loggers(
-    cfg: LoggerConfig, run_dir: Path, runs_root: Path, name: str, config: dict[str, Any]
-) -> list[Logger]:
-    """A CSV logger in ``run_dir/logs`` always, plus W&B unless disabled.
-
-    The W&B run directory is ``<runs_root>/wandb``; offline runs are synced later with
-    ``wandb sync <runs_root>/wandb/offline-run-*``.
-    """
-    _keep_previous_csv(run_dir / "logs")
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
-    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
-    if mode != "disabled":
-        from lightning.pytorch.loggers import WandbLogger
-
-        if mode == "offline":
-            # wandb's own banners and deprecation notes say nothing useful offline.
-            os.environ.setdefault("WANDB_SILENT", "true")
-        (runs_root / "wandb").mkdir(parents=True, exist_ok=True)
-        wandb_logger = WandbLogger(
-            name=name,
-            save_dir=str(runs_root),
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            group=cfg.wandb.group,
-            tags=list(cfg.wandb.tags),
-            mode=mode,
-            config=config,
-            # No network: never wait on a connection or print retry noise.
-            settings={"silent": True, "console": "off"} if mode == "offline" else None,
-        )
-        # Lightning always forwards `anonymous`, which wandb >= 0.19 deprecates with a warning on
-        # every run; the setting has no effect there, so leave it out.
-        wandb_logger._wandb_init.pop("anonymous", None)
-        loggers.append(wandb_logger)
-    return loggers
-
-
-def _keep_previous_csv(log_dir: Path) -> None:
-    """Lightning's CSV logger deletes a ``metrics.csv`` it finds; a resumed run keeps the earlier
-    attempt's as ``metrics.attempt<k>.csv``."""
-    current = log_dir / "metrics.csv"
-    if current.is_file() and is_rank_zero():
-        k = 1 + sum(1 for _ in log_dir.glob("metrics.attempt*.csv"))
-        current.rename(log_dir / f"metrics.attempt{k}.csv")
-
-
-def close_loggers(loggers: Sequence[Logger]) -> None:
-    """Finish the W&B run of a stage, so that the next stage of the same process starts its own
-    (WandbLogger otherwise reuses the run in progress)."""
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
 
 
 def fit(

@@ -26,13 +26,18 @@ from torch import nn
 from tmerge.config import config_hash, save_config
 from tmerge.errors import ConfigError, RunError, TmergeError
 from tmerge.io import file_sha256, read_json, write_json, write_safetensors
+from tmerge.loggers import LoggerConfig
 from tmerge.merge.imm import fisher_epsilon  # noqa: F401  (re-exported: the stages' ε of eq. 2)
 from tmerge.modules.segmentation import LossConfig, OptimConfig, SegmentationModule
 from tmerge.nets.config import NetConfig
 from tmerge.resume import is_rank_zero, run_lock
-from tmerge.runner import LoggerConfig, TrainerConfig, resolve_compile
+from tmerge.runner import TrainerConfig, resolve_compile
 
 log = logging.getLogger("tmerge")
+
+#: Config keys that do not make a run different: ``force`` re-runs it, ``seed_folder`` only
+#: says where its folder is.
+IGNORED_KEYS = ("force", "seed_folder")
 
 NET_FILE = "net.safetensors"
 #: The initial weights θ₀ of a source trained from scratch (the base of every task vector τ = θ − θ₀).
@@ -165,14 +170,14 @@ def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:
         # exactly the runs rank 0 skipped — finished ones — or a sweep's collectives mismatch.
         # With force, rank 0 reruns everything (and may not have removed the marker yet).
         return force or not (run_dir / marker).is_file()
-    cfg_hash = config_hash(cfg, ignore=("force",))
+    cfg_hash = config_hash(cfg, ignore=IGNORED_KEYS)
     saved = run_dir / CONFIG_FILE
     if run_dir.exists() and force:
         shutil.rmtree(run_dir)
     elif saved.is_file():
         from omegaconf import OmegaConf
 
-        old_hash = config_hash(OmegaConf.load(saved), ignore=("force",))
+        old_hash = config_hash(OmegaConf.load(saved), ignore=IGNORED_KEYS)
         if old_hash != cfg_hash:
             raise RunError(
                 f"{run_dir} holds a run made with a different config (see {saved}); "
@@ -210,7 +215,7 @@ def _record_run(path: Path, cfg: Any) -> None:
         path,
         {
             "seed": getattr(cfg, "seed", None),
-            "config_hash": config_hash(cfg, ignore=("force",)),
+            "config_hash": config_hash(cfg, ignore=IGNORED_KEYS),
             "commit": commit,
             "dirty": dirty,
             "started": previous.get("started", now),

@@ -21,11 +21,12 @@ from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import FisherCallback
 from tmerge.io import file_sha256, write_json
+from tmerge.loggers import stage_loggers, wandb_run
 from tmerge.merge.distance import layer_distances, summarise_distances
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.resume import is_rank_zero
-from tmerge.runner import build_loggers, close_loggers, fit
+from tmerge.runner import fit
 from tmerge.stages.common import (
     FISHER_FILE,
     INIT_FILE,
@@ -134,54 +135,53 @@ def run_source(cfg: SourceStageConfig) -> Path:
             method=cfg.fisher.method,
             names=fused,
         )
-        loggers = build_loggers(cfg.logger, run_dir, root, name, to_container(cfg))
-        trainer, result = fit(
-            module,
-            dm,
-            run_dir=run_dir,
-            trainer_cfg=cfg.trainer,
-            loggers=loggers,
-            callbacks=[fisher],
-            name=name,
-        )
-        close_loggers(loggers)
-        scores = result.best_metrics
-        distance = None
-        if trainer.is_global_zero:
-            if result.best_path:
-                module.net.load_state_dict(best_state_dict(result.best_path))
-            # The weights name their Fisher by its hash: a Fisher file swapped in from another
-            # model (or run) is refused when the two are merged.
-            fisher_file = run_dir / FISHER_FILE
-            fisher_sha = file_sha256(fisher_file) if fisher_file.is_file() else None
-            init_file = run_dir / INIT_FILE
-            links = {
-                "fisher_sha256": fisher_sha,
-                "init_sha256": file_sha256(init_file) if init_file.is_file() else None,
-            }
-            save_net(run_dir / NET_FILE, module.net, {**meta, **links})
-            # IMM assumes the models it merges sit in one basin: record how far this one moved
-            # from the model it started from (M2 from M1), per fused layer.
-            if init_state is not None:
-                per_layer = layer_distances(
-                    init_state[0], module.net.state_dict(), layer_groups(module.net, fused)
-                )
-                distance = {"from": cfg.init_from, **summarise_distances(per_layer), "per_layer": per_layer}
-            write_json(
-                run_dir / MARKER,
-                {
-                    "name": name,
-                    "val_dice": scores.get("val/dice"),
-                    "val_dice_per_class": {c: scores.get(f"val/dice_{c}") for c in dm.class_names},
-                    "epochs": result.epochs,
-                    "best_epoch": result.best_epoch,
-                    "wall_s": result.wall_s,
-                    "checkpoint": result.best_path,
-                    "fused_tensors": len(fused),
-                    "task_specific_tensors": len(specific),
-                    "distance_from_init": distance,
-                },
+        with wandb_run(cfg.logger, root, name, to_container(cfg)) as run:
+            trainer, result = fit(
+                module,
+                dm,
+                run_dir=run_dir,
+                trainer_cfg=cfg.trainer,
+                loggers=stage_loggers(run_dir, run),
+                callbacks=[fisher],
+                name=name,
             )
+            scores = result.best_metrics
+            distance = None
+            if trainer.is_global_zero:
+                if result.best_path:
+                    module.net.load_state_dict(best_state_dict(result.best_path))
+                # The weights name their Fisher by its hash: a Fisher file swapped in from another
+                # model (or run) is refused when the two are merged.
+                fisher_file = run_dir / FISHER_FILE
+                fisher_sha = file_sha256(fisher_file) if fisher_file.is_file() else None
+                init_file = run_dir / INIT_FILE
+                links = {
+                    "fisher_sha256": fisher_sha,
+                    "init_sha256": file_sha256(init_file) if init_file.is_file() else None,
+                }
+                save_net(run_dir / NET_FILE, module.net, {**meta, **links})
+                # IMM assumes the models it merges sit in one basin: record how far this one moved
+                # from the model it started from (M2 from M1), per fused layer.
+                if init_state is not None:
+                    per_layer = layer_distances(
+                        init_state[0], module.net.state_dict(), layer_groups(module.net, fused)
+                    )
+                    distance = {"from": cfg.init_from, **summarise_distances(per_layer), "per_layer": per_layer}
+                write_json(
+                    run_dir / MARKER,
+                    {
+                        "name": name,
+                        "val_dice": scores.get("val/dice"),
+                        "val_dice_per_class": {c: scores.get(f"val/dice_{c}") for c in dm.class_names},
+                        "epochs": result.epochs,
+                        "best_epoch": result.best_epoch,
+                        "wall_s": result.wall_s,
+                        "checkpoint": result.best_path,
+                        "fused_tensors": len(fused),
+                        "task_specific_tensors": len(specific),
+                        "distance_from_init": distance,
+                    },
+                )
         log.info(
             "%s: best val Dice %.3f after %d epochs (%.0f s)",
             name,

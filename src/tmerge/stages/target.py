@@ -42,6 +42,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from tmerge.callbacks import AlphaTrajectory
@@ -57,13 +58,14 @@ from tmerge.evaluate import (
 )
 from tmerge.fisher import check_finite, load_fisher, normalize_fisher
 from tmerge.io import file_sha256, read_json, write_json
+from tmerge.loggers import LoggerConfig, stage_loggers, wandb_run
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
 from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.resume import is_rank_zero
-from tmerge.runner import LoggerConfig, build_loggers, close_loggers, fit
+from tmerge.runner import fit
 from tmerge.stages.common import (
     FISHER_FILE,
     INIT_FILE,
@@ -170,6 +172,10 @@ class TargetStageConfig(RunConfig):
         default_factory=lambda: ["none", "m1", "m2", "imm", "mean-imm", "mean-timm", "timm"]
     )
     seeds: list[int] = field(default_factory=lambda: [0])
+    # The run folder's seed level: None → runs/brats/p<portion>/seed<k>/<init> when several seeds
+    # are swept, runs/brats/p<portion>/<init> for one; true → always seed<k>/ (one run per
+    # process, as a W&B agent or a SLURM array task runs them: experiments/sweeps, …/slurm).
+    seed_folder: bool | None = None
     # How the sources' input channels feed the target's: entry i is the source channel whose
     # filters the target's channel i reuses, e.g. [0, 0, 1, 1] for HCP (T1, T2) → BraTS (t1,
     # t1ce, t2, flair). None: a first layer of another shape is re-initialised and trained with
@@ -579,7 +585,8 @@ def run_target(cfg: TargetStageConfig) -> Path:
     if cfg.init not in INITS:
         raise ConfigError(f"init: expected one of {', '.join(INITS)}, got {cfg.init!r}")
     init = INITS[cfg.init]
-    run_dir = target_dir(cfg, cfg.init, None if len(cfg.seeds) <= 1 else cfg.seed)
+    per_seed = cfg.seed_folder if cfg.seed_folder is not None else len(cfg.seeds) > 1
+    run_dir = target_dir(cfg, cfg.init, cfg.seed if per_seed else None)
     cfg = run_config(cfg)
     source_names = init.source(cfg)
     if init.merges and len(source_names) < 2:
@@ -613,64 +620,73 @@ def run_target(cfg: TargetStageConfig) -> Path:
             log.info("%s is finished; pass force=true to run it again", run_dir)
             return run_dir
 
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        net = cfg.net.build(dm.in_channels, dm.n_outputs)  # fresh initialisation under the run's seed
-        root = runs_dir(cfg.runs_dir)
-        tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
         stages: dict[str, Any] = {
             "init": cfg.init,
             "sources": source_names,
             "specific": cfg.transfer.specific,
             "fisher_normalize": cfg.fisher.normalize if init.needs_fisher else None,
         }
-        params = None
-        if init.kind == "vector":
-            params = select_candidate(cfg, init, dm, sources, base, run_dir)
-            stages["merge"] = {"method": init.method, "params": params}
-            L.seed_everything(cfg.seed, workers=True, verbose=False)  # S as fresh as for every init
-            net = cfg.net.build(dm.in_channels, dm.n_outputs)
-        start = initialise(cfg, init, net, sources, base, params)
-        net = start.net
-        if init.kind == "timm":
-            net, stages["adaption"] = adapt(cfg, dm, net, sources, start, run_dir, root, tags)
-
-        module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
-        loggers = build_loggers(
-            _logger_cfg(cfg, tags + ["finetune"]),
-            run_dir,
-            root,
-            f"p{cfg.data.portion}-{cfg.init}",
-            to_container(run_cfg),
-        )
-        trainer, result = fit(
-            module,
-            dm,
-            run_dir=run_dir,
-            trainer_cfg=cfg.trainer,
-            loggers=loggers,
-            name=f"p{cfg.data.portion}/{cfg.init} fine-tune",
-        )
-        stages["finetune"] = result.as_dict()
-        # Test in original geometry; label maps to predictions/ (see tmerge.evaluate).
-        module.export_dir = run_dir / PREDICTIONS_DIR
-        trainer.test(
-            module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False, weights_only=True
-        )
-        _export_unlabelled(trainer, module, dm, run_dir, result.best_path)
-        log_test_results(
-            loggers,
-            module.test_records,
-            dm.class_names,
-            module.test_previews,
-            label_names(dm.output_mode, dm.class_names),
-            step=trainer.global_step,
-        )
-        close_loggers(loggers)
-        if trainer.is_global_zero:
-            write_json(run_dir / "stages.json", stages)
-            summary = write_test_results(run_dir, module.test_records, dm.class_names)
-            log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
+        tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
+        # One W&B run for the whole process, every stage under its own key prefix (what
+        # `wandb agent`, which pins the process's run id, expects; see tmerge.loggers).
+        name = f"p{cfg.data.portion}-{cfg.init}"
+        with wandb_run(_logger_cfg(cfg, tags), runs_dir(cfg.runs_dir), name, to_container(run_cfg)) as run:
+            _run_stages(cfg, init, dm, sources, base, run_dir, run, stages)
         return run_dir
+
+
+def _run_stages(
+    cfg: TargetStageConfig,
+    init: Initialisation,
+    dm: BraTSDataModule,
+    sources: list[Source],
+    base: dict[str, torch.Tensor] | None,
+    run_dir: Path,
+    run: Logger | None,
+    stages: dict[str, Any],
+) -> None:
+    """Initialise, (select a candidate, adapt,) fine-tune and test one run in its locked folder;
+    ``stages`` (the run's summary so far) is completed and written to ``stages.json``."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    net = cfg.net.build(dm.in_channels, dm.n_outputs)  # fresh initialisation under the run's seed
+    params = None
+    if init.kind == "vector":
+        params = select_candidate(cfg, init, dm, sources, base, run_dir)
+        stages["merge"] = {"method": init.method, "params": params}
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # S as fresh as for every init
+        net = cfg.net.build(dm.in_channels, dm.n_outputs)
+    start = initialise(cfg, init, net, sources, base, params)
+    net = start.net
+    if init.kind == "timm":
+        net, stages["adaption"] = adapt(cfg, dm, net, sources, start, run_dir, run)
+
+    module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
+    loggers = stage_loggers(run_dir, run, "finetune")
+    trainer, result = fit(
+        module,
+        dm,
+        run_dir=run_dir,
+        trainer_cfg=cfg.trainer,
+        loggers=loggers,
+        name=f"p{cfg.data.portion}/{cfg.init} fine-tune",
+    )
+    stages["finetune"] = result.as_dict()
+    # Test in original geometry; label maps to predictions/ (see tmerge.evaluate).
+    module.export_dir = run_dir / PREDICTIONS_DIR
+    trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False, weights_only=True)
+    _export_unlabelled(trainer, module, dm, run_dir, result.best_path)
+    log_test_results(
+        loggers,
+        module.test_records,
+        dm.class_names,
+        module.test_previews,
+        label_names(dm.output_mode, dm.class_names),
+        step=trainer.global_step,
+    )
+    if trainer.is_global_zero:
+        write_json(run_dir / "stages.json", stages)
+        summary = write_test_results(run_dir, module.test_records, dm.class_names)
+        log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
 
 
 def _export_unlabelled(
@@ -703,8 +719,7 @@ def adapt(
     sources: list[Source],
     start: Initialised,
     run_dir: Path,
-    root: Path,
-    tags: list[str],
+    run: Logger | None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """T-IMM adaption stage: train δ (at ``adaption.delta_lr``) and S (at ``adaption.lr``) on the
     target with the sources frozen until the validation loss stops improving; return the net
@@ -723,13 +738,7 @@ def adapt(
     trajectory = AlphaTrajectory(adaptive.mixing, names)
     stage_dir = run_dir / "adaption"
     label = f"p{cfg.data.portion}/{cfg.init} adaption"
-    loggers = build_loggers(
-        _logger_cfg(cfg, tags + ["adaption"]),
-        stage_dir,
-        root,
-        f"p{cfg.data.portion}-{cfg.init}-adaption",
-        to_container(cfg),
-    )
+    loggers = stage_loggers(stage_dir, run, "adaption")
     trainer, result = fit(
         module,
         dm,
@@ -781,7 +790,6 @@ def adapt(
             },
         )
     log_alphas(loggers, alphas, names, step=trainer.global_step, trajectory=epochs)  # paper Fig. 5
-    close_loggers(loggers)  # after α: the adaption's W&B run shows them
     summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
     first = [a[0] for a in alphas.values()]
     log.info(
