@@ -162,7 +162,8 @@ def test_timm_end_to_end(runs, tiny_default):
 
 def test_full_portion_exports_the_unlabelled_set(runs, tiny_default):
     """portion=100: the test subjects validate, and the unlabelled BraTS validation set is
-    predicted into predictions/validation/ under the submission naming <Brats18_ID>.nii.gz."""
+    predicted into predictions/validation/ under the submission naming <Brats18_ID>.nii.gz, which
+    `tmerge score` grades against the held-out labels."""
     args = [a.replace("portion=50", "portion=100") for a in brats_args(tiny_default, runs)]
     assert main(["target", "init=none", *args]) == 0
     run = runs / "brats" / "p100" / "none"
@@ -171,6 +172,12 @@ def test_full_portion_exports_the_unlabelled_set(runs, tiny_default):
     folders = sorted(p.name for p in validation.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert exported == [f"{f}.nii.gz" for f in folders] and len(exported) == 2
     assert json.loads((run / "test_summary.json").read_text())["n"] == 8
+    # The embedded online set is graded like a leaderboard submission, with the held-out labels.
+    labels = tiny_default / "brats-validation-labels"
+    out = run / "leaderboard"
+    assert main(["score", f"predictions={run / 'predictions' / 'validation'}", f"labels={labels}", f"out={out}"]) == 0
+    graded = json.loads((out / "scores_summary.json").read_text())
+    assert graded["n"] == 2 and set(graded["dice"]) == {"ET", "TC", "WT", "mean"}
 
 
 @pytest.mark.parametrize("init", ["none", "m2", "imm", "mean-imm"])

@@ -16,6 +16,7 @@ from tmerge.data.anatomy import ASEG_LABELS
 from tmerge.data.generate import (
     BRATS_TRAINING,
     BRATS_VALIDATION,
+    BRATS_VALIDATION_LABELS,
     MANIFEST_NAME,
     PENDING_NAME,
     generate_default,
@@ -91,6 +92,23 @@ def test_layout_and_names(generated: Path) -> None:
     assert leftovers == []
 
 
+def test_validation_labels_are_held_out_beside_the_dataset(generated: Path) -> None:
+    """The online validation set's label maps lie outside root/brats (no stage reads them), one
+    per validation subject, BraTS-valued, inside the brain, on the subject's own grid."""
+    labels = generated / BRATS_VALIDATION_LABELS
+    names = sorted(p.name for p in labels.iterdir())
+    assert names == ["Brats18_SYNV_0001_1_seg.nii.gz", "Brats18_SYNV_0002_1_seg.nii.gz"]
+    assert not list((generated / "brats").rglob("*SYNV*_seg.nii.gz"))
+    for name in names:
+        sid = name.removesuffix("_seg.nii.gz")
+        seg = nib.load(str(labels / name))
+        flair = nib.load(str(generated / "brats" / BRATS_VALIDATION / sid / f"{sid}_flair.nii.gz"))
+        assert seg.shape == flair.shape and np.array_equal(seg.affine, flair.affine)
+        values = _array(labels / name)
+        assert set(np.unique(values)) <= {0, 1, 2, 4}
+        assert (values > 0).any() and not (values[np.asarray(flair.dataobj) == 0] > 0).any()
+
+
 def test_modalities_share_shape_affine_and_dtypes(generated: Path) -> None:
     for folder in [
         *generated.glob("hcp/*/T1w"),
@@ -150,7 +168,7 @@ def test_deterministic_parallel_and_subset(generated: Path, tmp_path: Path) -> N
     generate_default(other, workers=2, **{**SMALL, "n_hcp": 2, "n_brats": 2, "n_brats_val": 1})
     a, b = _files(generated), _files(other)
     common = [k for k in b if k.endswith(".nii.gz")]
-    assert len(common) == 2 * 3 + 2 * 5 + 4
+    assert len(common) == 2 * 3 + 2 * 5 + 4 + 1  # HCP, BraTS training, validation, its held-out label
     assert all(k in a and _same_content(a[k], b[k]) for k in common)
 
     # A different seed gives different subjects.
@@ -176,10 +194,11 @@ def test_deleted_subjects_are_regenerated(generated: Path, tmp_path: Path) -> No
     shutil.rmtree(hcp_subject)
     (flair,) = (root / "brats" / BRATS_VALIDATION).glob("Brats18_SYNV_0002_1/*_flair.nii.gz")
     flair.unlink()
+    (root / BRATS_VALIDATION_LABELS / "Brats18_SYNV_0001_1_seg.nii.gz").unlink()  # its images stay
     # A temporary folder left by a killed run is cleaned up.
     (root / "hcp" / ".tmp-999999-abc").mkdir()
 
-    assert generate_default(root, workers=1, **SMALL) == {"hcp": 1, "brats": 1}
+    assert generate_default(root, workers=1, **SMALL) == {"hcp": 1, "brats": 2}
     a, b = _files(generated), _files(root)
     assert a.keys() == b.keys()
     assert all(_same_content(a[k], b[k]) for k in a if k.endswith(".nii.gz"))

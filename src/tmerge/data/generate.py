@@ -6,6 +6,12 @@
     root/hcp/<6-digit id>/T1w/{T1w,T2w}_acpc_dc_restore_brain.nii.gz, aparc+aseg.nii.gz
     root/brats/MICCAI_BraTS_2018_Data_Training/{HGG,LGG}/Brats18_SYN_0001_1/Brats18_SYN_0001_1_{t1,t1ce,t2,flair,seg}.nii.gz
     root/brats/MICCAI_BraTS_2018_Data_Validation/Brats18_SYNV_0001_1/Brats18_SYNV_0001_1_{t1,t1ce,t2,flair}.nii.gz
+    root/brats-validation-labels/Brats18_SYNV_0001_1_seg.nii.gz
+
+The validation set plays BraTS's online leaderboard set: its label maps are written outside the
+dataset root, where no stage looks, so that ``tmerge score labels=root/brats-validation-labels
+predictions=runs/brats/p100/<init>/predictions/validation`` grades a 100 % run's submission the
+way the leaderboard would, while model selection never sees them.
 
 Guarantees:
 
@@ -43,11 +49,15 @@ MANIFEST_NAME = ".tmerge_manifest.json"
 #: Settings of a run in progress; replaced by the manifest when the run completes.
 PENDING_NAME = ".tmerge_generating.json"
 _TMP_PREFIX = ".tmp-"
+#: Marks the held-out label map among a subject's arrays (written to ``_Job.label``).
+LABEL_KEY = "held-out:"
 
 KINDS = ("hcp", "brats")
 HCP_FILES = ("T1w_acpc_dc_restore_brain.nii.gz", "T2w_acpc_dc_restore_brain.nii.gz", "aparc+aseg.nii.gz")
 BRATS_TRAINING = "MICCAI_BraTS_2018_Data_Training"
 BRATS_VALIDATION = "MICCAI_BraTS_2018_Data_Validation"
+#: Beside ``root/brats``, not in it: the stages read the dataset root only.
+BRATS_VALIDATION_LABELS = "brats-validation-labels"
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: Fraction of high-grade gliomas (BraTS 2018 training: 210 HGG / 75 LGG).
 HGG_FRACTION = 0.75
@@ -76,6 +86,7 @@ class _Job:
         folder: Final subject folder.
         files: File names the subject folder must contain (relative to ``folder``).
         grade: ``"HGG"``/``"LGG"`` for BraTS kinds, ``""`` for HCP.
+        label: ``"brats_val"``: the held-out label map, outside the dataset root.
     """
 
     kind: str
@@ -83,10 +94,12 @@ class _Job:
     folder: Path
     files: tuple[str, ...]
     grade: str = ""
+    label: Path | None = None
 
     def complete(self) -> bool:
         """Whether every file of the subject exists (the fast idempotence check)."""
-        return all((self.folder / name).is_file() for name in self.files)
+        files = all((self.folder / name).is_file() for name in self.files)
+        return files and (self.label is None or self.label.is_file())
 
 
 # --- ids and seeds ---------------------------------------------------------------------------
@@ -143,7 +156,8 @@ def _jobs(root: Path, kind: str, seed: int, n_hcp: int, n_brats: int, n_brats_va
     for i in range(n_brats_val):
         sid, grade = brats_subject_id(i, validation=True), brats_grade(seed, i, validation=True)
         files = tuple(f"{sid}_{m}.nii.gz" for m in BRATS_MODALITIES)
-        jobs.append(_Job("brats_val", i, base / BRATS_VALIDATION / sid, files, grade))
+        label = root / BRATS_VALIDATION_LABELS / f"{sid}_seg.nii.gz"
+        jobs.append(_Job("brats_val", i, base / BRATS_VALIDATION / sid, files, grade, label))
     return jobs
 
 
@@ -184,18 +198,28 @@ def _subject_arrays(job: _Job, seed: int, anat: Any) -> dict[str, np.ndarray]:
         }
     validation = job.kind == "brats_val"
     rng = _rng(seed, _STREAM_BRATS_VAL if validation else _STREAM_BRATS_TRAIN, job.index)
-    subject = synth_brats_subject(anat, rng, grade=job.grade, labelled=not validation)
+    # The validation subjects are drawn labelled too (the same draws: the label map costs no
+    # random numbers); their label map goes to job.label, outside the dataset.
+    subject = synth_brats_subject(anat, rng, grade=job.grade, labelled=True)
     sid = job.folder.name
     arrays = {f"{sid}_{m}.nii.gz": _to_int16(subject[m], rng) for m in BRATS_MODALITIES}
-    if not validation:
-        arrays[f"{sid}_seg.nii.gz"] = subject["seg"].astype(np.uint8)
+    key = f"{LABEL_KEY}{sid}_seg.nii.gz" if validation else f"{sid}_seg.nii.gz"
+    arrays[key] = subject["seg"].astype(np.uint8)
     return arrays
 
 
 def _write_subject(job: _Job, seed: int, anat: Any) -> None:
-    """Write one subject into a temporary folder, then rename it onto ``job.folder``."""
+    """Write one subject into a temporary folder, then rename it onto ``job.folder``; a held-out
+    label map is written (atomically, by rename) to ``job.label`` first."""
     arrays = _subject_arrays(job, seed, anat)
     affine = np.asarray(anat.affine, dtype=np.float64)
+    held_out = {k: arrays.pop(k) for k in list(arrays) if k.startswith(LABEL_KEY)}
+    if held_out and job.label is not None:
+        [seg] = held_out.values()
+        job.label.parent.mkdir(parents=True, exist_ok=True)
+        partial = job.label.with_name(f"{_TMP_PREFIX}{job.label.name}")
+        _nifti(seg, affine).to_filename(str(partial))
+        os.replace(partial, job.label)
     parent = job.folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{job.folder.name}-", dir=parent))
