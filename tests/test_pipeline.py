@@ -334,3 +334,72 @@ def test_wandb_agent_call_is_one_run_per_process(runs, tiny_default, tmp_path):
     record = path.read_bytes()
     for key in (b"adaption/val/loss", b"finetune/val/dice", b"adaption/alphas", b"test/per_subject", b"sw33p1d"):
         assert key in record, key
+    artifacts = [r.artifact for r in _wandb_records(path) if r.WhichOneof("record_type") == "artifact"]
+    [artifact] = [a for a in artifacts if a.type != "run_table"]  # W&B keeps tables as artifacts too
+    assert (artifact.name, artifact.type) == ("brats-p50-timm-seed1", "target-model")
+    hashes = json.loads(artifact.metadata)["sha256"]
+    assert hashes == {f: file_sha256(run / f) for f in ("net.safetensors", "stages.json", "test_summary.json")}
+
+
+def _wandb_records(path):
+    """The protobuf records of an offline run's ``.wandb`` file (a LevelDB-style log: a 7-byte
+    header, then 32 KiB blocks of chunks with a 7-byte header: crc, length, type)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def test_sources_logged_as_artifacts_resolve_offline(tiny_default, tmp_path, monkeypatch):
+    """task1 and task2 in an offline W&B run log their weights, Fisher, θ₀ and marker as artifacts
+    with their sha256; read back from the run record, the staged files are the run's. Put into
+    the local artifact cache (as `wandb artifact get` would), they serve as sources by reference."""
+    from tmerge.artifacts import RECORD, cache_dir
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    runs = tmp_path / "runs"
+    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", *TINY]
+    assert main(["task1", *hcp]) == 0 and main(["task2", *hcp]) == 0
+    refs = []
+    for record_file in sorted((runs / "wandb").glob("offline-run-*/run-*.wandb")):
+        for record in _wandb_records(record_file):
+            if record.WhichOneof("record_type") != "artifact" or record.artifact.type == "run_table":
+                continue
+            artifact = record.artifact
+            assert artifact.type == "source-model"
+            files = {e.path: e.local_path for e in artifact.manifest.contents}
+            # θ₀ (init.safetensors) is task1's: task2 starts from task1 and has none of its own.
+            extra = ["init.safetensors"] if artifact.name == "task1" else []
+            assert sorted(files) == sorted(["fisher.safetensors", "metrics.json", "net.safetensors", *extra])
+            metadata = json.loads(artifact.metadata)
+            assert metadata["base_filters"] == 4 and metadata["fisher_sha256"] == metadata["sha256"]["fisher.safetensors"]
+            for name, staged in files.items():
+                assert file_sha256(staged) == file_sha256(runs / artifact.name / name) == metadata["sha256"][name]
+            ref = f"wandb:lab/tmerge/{artifact.name}:v0"
+            folder = cache_dir(runs, ref)
+            folder.mkdir(parents=True)
+            for name, staged in files.items():
+                shutil.copyfile(staged, folder / name)
+            (folder / RECORD).write_text(json.dumps({"ref": ref, "version": "v0", "metadata": metadata}))
+            refs.append(ref)
+    assert sorted(refs) == ["wandb:lab/tmerge/task1:v0", "wandb:lab/tmerge/task2:v0"]
+    for name in ("task1", "task2"):
+        shutil.rmtree(runs / name)  # the references alone must do
+    args = brats_args(tiny_default, runs)
+    assert main(["target", "init=imm", f"sources=[{','.join(refs)}]", *args]) == 0
+    stages = json.loads((runs / "brats" / "p50" / "imm" / "stages.json").read_text())
+    assert stages["sources"] == refs

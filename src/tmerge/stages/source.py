@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 
+from tmerge.artifacts import SOURCE_TYPE, log_model
 from tmerge.config import to_container
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
@@ -182,6 +183,9 @@ def run_source(cfg: SourceStageConfig) -> Path:
                         "distance_from_init": distance,
                     },
                 )
+                # The files a target needs to merge this model, hash-linked, as one W&B artifact.
+                files = {f: run_dir / f for f in (NET_FILE, FISHER_FILE, INIT_FILE, MARKER)}
+                log_model(run, name, SOURCE_TYPE, files, {**meta, **links})
         log.info(
             "%s: best val Dice %.3f after %d epochs (%.0f s)",
             name,

@@ -45,6 +45,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
+from tmerge.artifacts import TARGET_TYPE, is_reference, log_model
+from tmerge.artifacts import resolve as resolve_artifact
 from tmerge.callbacks import AlphaTrajectory
 from tmerge.config import to_container
 from tmerge.dashboard import log_alphas, log_test_results
@@ -58,7 +60,7 @@ from tmerge.evaluate import (
 )
 from tmerge.fisher import check_finite, load_fisher, normalize_fisher
 from tmerge.io import file_sha256, read_json, write_json
-from tmerge.loggers import LoggerConfig, stage_loggers, wandb_run
+from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
 from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import SegmentationModule
@@ -70,6 +72,7 @@ from tmerge.stages.common import (
     FISHER_FILE,
     INIT_FILE,
     NET_FILE,
+    SOURCE_MARKER,
     MergeFisherConfig,
     RunConfig,
     best_state_dict,
@@ -78,6 +81,7 @@ from tmerge.stages.common import (
     fisher_epsilon,
     head_names,
     load_net,
+    save_net,
     segmentation_module,
     stage_guard,
     start_run,
@@ -322,7 +326,11 @@ def load_sources(
     expected = {"base_filters": cfg.net.base_filters, "depth": cfg.net.depth}
     sources = []
     for name in names:
-        path = root / name / NET_FILE
+        folder = root / name
+        if is_reference(name):  # a W&B artifact: its files, from the local cache or downloaded
+            files = (NET_FILE, SOURCE_MARKER, *((FISHER_FILE,) if with_fisher else ()))
+            folder = resolve_artifact(name, root, wandb_mode(cfg.logger), files)
+        path = folder / NET_FILE
         hint = f"make {name}" if name in ("task1", "task2") else f"tmerge source … name={name}"
         if not path.is_file():
             raise RunError(f"source model {name!r} not found: {path} does not exist; train it first ({hint})")
@@ -337,7 +345,7 @@ def load_sources(
         if with_fisher:
             # Every fused parameter of the source has a Fisher (its first layer included, though
             # a first layer of another shape than the target's is not merged).
-            fisher_path = root / name / FISHER_FILE
+            fisher_path = folder / FISHER_FILE
             fisher = load_fisher(fisher_path, expected_names=[n for n in fused if n in state])
             check_fisher_matches(fisher_path, fisher, path, state, meta)
         if cfg.channel_map is not None:
@@ -487,7 +495,10 @@ def load_base(
     """
     root = runs_dir(cfg.runs_dir)
     if cfg.merge.base is None:
-        path = root / source_names[0] / INIT_FILE
+        first = root / source_names[0]
+        if is_reference(source_names[0]):
+            first = resolve_artifact(source_names[0], root, wandb_mode(cfg.logger), (INIT_FILE,))
+        path = first / INIT_FILE
         hint = f"retrain {source_names[0]} with this version (it saves its initial weights) or set merge.base"
     elif (root / cfg.merge.base / NET_FILE).is_file():
         path, hint = root / cfg.merge.base / NET_FILE, ""
@@ -685,8 +696,26 @@ def _run_stages(
     )
     if trainer.is_global_zero:
         write_json(run_dir / "stages.json", stages)
+        # The fine-tuned best weights (trainer.test loaded them), for prediction and export.
+        meta = {
+            "arch": "Isensee2017",
+            "in_channels": dm.in_channels,
+            "n_classes": dm.n_outputs,
+            "base_filters": cfg.net.base_filters,
+            "depth": cfg.net.depth,
+            "output_mode": dm.output_mode,
+            "class_names": list(dm.class_names),
+            "init": cfg.init,
+            "portion": cfg.data.portion,
+            "seed": cfg.seed,
+            "sources": list(stages["sources"]),
+        }
+        save_net(run_dir / NET_FILE, module.net, meta)
         summary = write_test_results(run_dir, module.test_records, dm.class_names)
         log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
+        files = {f: run_dir / f for f in (NET_FILE, "stages.json", MARKER)}
+        name = f"brats-p{cfg.data.portion}-{cfg.init}-seed{cfg.seed}"
+        log_model(run, name, TARGET_TYPE, files, {**meta, "test": summary})
 
 
 def _export_unlabelled(
