@@ -439,17 +439,17 @@ def test_compile_failure_falls_back_to_the_eager_loop(monkeypatch: pytest.Monkey
 
 
 def test_auto_method_rule() -> None:
-    from tmerge.fisher import COMPILE_COST_S, COMPILE_SAVING_S_PER_VOXEL, _auto_method, compile_pays
+    from tmerge.fisher import COMPILE_COST_S, COMPILE_SAVING_S_PER_VOXEL, auto_method, compile_pays
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     small, large = torch.zeros(4, 32, 32, 32), torch.zeros(4, 128, 128, 128)
-    assert _auto_method(small, cpu, 10_000) == "vmap"
-    assert _auto_method(large, cpu, 10_000) == "loop"  # never compiles on CPU (minutes per compile)
-    assert _auto_method(small, cuda, 18) == "vmap"
-    assert _auto_method(large, cuda, 18) == "loop"  # 18 volumes do not repay compiling
+    assert auto_method(small, cpu, 10_000) == "vmap"
+    assert auto_method(large, cpu, 10_000) == "loop"  # never compiles on CPU (minutes per compile)
+    assert auto_method(small, cuda, 18) == "vmap"
+    assert auto_method(large, cuda, 18) == "loop"  # 18 volumes do not repay compiling
     needed = math.ceil(COMPILE_COST_S / (128**3 * COMPILE_SAVING_S_PER_VOXEL))
-    assert _auto_method(large, cuda, needed) == "compile" and not compile_pays(needed - 1, 128**3)
-    assert _auto_method(large, cuda, None) == "loop"  # unknown length: no compile
+    assert auto_method(large, cuda, needed) == "compile" and not compile_pays(needed - 1, 128**3)
+    assert auto_method(large, cuda, None) == "loop"  # unknown length: no compile
 
 
 def test_vmap_chunk_size_from_memory() -> None:

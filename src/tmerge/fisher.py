@@ -377,8 +377,18 @@ def compile_pays(samples: int | None, voxels: int) -> bool:
     return samples is not None and samples * voxels * COMPILE_SAVING_S_PER_VOXEL >= COMPILE_COST_S
 
 
-def _auto_method(x: Tensor, device: torch.device, samples: int | None = None) -> str:
-    """The method for ``method="auto"`` (see the module docstring for the measurements)."""
+def auto_method(x: Tensor, device: torch.device, samples: int | None = None) -> str:
+    """The method ``method="auto"`` uses for samples like ``x`` on ``device`` (see the module
+    docstring for the measurements behind the rule).
+
+    Args:
+        x: One sample ``(C, D, H, W)``; its voxel count ``D·H·W`` decides.
+        device: Where the Fisher is computed.
+        samples: How many samples the computation will see (``None``: unknown, never compiles).
+
+    Returns:
+        ``"loop"``, ``"vmap"`` or ``"compile"``.
+    """
     voxels = math.prod(x.shape[1:]) if x.ndim > 1 else 1
     if device.type != "cuda":
         return "vmap" if voxels <= VMAP_MAX_VOXELS else "loop"
@@ -435,7 +445,7 @@ class _Accumulator:
     def add(self, x: Tensor, y: Any) -> None:
         """Account for one sample ``x`` ``(C, D, H, W)``, ``y`` ``(…)`` (already on the device)."""
         if self.method == "auto":
-            self.method = _auto_method(x, self.device, self.samples)
+            self.method = auto_method(x, self.device, self.samples)
         if self.method == "compile" and self.compiled is None:
             self.compiled = torch.compile(self._eager, dynamic=False)
         if self.method == "vmap" and self.chunk is None:
