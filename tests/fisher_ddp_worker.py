@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tmerge.fisher import FisherCallback
+from tmerge.callbacks import FisherCallback
 
 N_SAMPLES = 7  # odd: the two ranks get 4 and 3 samples
 C, K, S = 2, 3, 6
@@ -93,6 +93,7 @@ def main(out: Path, devices: int) -> None:
         dirpath=out / "checkpoints", monitor="score", mode="max", save_top_k=1
     )
     final = pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", filename="final")
+    fisher = FisherCallback(method="auto")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -102,14 +103,20 @@ def main(out: Path, devices: int) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out,
-        callbacks=[checkpoint, final, FisherCallback(method="auto")],
+        callbacks=[checkpoint, final, fisher],
     )
-    trainer.fit(TinyModule(), datamodule=TinyData())
+    module = TinyModule()
+    trainer.fit(module, datamodule=TinyData())
     if trainer.is_global_zero:
+        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        held = module.state_dict()
         info = {
             "best": checkpoint.best_model_path,
             "last": final.best_model_path,
             "world": trainer.world_size,
+            # What the caller may rely on instead of loading the best checkpoint again.
+            "fisher_best_path": fisher.best_path,
+            "module_holds_best": set(held) == set(best) and all(torch.equal(held[k], best[k]) for k in best),
         }
         (out / "info.json").write_text(json.dumps(info))
 

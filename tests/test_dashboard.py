@@ -14,7 +14,8 @@ from tmerge.dashboard import log_alphas, log_test_results
 from tmerge.data.labels import REGIONS
 from tmerge.evaluate import label_names
 from tmerge.loggers import close_wandb, open_wandb, stage_loggers, wandb_loggers
-from tmerge.stages.target import TargetStageConfig, _logger_cfg
+from tmerge.stages.configs import TargetStageConfig
+from tmerge.stages.target import _logger_cfg
 
 RECORDS = [
     {

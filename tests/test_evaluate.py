@@ -30,7 +30,7 @@ from tmerge.evaluate import (
 )
 from tmerge.metrics import max_distance
 from tmerge.modules.segmentation import SegmentationModule
-from tmerge.stages.target import format_summary, write_test_results
+from tmerge.stages.results import format_summary, write_test_results
 
 # An anisotropic, oblique, off-origin geometry, so nothing can pass by assuming 1 mm, a cube or
 # the identity.

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tmerge.callbacks import FisherCallback
 from tmerge.errors import RunError
 from tmerge.fisher import (
-    FisherCallback,
     check_finite,
     compute_fisher_sums,
     empirical_fisher,
@@ -323,6 +323,8 @@ def _check_run(out: Path, devices: int) -> None:
     worker = _run_worker(out, devices)
     info = json.loads((out / "info.json").read_text())
     assert info["world"] == devices and info["best"] != info["last"]
+    # The callback left the best weights in the module and says which checkpoint they are from.
+    assert info["fisher_best_path"] == info["best"] and info["module_holds_best"]
     written = load_fisher(
         out / "fisher.safetensors", expected_names=[n for n, _ in worker.make_net().named_parameters()]
     )
@@ -347,12 +349,45 @@ def test_callback_contract_errors() -> None:
 
     callback = FisherCallback()
     module = SimpleNamespace(net=nn.Linear(2, 2), sample_loss=F.mse_loss)
-    with pytest.raises(RunError, match="'net'"):
+    # A module or datamodule that breaks the contract is a programming error, not the user's.
+    with pytest.raises(TypeError, match="'net'.*got NoneType"):
         callback.on_train_end(SimpleNamespace(datamodule=None), SimpleNamespace())
-    with pytest.raises(RunError, match="sample_loss"):
+    with pytest.raises(TypeError, match="sample_loss"):
         callback.on_train_end(SimpleNamespace(datamodule=None), SimpleNamespace(net=nn.Linear(2, 2)))
-    with pytest.raises(RunError, match="fisher_dataset"):
+    with pytest.raises(TypeError, match="fisher_dataset"):
         callback.on_train_end(SimpleNamespace(datamodule=object()), module)
+    with pytest.raises(TypeError, match="map-style Dataset with __len__, got generator"):
+        data = SimpleNamespace(fisher_dataset=lambda: (x for x in ()))
+        callback.on_train_end(SimpleNamespace(datamodule=data), module)
+
+
+def test_callback_refuses_an_empty_fisher_dataset(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(fisher_dataset=lambda: [])
+    trainer = SimpleNamespace(
+        datamodule=data,
+        checkpoint_callback=None,  # no best checkpoint: the module keeps its weights
+        global_rank=0,
+        world_size=1,
+        precision="32-true",
+        is_global_zero=True,
+        strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
+        default_root_dir=str(tmp_path),
+    )
+    module = SimpleNamespace(net=nn.Linear(2, 2), sample_loss=F.mse_loss, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"Fisher dataset of SimpleNamespace is empty; got 0 samples"):
+        FisherCallback().on_train_end(trainer, module)
+    assert not any(tmp_path.iterdir())
+
+
+def test_fisher_callback_is_importable_from_tmerge_fisher() -> None:
+    """README and the source stage import it from tmerge.fisher, where it used to live."""
+    import tmerge.fisher
+
+    assert tmerge.fisher.FisherCallback is FisherCallback
+    with pytest.raises(AttributeError, match="no attribute 'FisherCallbak'"):
+        _ = tmerge.fisher.FisherCallbak
 
 
 @pytest.mark.slow

@@ -403,3 +403,27 @@ def test_sources_logged_as_artifacts_resolve_offline(tiny_default, tmp_path, mon
     assert main(["target", "init=imm", f"sources=[{','.join(refs)}]", *args]) == 0
     stages = json.loads((runs / "brats" / "p50" / "imm" / "stages.json").read_text())
     assert stages["sources"] == refs
+
+
+def test_a_registered_initialisation_runs_in_a_sweep(runs, tiny_default, monkeypatch):
+    """Adding an initialisation is one registry entry: here M1's P at half scale (S fresh), run
+    by name in a sweep beside `none`, with nothing else changed."""
+    from tmerge.nets import partition
+    from tmerge.stages import inits
+
+    calls = []
+
+    def half_m1(ctx):
+        calls.append([s.name for s in ctx.sources])
+        fused, _ = partition(ctx.net)
+        state, source = ctx.net.state_dict(), ctx.sources[0].state
+        halved = {n: 0.5 * source[n] for n in fused if source[n].shape == state[n].shape}
+        ctx.net.load_state_dict({**state, **halved})
+        return inits.Initialised(ctx.net)
+
+    monkeypatch.setitem(inits.INITS, "half-m1", inits.Initialisation(half_m1, inits.nth_source(0)))
+    assert main(["sweep", "inits=[none,half-m1]", *brats_args(tiny_default, runs)]) == 0
+    assert calls == [["task1"]]  # built once, from the source the entry named
+    run = runs / "brats" / "p50" / "half-m1"
+    assert json.loads((run / "stages.json").read_text())["init"] == "half-m1"
+    assert json.loads((run / "test_summary.json").read_text())["n"] == 8

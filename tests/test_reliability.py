@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tmerge.callbacks import NonFiniteGuard
 from tmerge.cli import main
 from tmerge.errors import NonFiniteError, RunError
-from tmerge.modules.guards import NonFiniteGuard
 from tmerge.resume import checkpoint_progress, run_lock
-from tmerge.stages.common import best_state_dict
+from tmerge.runs import best_state_dict
 
 # Seconds per epoch on two cores, several epochs to interrupt.
 TINY = [
@@ -157,7 +157,7 @@ def test_early_stopping_survives_a_resume():
 
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from tmerge.runner import StopIfStopped
+    from tmerge.callbacks import StopIfStopped
 
     stopper = EarlyStopping(monitor="val/dice", mode="max", patience=3)
     stopper.load_state_dict({"wait_count": 3, "stopped_epoch": 7, "best_score": torch.tensor(0.6), "patience": 3})
@@ -215,7 +215,7 @@ SMALL = ["net.base_filters=4", "net.depth=3", "data.patch_size=16"]
 def _source(runs: Path, name: str, n_classes: int = 8) -> None:
     from tmerge.io import file_sha256, write_safetensors
     from tmerge.nets import Isensee2017, partition
-    from tmerge.stages.common import save_net
+    from tmerge.runs import save_net
 
     net = Isensee2017(2, n_classes, base_filters=4, depth=3)
     fused, _ = partition(net)

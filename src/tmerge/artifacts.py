@@ -130,7 +130,9 @@ def resolve(ref: str, runs_root: Path, mode: str, expect: tuple[str, ...]) -> Pa
             artifact.download(root=str(tmp))
         except Exception as exc:  # network, permissions, no such artifact: the API's own words
             raise RunError(f"sources: cannot download {ref}: {exc}") from None
-        write_json(tmp / RECORD, {"ref": ref, "version": artifact.version, "metadata": dict(artifact.metadata)})
+        write_json(
+            tmp / RECORD, {"ref": ref, "version": artifact.version, "metadata": dict(artifact.metadata)}
+        )
         _verify(tmp, ref)
         if folder.exists():
             shutil.rmtree(folder)

@@ -8,7 +8,9 @@
     tmerge task1 --show-config                   # print the resolved config and exit
 
 Configs: dataclass defaults < ``experiments/[paper/]<stage>.yaml`` < command line. Errors in the
-user's input (files, keys, missing runs) print one line and exit with status 2.
+user's input (files, keys, missing runs) print one line and exit with status 2; ``--debug`` (or
+``TMERGE_DEBUG=1``) prints their traceback too. Any other exception is a bug in tmerge, not in the
+input: it always prints its traceback, and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,7 +90,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "sweep": Command(
         "every initialisation in `inits` (per seed in `seeds`) on identical splits",
-        "tmerge.stages.target",
+        "tmerge.stages.sweep",
         "TargetStageConfig",
         "run_sweep",
         "brats",
@@ -140,9 +143,9 @@ def configure_logging() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for message in (
         r".*isinstance\(treespec, LeafSpec\)",  # Lightning internals on newer torch
-        r"Checkpoint directory .* exists and is not empty",  # the run folder holds config.yaml first
+        r"Checkpoint directory .* exists and is not empty",  # the run folder holds its config first
         r".*does not have many workers",  # in-memory datasets: workers would only add overhead
-        # A resumed run's earlier metrics.csv has been kept aside (loggers._keep_previous_csv).
+        # A resumed run's earlier CSV log has been kept aside (loggers._keep_previous_csv).
         r"Experiment logs directory .* exists and is not empty",
     ):
         warnings.filterwarnings("ignore", message=message)
@@ -178,7 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="experiment family: 'default' (embedded data, CPU-sized) or 'paper' (128³, full lengths)",
         )
         p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            help="print the traceback of an error in the input too (also: TMERGE_DEBUG=1)",
+        )
     return parser
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """Whether to print tracebacks of :class:`~tmerge.errors.TmergeError`: ``--debug``, or
+    ``TMERGE_DEBUG`` set to anything but empty, ``0``, ``false`` or ``no``."""
+    return flag or os.environ.get("TMERGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,11 +216,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         cmd.load(cmd.run)(cfg)
     except TmergeError as exc:
+        # The message names the file or key at fault; the traceback only helps to debug tmerge.
+        if debug_requested(args.debug):
+            traceback.print_exc(file=sys.stderr)
         print(f"tmerge {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"tmerge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - not the input's fault: say so, with the traceback
+        traceback.print_exc(file=sys.stderr)
+        print(
+            f"tmerge {args.command}: internal error ({type(exc).__name__}): this is a bug in tmerge, "
+            "not in the input; the traceback above shows where",
+            file=sys.stderr,
+        )
+        return 1  # the status Python gives an uncaught exception, as before
     return 0
 
 

@@ -16,10 +16,10 @@ Scores per subject and class: Dice and HD95 (:func:`tmerge.metrics.dice_masks`,
 
 Files (written by the stages, formats fixed because reports read them):
 
-* ``test_per_subject.csv`` — header ``subject,dice_<c>…,dice_mean,hd95_<c>…`` (for BraTS
+* the per-subject scores (:data:`~tmerge.runs.PER_SUBJECT_FILE`) — header ``subject,dice_<c>…,dice_mean,hd95_<c>…`` (for BraTS
   ``subject,dice_ET,dice_TC,dice_WT,dice_mean,hd95_ET,hd95_TC,hd95_WT``), one row per test subject,
   sorted by subject (:func:`per_subject_rows`);
-* ``test_summary.json`` — ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
+* the summary (:data:`~tmerge.runs.TARGET_MARKER`) — ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
   (:func:`summarise`);
 * ``predictions/<subject>.nii.gz`` — the label map (``uint8``) with the subject's original shape
   and affine; for the unlabelled BraTS validation set (the 100 % portion)
@@ -43,8 +43,6 @@ from tmerge.data.preprocess import uncrop, voxel_spacing
 from tmerge.metrics import check_output_mode, dice_masks, hd95_masks, logits_to_onehot
 
 #: Sub-folder of a run with the exported label maps; unlabelled subjects go to its ``validation/``.
-PREDICTIONS_DIR = "predictions"
-VALIDATION_DIR = "validation"
 
 #: Prediction slices kept per test run for the dashboard (the first subjects by id).
 N_PREVIEWS = 3
@@ -228,14 +226,14 @@ def preview(
 
 
 def score_columns(class_names: Sequence[str]) -> list[str]:
-    """Columns of ``test_per_subject.csv`` after ``subject``."""
+    """Columns of the per-subject scores after ``subject``."""
     return [*(f"dice_{c}" for c in class_names), "dice_mean", *(f"hd95_{c}" for c in class_names)]
 
 
 def per_subject_rows(
     records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Rows of ``test_per_subject.csv`` (``subject`` + :func:`score_columns`), sorted by subject."""
+    """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject."""
     rows = []
     for rec in sorted(records, key=lambda r: str(r["subject"])):
         dice = [float(rec[f"dice_{c}"]) for c in class_names]
@@ -251,7 +249,7 @@ def per_subject_rows(
 
 
 def summarise(records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
-    """``test_summary.json``: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
+    """The test summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
     (``None`` for no subject). ``dice.mean`` is the mean over subjects of the per-subject mean."""
     rows = per_subject_rows(records, class_names)
     n = len(rows)

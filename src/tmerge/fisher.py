@@ -53,8 +53,8 @@ operation without a batching rule, a loss with data-dependent control flow, out 
 compiler), the computation falls back to the eager loop with a warning.
 
 **Autocast.** Every method runs under ``torch.autocast`` when asked (``autocast_dtype``) or when
-the caller is inside one; :class:`FisherCallback` uses the trainer's precision (bf16 after
-``"bf16-mixed"`` training). Parameters then enter the network in the autocast dtype (see
+the caller is inside one; :class:`~tmerge.callbacks.FisherCallback` uses the trainer's precision
+(bf16 after ``"bf16-mixed"`` training). Parameters then enter the network in the autocast dtype (see
 :func:`sample_loss`: this is what made ``vmap`` work under bf16, where it failed with a dtype
 mismatch in instance norm's batched backward), the loss is computed in float32, and the squared
 gradients are accumulated in float32. bf16 Fishers differ from float32 ones by ~1e-2 relative to
@@ -69,7 +69,6 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -77,13 +76,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from typing_extensions import override
 
 from tmerge.errors import RunError
-from tmerge.io import write_safetensors
 from tmerge.stateless import stateless_call
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -331,7 +327,13 @@ class FisherSums:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_method(method: str, chunk_size: int | None, max_samples: int | None) -> None:
+def check_method(method: str, chunk_size: int | None, max_samples: int | None) -> None:
+    """Refuse an unknown ``method`` or a ``chunk_size``/``max_samples`` that is not a positive
+    integer (``None`` is fine for both).
+
+    Raises:
+        ValueError: naming the argument and the value it got.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -530,7 +532,7 @@ def compute_fisher_sums(
 
     Logs one line (logger ``tmerge``, INFO) with the sample count, the time and volumes/s.
     """
-    _check_method(method, chunk_size, max_samples)
+    check_method(method, chunk_size, max_samples)
     selected = _select_names(model, names)
     if not selected:
         raise ValueError(f"no parameters to compute a Fisher for in {type(model).__name__}")
@@ -730,7 +732,7 @@ def empirical_fisher(
 
 
 def load_fisher(path: str | os.PathLike, expected_names: Iterable[str] | None = None) -> dict[str, Tensor]:
-    """Read a Fisher saved by :class:`FisherCallback`.
+    """Read a Fisher saved by :class:`~tmerge.callbacks.FisherCallback`.
 
     Args:
         path: A ``.safetensors`` file.
@@ -770,6 +772,9 @@ def load_fisher(path: str | os.PathLike, expected_names: Iterable[str] | None = 
 def check_finite(fisher: Mapping[str, Tensor], source: str) -> None:
     """Raise :class:`RunError` naming the first parameter whose Fisher has a NaN or infinity.
 
+    A user-facing error on purpose: the Fisher comes from a file (a source run's, checked before
+    it is merged) or from a finished training (the callback), and ``source`` names which.
+
     Args:
         fisher: ``{name: F}``.
         source: What the Fisher belongs to (a file or a run), for the message.
@@ -784,7 +789,7 @@ def check_finite(fisher: Mapping[str, Tensor], source: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Lightning adapter
+# Lightning precision (the callback itself is tmerge.callbacks.FisherCallback)
 # --------------------------------------------------------------------------------------------
 
 
@@ -799,179 +804,12 @@ def autocast_for(precision: str | int | None) -> torch.dtype | None:
     return torch.bfloat16 if str(precision) in ("bf16-mixed", "bf16") else None
 
 
-class FisherCallback(pl.Callback):
-    """Compute the empirical Fisher of the trained network at the end of training and save it.
+def __getattr__(name: str) -> Any:
+    """``FisherCallback`` lives in :mod:`tmerge.callbacks.fisher` with the other callbacks; it is
+    still importable from here (the README and the source stage import it so). Lazily, because
+    that module imports this one."""
+    if name == "FisherCallback":
+        from tmerge.callbacks.fisher import FisherCallback
 
-    In ``on_train_end``: load the best checkpoint's weights (if the trainer's checkpoint callback
-    has a ``best_model_path``; else keep the current weights), compute Fisher sums over the
-    datamodule's ``fisher_dataset()`` with samples sharded across ranks (rank ``r`` takes indices
-    ``r::world_size``), sum the sums and counts over ranks, divide, normalise, and let rank 0
-    write ``<dirpath>/<filename>`` atomically with metadata ``samples``, ``normalize``,
-    ``method``, ``precision``, ``names``, ``world_size``, ``checkpoint``. The computation runs in
-    the trainer's numerics (:func:`autocast_for`): bf16 autocast after ``"bf16-mixed"`` training,
-    float32 otherwise; sums are float32 either way.
-
-    Contract: the LightningModule has an attribute ``net`` (the ``nn.Module`` whose parameters get
-    a Fisher; the saved keys are ``net``-relative names) and a method
-    ``sample_loss(output (1, K, …), target (1, …)) -> scalar``; ``trainer.datamodule`` has
-    ``fisher_dataset() -> Dataset`` of un-batched ``{"image": (C, D, H, W), "label": …}``
-    dicts, deterministic (no augmentation).
-
-    Args:
-        dirpath: Output folder (default: ``trainer.default_root_dir``).
-        filename: Output file name, ending in ``.safetensors``.
-        max_samples: Use at most this many samples of the dataset (``None``: all).
-        normalize: ``"none"``, ``"sum"``, ``"l2"`` or ``"per_tensor"`` (:func:`normalize_fisher`).
-        method: ``"auto"``, ``"loop"``, ``"vmap"`` or ``"compile"``.
-        names: ``net`` parameter names (default: all its parameters); stages pass the fused set.
-        chunk_size: Samples per ``vmap`` call (``None``: 4 on CPU, from free memory on a GPU).
-        num_workers: DataLoader workers reading the Fisher dataset.
-
-    Raises:
-        ValueError: From ``__init__`` on an invalid argument (the message shows the value).
-        RunError: From ``on_train_end`` if the module or datamodule breaks the contract, the
-            checkpoint cannot be read, no sample is available, or the Fisher is not finite.
-
-    Example:
-        >>> callback = FisherCallback(normalize="none", max_samples=16)
-        >>> trainer = pl.Trainer(callbacks=[callback], max_epochs=1)  # doctest: +SKIP
-        >>> trainer.fit(module, datamodule=dm)  # doctest: +SKIP
-        >>> fisher = load_fisher(callback.path)  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        dirpath: str | os.PathLike | None = None,
-        filename: str = "fisher.safetensors",
-        max_samples: int | None = None,
-        normalize: str = "none",
-        method: str = "auto",
-        names: Sequence[str] | None = None,
-        chunk_size: int | None = None,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        if normalize not in NORMALIZE:
-            raise ValueError(f"FisherCallback: normalize must be one of {NORMALIZE}, got {normalize!r}")
-        _check_method(method, chunk_size, max_samples)
-        if not isinstance(filename, str) or not filename.endswith(".safetensors") or "/" in filename:
-            raise ValueError(
-                f"FisherCallback: filename must be a bare '*.safetensors' name, got {filename!r}"
-            )
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(
-                f"FisherCallback: num_workers must be a non-negative integer, got {num_workers!r}"
-            )
-        if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
-            raise ValueError(f"FisherCallback: names must be a sequence of parameter names, got {names!r}")
-        self.dirpath = Path(dirpath) if dirpath is not None else None
-        self.filename = filename
-        self.max_samples = max_samples
-        self.normalize = normalize
-        self.method = method
-        self.names = list(names) if names is not None else None
-        self.chunk_size = chunk_size
-        self.num_workers = num_workers
-        self.path: Path | None = None
-        """Where the Fisher was written (set after ``on_train_end``)."""
-        self.fisher: dict[str, Tensor] | None = None
-        """The computed Fisher (on every rank), set after ``on_train_end``."""
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net, loss_fn, dataset = self._contract(trainer, pl_module)
-        checkpoint = self._load_best(trainer, pl_module)
-
-        n_total = len(dataset) if self.max_samples is None else min(len(dataset), self.max_samples)
-        rank, world = trainer.global_rank, trainer.world_size
-        shard = torch.utils.data.Subset(dataset, list(range(rank, n_total, world)))
-        loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=self.num_workers)
-        result = compute_fisher_sums(
-            net,
-            loader,
-            loss_fn,
-            names=self.names,
-            method=self.method,
-            chunk_size=self.chunk_size,
-            device=pl_module.device,
-            autocast_dtype=autocast_for(trainer.precision),
-            progress=trainer.is_global_zero,  # a counted bar: minutes per volume at paper scale
-        )
-
-        # One all-reduce of everything (sums flattened, then the count) instead of one per tensor.
-        names = list(result.sums)
-        flat = torch.cat([result.sums[n].flatten() for n in names] + [torch.tensor([float(result.count)])])
-        flat = trainer.strategy.reduce(flat.to(pl_module.device), reduce_op="sum").cpu()
-        count = int(round(float(flat[-1])))
-        if count == 0:
-            raise RunError(
-                f"FisherCallback: the Fisher dataset of {type(trainer.datamodule).__name__} is empty"
-            )
-        fisher: dict[str, Tensor] = {}
-        offset = 0
-        for n in names:
-            size = result.sums[n].numel()
-            fisher[n] = (flat[offset : offset + size] / count).view_as(result.sums[n])
-            offset += size
-        path = (self.dirpath or Path(trainer.default_root_dir)) / self.filename
-        check_finite(fisher, str(path))
-        fisher = normalize_fisher(fisher, self.normalize)
-
-        if trainer.is_global_zero:
-            metadata = {
-                "samples": count,
-                "normalize": self.normalize,
-                "method": result.method,
-                "precision": result.precision,
-                "names": len(names),
-                "world_size": world,
-                "checkpoint": checkpoint or "",
-            }
-            write_safetensors(path, fisher, metadata)
-        # Other ranks may read the file right after fit(); wait until it exists.
-        trainer.strategy.barrier("fisher_written")
-        self.fisher, self.path = fisher, path
-
-    def _contract(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> tuple[nn.Module, LossFn, torch.utils.data.Dataset]:
-        net = getattr(pl_module, "net", None)
-        if not isinstance(net, nn.Module):
-            raise RunError(
-                f"FisherCallback: {type(pl_module).__name__} has no 'net' attribute holding an nn.Module"
-            )
-        loss_fn = getattr(pl_module, "sample_loss", None)
-        if not callable(loss_fn):
-            raise RunError(
-                f"FisherCallback: {type(pl_module).__name__} has no method sample_loss(output, target)"
-            )
-        datamodule = getattr(trainer, "datamodule", None)
-        make = getattr(datamodule, "fisher_dataset", None)
-        if not callable(make):
-            raise RunError(
-                "FisherCallback: trainer.datamodule must provide fisher_dataset() -> Dataset, "
-                f"got {type(datamodule).__name__}"
-            )
-        dataset = make()
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise RunError(
-                f"FisherCallback: {type(datamodule).__name__}.fisher_dataset() must return a map-style "
-                f"Dataset with __len__, got {type(dataset).__name__}"
-            )
-        return net, loss_fn, dataset
-
-    @staticmethod
-    def _load_best(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
-        """Load the best checkpoint's weights into ``pl_module``; return its path (or None)."""
-        callback = trainer.checkpoint_callback
-        best = getattr(callback, "best_model_path", "") if callback is not None else ""
-        if not best:
-            return None
-        try:
-            # Never unpickle arbitrary objects, not even from our own run folder.
-            checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-            state = checkpoint["state_dict"]
-        except (OSError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise RunError(f"{best}: cannot read the best checkpoint for the Fisher ({exc})") from None
-        pl_module.load_state_dict(state)
-        return str(best)
+        return FisherCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

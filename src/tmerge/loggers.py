@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from tmerge.resume import is_rank_zero
+from tmerge.runs import LOGS_DIR, METRICS_CSV
 
 
 @dataclass
@@ -92,7 +93,9 @@ def close_wandb(run: Logger | None, failed: bool = False) -> None:
 
 
 @contextmanager
-def wandb_run(cfg: LoggerConfig, runs_root: Path, name: str, config: dict[str, Any]) -> Iterator[Logger | None]:
+def wandb_run(
+    cfg: LoggerConfig, runs_root: Path, name: str, config: dict[str, Any]
+) -> Iterator[Logger | None]:
     """:func:`open_wandb` for the body of a ``with``; the run is finished when it ends."""
     run = open_wandb(cfg, runs_root, name, config)
     try:
@@ -150,8 +153,8 @@ class StageLogger(Logger):
 def stage_loggers(run_dir: Path, run: Logger | None, stage: str | None = None) -> list[Logger]:
     """A stage's loggers: a CSV log in ``run_dir/logs`` and, with a W&B ``run``, that run under
     the key prefix ``stage`` (None: the run itself, unprefixed)."""
-    _keep_previous_csv(run_dir / "logs")
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    _keep_previous_csv(run_dir / LOGS_DIR)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=LOGS_DIR, version="")]
     if run is not None:
         loggers.append(run if stage is None else StageLogger(run, stage))
     return loggers
@@ -166,9 +169,10 @@ def wandb_loggers(loggers: list[Logger] | tuple[Logger, ...]) -> list[Any]:
 
 
 def _keep_previous_csv(log_dir: Path) -> None:
-    """Lightning's CSV logger deletes a ``metrics.csv`` it finds; a resumed run keeps the earlier
-    attempt's as ``metrics.attempt<k>.csv``."""
-    current = log_dir / "metrics.csv"
+    """Lightning's CSV logger deletes a metrics file it finds; a resumed run keeps the earlier
+    attempt's as ``<name>.attempt<k>.csv``."""
+    current = log_dir / METRICS_CSV
     if current.is_file() and is_rank_zero():
-        k = 1 + sum(1 for _ in log_dir.glob("metrics.attempt*.csv"))
-        current.rename(log_dir / f"metrics.attempt{k}.csv")
+        stem = current.name.removesuffix(".csv")
+        k = 1 + sum(1 for _ in log_dir.glob(f"{stem}.attempt*.csv"))
+        current.rename(log_dir / f"{stem}.attempt{k}.csv")

@@ -1,14 +1,15 @@
 """Surviving kills and pre-emption: resume points, RNG state in checkpoints, SIGTERM, run locks.
 
-A training stage writes ``last.ckpt`` at every validation (Lightning's ``ModelCheckpoint``,
+A training stage writes its newest checkpoint at every validation (Lightning's ``ModelCheckpoint``,
 which saves atomically). Re-running the same command finds it and continues from it — epoch,
 optimiser, LR scheduler, early-stopping and checkpoint-callback state are restored by Lightning,
-the random generators by :class:`RngState`. A finished ``fit`` leaves ``fit.json``; a re-run
-after a kill that came later (during the Fisher, the test or the next stage) skips training.
+the random generators by :class:`~tmerge.callbacks.RngState`. A finished ``fit`` leaves its
+record (:data:`tmerge.runs.FIT_FILE`); a re-run after a kill that came later (during the
+Fisher, the test or the next stage) skips training.
 
 SIGTERM (what schedulers send before killing) is turned by Lightning into an exception at the
-next batch boundary; :class:`SaveOnSigterm` writes ``last.ckpt`` there and the stage stops with
-:class:`~tmerge.errors.Interrupted` (exit status 143).
+next batch boundary; :class:`~tmerge.callbacks.SaveOnSigterm` writes the newest checkpoint there and the
+stage stops with :class:`~tmerge.errors.Interrupted` (exit status 143).
 
 Two processes on one run folder would overwrite each other's checkpoints: :func:`run_lock`
 holds an exclusive lock on ``<parent>/.<run>.lock`` (``filelock``: an ``flock`` where the file
@@ -21,23 +22,17 @@ import contextlib
 import logging
 import os
 import platform
-import random
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tmerge.errors import RunError
+from tmerge.runs import HPC_CKPT_GLOB, LAST_CKPT
 
 log = logging.getLogger("tmerge")
 
-LAST_CKPT = "last.ckpt"
 
 
 def is_rank_zero() -> bool:
@@ -119,10 +114,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def resume_point(run_dir: Path) -> Path | None:
-    """The newest checkpoint a previous attempt left: ``last.ckpt`` (every validation) or one of
-    Lightning's SLURM requeue checkpoints ``hpc_ckpt_<k>.ckpt`` (written on SIGUSR1 before the job
-    is requeued, usually mid-epoch and so newer than ``last.ckpt``); None if there is none."""
-    found = [p for p in (run_dir / LAST_CKPT, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    """The newest checkpoint a previous attempt left: :data:`~tmerge.runs.LAST_CKPT` (every
+    validation) or one of Lightning's SLURM requeue checkpoints (:data:`~tmerge.runs.HPC_CKPT_GLOB`,
+    written on SIGUSR1 before the job is requeued, usually mid-epoch and so newer); None if there
+    is none."""
+    found = [p for p in (run_dir / LAST_CKPT, *run_dir.glob(HPC_CKPT_GLOB)) if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
@@ -149,46 +145,3 @@ def checkpoint_progress(path: Path) -> tuple[int, int]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-class RngState(Callback):
-    """Carries the Python, NumPy and torch generators through a checkpoint, so a resumed run
-    draws the patches and dropout masks it would have drawn (Lightning saves loops, optimisers
-    and callbacks, not the generators). Stored as tensors and ints: loadable with
-    ``weights_only=True``."""
-
-    def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        py_version, py_state, py_gauss = random.getstate()
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "numpy_pos": int(np_state[2]),
-            "python": [py_version, list(py_state), py_gauss],
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        keys = state["numpy_keys"].numpy().astype(np.uint32)
-        np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
-        version, py_state, gauss = state["python"]
-        random.setstate((version, tuple(py_state), gauss))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class SaveOnSigterm(Callback):
-    """On SIGTERM (raised by Lightning at the next batch boundary), write ``last.ckpt`` so that
-    the re-run resumes from the current step rather than the last epoch end."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LAST_CKPT
-        self.saved = False
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes, atomically
-            self.saved = True

@@ -2,7 +2,8 @@
 
 A stage contributes only its LightningModule, its DataModule, its loggers
 (:mod:`tmerge.loggers`), what to monitor and any extra callbacks (e.g. the Fisher callback);
-checkpointing, early stopping and precision choices live here, once.
+checkpointing, early stopping and precision choices live here, once. The callbacks themselves are
+in :mod:`tmerge.callbacks`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tmerge.callbacks import BestMetrics, EpochSummary, RngState, SaveOnSigterm, StopIfStopped
 from tmerge.errors import ConfigError, Interrupted
 from tmerge.io import read_json, write_json
-from tmerge.resume import RngState, SaveOnSigterm, checkpoint_progress, resume_point
+from tmerge.resume import checkpoint_progress, resume_point
+from tmerge.runs import BEST_CKPT, FIT_FILE
 
 log = logging.getLogger("tmerge")
 
 #: Written when a fit has finished: a re-run skips training (see :mod:`tmerge.resume`).
-FIT_FILE = "fit.json"
 
 
 @dataclass
@@ -56,107 +58,15 @@ class TrainerConfig:
     progress_bar: bool = False
 
 
-class BestMetrics(Callback):
-    """Keeps the validation metrics of the epoch that the checkpoint callback considers best, so
-    stages can report per-class scores of the best model without another validation pass.
-
-    Its state (those metrics and the training time of earlier attempts) travels in the
-    checkpoint, so a resumed run reports the same as an uninterrupted one."""
-
-    def __init__(self, checkpoint: ModelCheckpoint, prefix: str = "val/") -> None:
-        self.checkpoint = checkpoint
-        self.prefix = prefix
-        self.metrics: dict[str, float] = {}
-        self.previous_wall_s = 0.0  # training time of attempts before a resume
-        self._start = time.perf_counter()
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def state_dict(self) -> dict[str, Any]:
-        elapsed = self.previous_wall_s + time.perf_counter() - self._start
-        return {"metrics": dict(self.metrics), "wall_s": elapsed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.metrics = dict(state.get("metrics", {}))
-        self.previous_wall_s = float(state.get("wall_s", 0.0))
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        current = trainer.callback_metrics.get(self.checkpoint.monitor or "")
-        best = self.checkpoint.best_model_score
-        # ModelCheckpoint saves in on_validation_end too; depending on callback order the best
-        # score may not be updated yet, so compare against the monitor directly.
-        improved = (
-            best is None or current is None or _better(current, best, self.checkpoint.mode) or current == best
-        )
-        if improved:
-            self.metrics = {
-                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)
-            }
-            self.metrics["epoch"] = trainer.current_epoch + 1
-
-
-class StopIfStopped(Callback):
-    """Early stopping survives a resume: ``EarlyStopping`` stops by setting
-    ``trainer.should_stop``, which no checkpoint keeps, so a run resumed from the checkpoint of
-    the epoch that stopped it (killed during the Fisher, say) would train on. Its patience
-    counter is restored, though: stop again before the first step if it had run out."""
-
-    def __init__(self, stopper: EarlyStopping) -> None:
-        self.stopper = stopper
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.stopper.wait_count >= self.stopper.patience:
-            trainer.should_stop = True
-
-
-class EpochSummary(Callback):
-    """One ``[tmerge]`` line per validated epoch: losses, the monitored score, best so far, time."""
-
-    def __init__(self, name: str, monitor: str, mode: str) -> None:
-        self.name, self.monitor, self.mode = name, monitor, mode
-        self.best: float | None = None
-        self.start = time.perf_counter()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        metrics = trainer.callback_metrics
-        score = metrics.get(self.monitor)
-        if score is not None:
-            value = float(score)
-            if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
-                self.best = value
-        parts = [
-            f"{k} {float(metrics[k]):.4f}" for k in ("train/loss", "val/loss", "val/dice") if k in metrics
-        ]
-        best = f" (best {self.monitor} {self.best:.4f})" if self.best is not None else ""
-        log.info(
-            "%s epoch %d/%d: %s%s, %.0f s",
-            self.name,
-            trainer.current_epoch + 1,
-            trainer.max_epochs,
-            ", ".join(parts),
-            best,
-            time.perf_counter() - self.start,
-        )
-
-
 def quiet_lightning() -> None:
     """Lightning's INFO banners (GPU/TPU availability, tips, limits) drown the progress lines."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
 
-def _better(a: torch.Tensor, b: torch.Tensor, mode: str) -> bool:
-    return bool(a > b) if mode == "max" else bool(a < b)
-
-
 @dataclass
 class FitResult:
-    """What a finished ``fit`` reports for ``metrics.json`` / ``stages.json``."""
+    """What a finished ``fit`` reports for the stages' summaries (and its own record)."""
 
     best_path: str
     best_score: float | None
@@ -213,25 +123,25 @@ def fit(
     max_epochs: int | None = None,
     patience: int | None = None,
 ) -> tuple[L.Trainer, FitResult]:
-    """Fit ``module`` with checkpointing (``run_dir/model.ckpt`` best, ``last.ckpt`` every
+    """Fit ``module`` with checkpointing (:data:`~tmerge.runs.BEST_CKPT` best, ``LAST_CKPT`` every
     validation) and early stopping on ``monitor``.
 
-    Resumable (see :mod:`tmerge.resume`): a ``last.ckpt`` left by a killed attempt is resumed
-    from; a finished fit (``fit.json``) is not repeated — its result is returned with a fresh
+    Resumable (see :mod:`tmerge.resume`): the checkpoint a killed attempt left is resumed
+    from; a finished fit (``FIT_FILE``) is not repeated — its result is returned with a fresh
     trainer, ready for ``trainer.test(ckpt_path=result.best_path)``.
 
     Returns:
         The trainer (for ``trainer.test`` and callbacks) and a :class:`FitResult`.
 
     Raises:
-        Interrupted: SIGTERM arrived; ``last.ckpt`` was written first.
-        RunError: ``last.ckpt`` cannot be loaded (truncated, not a checkpoint, unsafe pickle).
+        Interrupted: SIGTERM arrived; the newest checkpoint was written first.
+        RunError: that checkpoint cannot be loaded (truncated, not a checkpoint, unsafe pickle).
     """
     label = name or run_dir.name
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir,
-        filename="model",
+        filename=BEST_CKPT.removesuffix(".ckpt"),  # Lightning adds the suffix
         monitor=monitor,
         mode=mode,
         save_last=True,

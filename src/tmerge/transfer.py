@@ -122,3 +122,54 @@ def average_parameters(
         target.copy_(mean.to(target.dtype))
         done.append(name)
     return done
+
+
+def map_input_channels(
+    tensors: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    channel_map: list[int],
+    *,
+    rescale: bool,
+) -> dict[str, torch.Tensor]:
+    """Rebuild tensors whose input-channel axis (dim 1) differs from the target's by reusing the
+    source channels named in ``channel_map``.
+
+    Args:
+        tensors: a source state dict or Fisher, name → ``(C_out, C_in_source, k, k, k)``, ….
+        target: the target network's state dict (for the shapes).
+        channel_map: ``C_in_target`` source-channel indices.
+        rescale: divide each reused filter by the number of target channels that share its
+            source channel, so the layer's response to inputs that look alike stays the same
+            (weights yes; Fishers no).
+
+    Returns:
+        A copy of ``tensors`` with the mapped tensors replaced.
+
+    Raises:
+        ConfigError: the map names a source channel that does not exist.
+    """
+    if any(not isinstance(c, int) or c < 0 for c in channel_map):
+        raise ConfigError(f"channel_map: expected source-channel indices >= 0, got {list(channel_map)}")
+    out = dict(tensors)
+    index = torch.tensor(channel_map)
+    copies = torch.bincount(index).clamp(min=1)
+    for name, tensor in tensors.items():
+        want = target.get(name)
+        if want is None or tensor.ndim < 2 or tensor.shape == want.shape:
+            continue
+        if (
+            tensor.shape[0] != want.shape[0]
+            or tensor.shape[2:] != want.shape[2:]
+            or want.shape[1] != len(channel_map)
+        ):
+            continue
+        if int(index.max()) >= tensor.shape[1] or int(index.min()) < 0:
+            raise ConfigError(
+                f"channel_map: {channel_map} names source channel {int(index.max())}, "
+                f"but {name} has {tensor.shape[1]} input channels (0…{tensor.shape[1] - 1})"
+            )
+        mapped = tensor.index_select(1, index)
+        if rescale:
+            mapped = mapped / copies[index].view(1, -1, *([1] * (tensor.ndim - 2))).to(mapped.dtype)
+        out[name] = mapped
+    return out

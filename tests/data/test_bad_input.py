@@ -64,7 +64,15 @@ def _rewrite(path: Path, change: Callable[[np.ndarray, np.ndarray], tuple[np.nda
 
 
 def test_clean_tree_prepares(brats: Path, tmp_path: Path) -> None:
-    _module(brats, tmp_path).prepare_data()
+    """The unbroken tree is the control: every subject the splits need is preprocessed and
+    cached, so the errors below come from the one broken file each."""
+    from tmerge.data.preprocess import is_cached
+
+    dm = _module(brats, tmp_path)
+    dm.prepare_data()
+    needed = [s for part in ("train", "val", "test") for s in dm.subjects[part]]
+    assert len(needed) == 10 and SUBJECT in needed
+    assert all(is_cached(*dm._cache_args(s)) for s in needed)
 
 
 def test_missing_modality(brats: Path, tmp_path: Path) -> None:

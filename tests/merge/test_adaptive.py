@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tmerge.errors import RunError
 from tmerge.merge import AdaptiveMerge, imm_merge, mergeable_layers
 
 
@@ -165,7 +164,7 @@ def test_mismatched_input_layer_is_reported_and_split_off() -> None:
     sds, fs = _sources(2, in_channels=2)
     target = TinyNet(in_channels=4)
     with pytest.raises(
-        RunError, match=r"'conv1'.*conv1\.weight: source \(4, 2, 3, 3, 3\) vs target \(4, 4, 3, 3, 3\)"
+        ValueError, match=r"'conv1'.*conv1\.weight: source \(4, 2, 3, 3, 3\) vs target \(4, 4, 3, 3, 3\)"
     ):
         AdaptiveMerge(target, sds, fs, LAYERS)
     mergeable, mismatched = mergeable_layers(target, sds, LAYERS)
@@ -189,20 +188,20 @@ def test_release_restores_flags_and_weights() -> None:
 
 def test_construction_errors() -> None:
     sds, fs = _sources(2)
-    with pytest.raises(RunError, match="at least 2 source"):
+    with pytest.raises(ValueError, match="at least 2 source"):
         AdaptiveMerge(TinyNet(), sds[:1], fs[:1], LAYERS)
-    with pytest.raises(RunError, match=r"target network has no parameter.*'conv9\.weight'"):
+    with pytest.raises(ValueError, match=r"target network has no parameter.*'conv9\.weight'"):
         AdaptiveMerge(TinyNet(), sds, fs, {"conv9": ["conv9.weight"]})
     bad = [sds[0], {k: v for k, v in sds[1].items() if k != "conv2.bias"}]
-    with pytest.raises(RunError, match=r"sources\[1\] lacks .*'conv2\.bias'"):
+    with pytest.raises(ValueError, match=r"sources\[1\] lacks .*'conv2\.bias'"):
         AdaptiveMerge(TinyNet(), bad, fs, LAYERS)
     bad = [sds[0], {**sds[1], "conv2.weight": torch.zeros(4, 4, 1, 1, 1)}]
-    with pytest.raises(RunError, match=r"'conv2\.weight'.*sources\[1\]"):
+    with pytest.raises(ValueError, match=r"'conv2\.weight'.*sources\[1\]"):
         AdaptiveMerge(TinyNet(), bad, fs, LAYERS)
     bad_f = [fs[0], {**fs[1], "conv1.bias": torch.ones(5)}]
-    with pytest.raises(RunError, match=r"fishers\[1\]\['conv1\.bias'\]"):
+    with pytest.raises(ValueError, match=r"fishers\[1\]\['conv1\.bias'\]"):
         AdaptiveMerge(TinyNet(), sds, bad_f, LAYERS)
-    with pytest.raises(RunError, match=r"layers is empty"):
+    with pytest.raises(ValueError, match=r"layers is empty"):
         AdaptiveMerge(TinyNet(), sds, fs, {})
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from tmerge.errors import RunError
 from tmerge.merge import fisher_weights, imm_merge, merge_tensor
 
 
@@ -181,42 +180,42 @@ def test_differentiable_in_alphas_and_inputs_untouched() -> None:
 
 def test_needs_two_models() -> None:
     sds, fs = _models(2)
-    with pytest.raises(RunError, match="at least 2 models"):
+    with pytest.raises(ValueError, match="at least 2 models"):
         imm_merge(sds[:1], fs[:1], torch.tensor([1.0]))
 
 
 def test_missing_keys_name_model_and_names() -> None:
     sds, fs = _models(2)
     del sds[1]["a.bias"]
-    with pytest.raises(RunError, match=r"state_dicts\[1\] lacks .*'a\.bias'"):
+    with pytest.raises(ValueError, match=r"state_dicts\[1\] lacks .*'a\.bias'"):
         imm_merge(sds, fs, torch.tensor([0.5, 0.5]))
     sds, fs = _models(2)
     sds[1]["extra.weight"] = torch.zeros(1)
-    with pytest.raises(RunError, match=r"state_dicts\[1\] has names .*'extra\.weight'"):
+    with pytest.raises(ValueError, match=r"state_dicts\[1\] has names .*'extra\.weight'"):
         imm_merge(sds, fs, torch.tensor([0.5, 0.5]))
 
 
 def test_shape_mismatch_names_parameter_and_shapes() -> None:
     sds, fs = _models(2)
     sds[1]["a.weight"] = torch.zeros(3, 5)
-    with pytest.raises(RunError, match=r"'a\.weight'.*\(3, 5\).*state_dicts\[1\].*\(3, 4\)"):
+    with pytest.raises(ValueError, match=r"'a\.weight'.*\(3, 5\).*state_dicts\[1\].*\(3, 4\)"):
         imm_merge(sds, None, torch.tensor([0.5, 0.5]))
 
 
 def test_fisher_errors() -> None:
     sds, fs = _models(2)
     del fs[0]["b.weight"]
-    with pytest.raises(RunError, match=r"fishers\[0\] lacks .*'b\.weight'"):
+    with pytest.raises(ValueError, match=r"fishers\[0\] lacks .*'b\.weight'"):
         imm_merge(sds, fs, torch.tensor([0.5, 0.5]))
     sds, fs = _models(2)
     fs[1]["a.bias"] = torch.ones(4)
-    with pytest.raises(RunError, match=r"fishers\[1\]\['a\.bias'\] has shape \(4,\), expected .*\(3,\)"):
+    with pytest.raises(ValueError, match=r"fishers\[1\]\['a\.bias'\] has shape \(4,\), expected .*\(3,\)"):
         imm_merge(sds, fs, torch.tensor([0.5, 0.5]))
     sds, fs = _models(2)
     fs[1]["a.bias"][0] = -1.0
-    with pytest.raises(RunError, match="negative"):
+    with pytest.raises(ValueError, match="negative"):
         imm_merge(sds, fs, torch.tensor([0.5, 0.5]))
-    with pytest.raises(RunError, match="one Fisher per model"):
+    with pytest.raises(ValueError, match="one Fisher per model"):
         imm_merge(sds, fs[:1], torch.tensor([0.5, 0.5]))
 
 
@@ -232,32 +231,32 @@ def test_fisher_errors() -> None:
 )
 def test_bad_alphas(alphas: Tensor, pattern: str) -> None:
     sds, fs = _models(2)
-    with pytest.raises(RunError, match=pattern):
+    with pytest.raises(ValueError, match=pattern):
         imm_merge(sds, fs, alphas)
 
 
 def test_bad_layer_alphas() -> None:
     sds, fs = _models(2)
-    with pytest.raises(RunError, match="`layers`"):
+    with pytest.raises(ValueError, match="`layers`"):
         imm_merge(sds, fs, {"a": torch.tensor([0.5, 0.5])})
-    with pytest.raises(RunError, match="`layers`"):
+    with pytest.raises(ValueError, match="`layers`"):
         imm_merge(sds, fs, torch.full((2, 2), 0.5))
-    with pytest.raises(RunError, match=r"expected shape \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"expected shape \(2, 2\)"):
         imm_merge(sds, fs, torch.full((2, 3), 0.5), layers=LAYERS)
-    with pytest.raises(RunError, match="no mixing ratios for layer 'b'"):
+    with pytest.raises(ValueError, match="no mixing ratios for layer 'b'"):
         imm_merge(sds, fs, {"a": torch.tensor([0.5, 0.5])}, layers=LAYERS)
-    with pytest.raises(RunError, match="not in `layers`.*'c'"):
+    with pytest.raises(ValueError, match="not in `layers`.*'c'"):
         imm_merge(
             sds,
             fs,
             {"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([0.5, 0.5]), "c": torch.tensor([1.0, 0.0])},
             layers=LAYERS,
         )
-    with pytest.raises(RunError, match="layer 'b'.*sum to 1"):
+    with pytest.raises(ValueError, match="layer 'b'.*sum to 1"):
         imm_merge(sds, fs, {"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([0.5, 0.4])}, layers=LAYERS)
-    with pytest.raises(RunError, match="two layers"):
+    with pytest.raises(ValueError, match="two layers"):
         imm_merge(sds, fs, torch.tensor([0.5, 0.5]), layers={"a": ["a.weight"], "b": ["a.weight"]})
-    with pytest.raises(RunError, match="belongs to no layer"):
+    with pytest.raises(ValueError, match="belongs to no layer"):
         imm_merge(
             sds,
             fs,
@@ -265,5 +264,33 @@ def test_bad_layer_alphas() -> None:
             layers={"a": ["a.weight"]},
             names=["a.weight", "b.weight"],
         )
-    with pytest.raises(RunError, match="eps"):
+    with pytest.raises(ValueError, match="eps"):
         imm_merge(sds, fs, torch.tensor([0.5, 0.5]), eps=0.0)
+
+
+def test_wrong_kinds_of_argument_are_type_errors() -> None:
+    """A bare string where a list of names belongs, or ratios that are not numbers, are the
+    caller's mistake of kind (TypeError), and the message shows what was passed."""
+    sds, fs = _models(2)
+    with pytest.raises(
+        TypeError, match="layer 'a': expected a list of parameter names, got the string 'a.weight'"
+    ):
+        imm_merge(sds, fs, torch.tensor([0.5, 0.5]), layers={"a": "a.weight"})
+    with pytest.raises(TypeError, match=r"alphas: expected a tensor of mixing ratios, got \['x', 'y'\]"):
+        imm_merge(sds, fs, ["x", "y"])  # type: ignore[arg-type]
+
+
+def test_messages_show_the_received_value() -> None:
+    sds, fs = _models(2)
+    with pytest.raises(ValueError, match=r"nothing to merge .*got names=\[\] and 3 entries"):
+        imm_merge(sds, fs, torch.tensor([0.5, 0.5]), names=[])
+    with pytest.raises(ValueError, match=r"layer 'b' has no parameters.*got \[\]"):
+        imm_merge(sds, fs, torch.tensor([0.5, 0.5]), layers={"a": ["a.weight"], "b": []})
+    fs[1]["a.bias"][0] = -2.5
+    with pytest.raises(ValueError, match=r"fishers\[1\]\['a\.bias'\] has negative entries.*got min -2\.5"):
+        imm_merge(sds, fs, torch.tensor([0.5, 0.5]))
+    fs[1]["a.bias"][0] = float("inf")
+    with pytest.raises(
+        ValueError, match=r"fishers\[1\]\['a\.bias'\] has NaN or infinite.*got 1 of 3 non-finite"
+    ):
+        imm_merge(sds, fs, torch.tensor([0.5, 0.5]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tmerge.errors import RunError
 from tmerge.merge import LayerwiseMixing, mixing_ratios
 
 
@@ -51,15 +50,17 @@ def test_alphas_dict_and_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n_models", "layers", "pattern"),
+    ("n_models", "layers", "error", "pattern"),
     [
-        (1, 3, "n_models"),
-        (2, 0, "≥ 1"),
-        (2, [], "empty"),
-        (2, ["a", "a"], "duplicate"),
-        (2, "conv", "string"),
+        (1, 3, ValueError, "n_models.*got 1"),
+        (2.0, 3, TypeError, "n_models.*got 2.0"),
+        (True, 3, TypeError, "n_models.*got True"),
+        (2, 0, ValueError, "≥ 1"),
+        (2, [], ValueError, "empty"),
+        (2, ["a", "a"], ValueError, "duplicate"),
+        (2, "conv", TypeError, "string"),
     ],
 )
-def test_invalid_construction(n_models: int, layers: object, pattern: str) -> None:
-    with pytest.raises(RunError, match=pattern):
+def test_invalid_construction(n_models: int, layers: object, error: type[Exception], pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
         LayerwiseMixing(n_models, layers)  # type: ignore[arg-type]

@@ -91,7 +91,6 @@ class FakeRuns:
         *,
         offset: float = 0.0,
         finished: bool = True,
-        legacy: bool = False,
         predictions: bool = False,
         run_json: bool = True,
         trajectory: bool = False,
@@ -115,17 +114,11 @@ class FakeRuns:
             (path / "run.json").write_text(json.dumps({"commit": "0123456789abcdef", "seed": seed or 0}))
         rows = fake_scores(portion, init, seed, offset)
         buf = io.StringIO()
-        if legacy:
-            writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(["subject", "ET", "TC", "WT"])
-            for s, v in rows.items():
-                writer.writerow([s, v["dice_ET"], v["dice_TC"], v["dice_WT"]])
-        else:
-            columns = list(next(iter(rows.values())))
-            writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(["subject", *columns])
-            for s, v in rows.items():
-                writer.writerow([s, *(v[c] for c in columns)])
+        columns = list(next(iter(rows.values())))
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["subject", *columns])
+        for s, v in rows.items():
+            writer.writerow([s, *(v[c] for c in columns)])
         (path / "test_per_subject.csv").write_text(buf.getvalue())
         stages: dict[str, Any] = {"init": init, "sources": ["task1", "task2"]}
         if init in ("timm", "mean-timm"):
@@ -154,19 +147,13 @@ class FakeRuns:
                 )
         if finished:
             n = len(rows)
-            if legacy:
-                summary: dict[str, Any] = {
-                    r: sum(v[f"dice_{r}"] for v in rows.values()) / n for r in ("ET", "TC", "WT")
-                }
-                summary.update(mean=sum(summary.values()) / 3, n=n)
-            else:
-                summary = {
-                    "n": n,
-                    "dice": {
-                        r: sum(v[f"dice_{r}"] for v in rows.values()) / n for r in ("ET", "TC", "WT", "mean")
-                    },
-                    "hd95": {r: 0.0 for r in ("ET", "TC", "WT")},
-                }
+            summary = {
+                "n": n,
+                "dice": {
+                    r: sum(v[f"dice_{r}"] for v in rows.values()) / n for r in ("ET", "TC", "WT", "mean")
+                },
+                "hd95": {r: 0.0 for r in ("ET", "TC", "WT")},
+            }
             (path / "test_summary.json").write_text(json.dumps(summary))
         return path
 

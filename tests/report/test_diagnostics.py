@@ -21,7 +21,7 @@ from tmerge.report.diagnostics import (
 )
 from tmerge.report.document import mixing_section, sources_section
 from tmerge.report.panels import trajectory_panels
-from tmerge.report.runs import INIT_ORDER, discover
+from tmerge.report.runs import discover, init_order
 from tmerge.report.tables import table2_markdown, table_inits, table_rows
 
 DISTANCE = {
@@ -202,7 +202,8 @@ def test_table2_sweep_with_mean_timm_is_mean_and_sd_over_seeds(fake):
     index = discover(fake.root)
     inits = table_inits(index, ["none", "timm"])
     assert inits == ["none", "mean-imm", "mean-timm", "timm"]
-    assert INIT_ORDER.index("mean-imm") < INIT_ORDER.index("mean-timm") < INIT_ORDER.index("timm")
+    order = init_order()
+    assert order.index("mean-imm") < order.index("mean-timm") < order.index("timm")
     text = table2_markdown(index, table_rows(index, [8]), inits)
     header = "| portion | n | seeds | none | mean-imm | mean-timm | timm |"
     assert header in text

@@ -9,7 +9,8 @@ import statistics
 
 import pytest
 
-from tmerge.report.runs import SINGLE, SWEEP, discover, read_per_subject
+from tmerge.errors import RunError
+from tmerge.report.runs import SCORE_COLUMNS, SINGLE, SWEEP, discover, init_order, read_per_subject
 from tmerge.report.tables import (
     MISSING,
     Row,
@@ -146,20 +147,27 @@ def test_table4_row_left_out_by_the_stage_is_missing(fake):
     assert rows["T-IMM"] == [MISSING, MISSING]
 
 
-def test_legacy_csv_is_mapped(fake):
-    path = fake.target(4, "none", legacy=True)
-    rows, legacy = read_per_subject(path / "test_per_subject.csv")
-    assert legacy
+def test_per_subject_columns_and_init_order_are_the_stages_own():
+    """The report reads the columns the evaluation writes, and orders initialisations as the
+    registry lists them (the paper's Table 2 first)."""
+    from tmerge.data.labels import REGIONS
+    from tmerge.evaluate import score_columns
+    from tmerge.stages.inits import INITS
+
+    assert REGIONS == ("ET", "TC", "WT")
+    expected = ("dice_ET", "dice_TC", "dice_WT", "dice_mean", "hd95_ET", "hd95_TC", "hd95_WT")
+    assert SCORE_COLUMNS == tuple(score_columns(REGIONS)) == expected
+    assert init_order() == tuple(INITS)
+    assert init_order()[:7] == ("none", "m1", "m2", "imm", "mean-imm", "mean-timm", "timm")
+
+
+def test_per_subject_csv_is_read_as_written(fake):
+    path = fake.target(4, "none")
+    rows = read_per_subject(path / "test_per_subject.csv")
+    assert list(rows) == sorted(rows) and len(rows) == 10
     first = next(iter(rows.values()))
-    assert first["dice_mean"] == pytest.approx((first["dice_ET"] + first["dice_TC"] + first["dice_WT"]) / 3)
-    assert first["hd95_ET"] != first["hd95_ET"]  # NaN: not in the old format
-    run = discover(fake.root).targets[0]
-    assert (
-        run.usable
-        and run.legacy
-        and run.summary["dice"]["ET"] == pytest.approx(csv_mean(path / "test_per_subject.csv", "ET"))
-    )
-    assert run.warnings == []
+    assert tuple(first) == SCORE_COLUMNS
+    assert first["hd95_WT"] != first["hd95_WT"]  # NaN: the fixture's first subject has an empty mask
 
 
 def test_broken_finished_run_is_listed_not_used(fake):
@@ -168,6 +176,21 @@ def test_broken_finished_run_is_listed_not_used(fake):
     run = discover(fake.root).targets[0]
     assert run.finished and not run.usable
     assert "expected columns" in run.status() and str(path) in run.status()
+
+
+def test_csv_in_another_format_names_the_file_and_the_expected_columns(fake):
+    """A per-subject CSV of another format (e.g. the pre-HD95 ``subject,ET,TC,WT``) is one
+    problem of its run, naming the file and every expected column; the run is not used."""
+    path = fake.target(4, "imm")
+    csv_path = path / "test_per_subject.csv"
+    csv_path.write_text("subject,ET,TC,WT\nx,0.5,0.6,0.7\n")
+    run = discover(fake.root).targets[0]
+    assert run.finished and not run.usable and run.per_subject == {}
+    assert run.problem == (
+        f"{csv_path}: expected columns subject,{','.join(SCORE_COLUMNS)}, got subject,ET,TC,WT"
+    )
+    with pytest.raises(RunError, match="expected columns subject,dice_ET,"):
+        read_per_subject(csv_path)
 
 
 def test_summary_disagreeing_with_csv_is_warned(fake):

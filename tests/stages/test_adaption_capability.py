@@ -27,7 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from tmerge.modules.segmentation import build_loss
 from tmerge.nets import Isensee2017, layer_groups, partition
-from tmerge.stages.target import AdaptionConfig, Initialised, Source, TargetStageConfig, adapt
+from tmerge.runs import Source
+from tmerge.stages.adaption import adapt
+from tmerge.stages.configs import AdaptionConfig, TargetStageConfig
+from tmerge.stages.inits import Initialised
 
 SIZE = 16  # voxels per edge
 TRAIN, VAL = 32, 2  # samples per epoch (16 steps at batch 2) and validation volumes
@@ -125,7 +128,7 @@ def learned_alphas(sources: list[dict[str, torch.Tensor]], tmp: Path, **adaption
     cfg.data.patch_size = SIZE
     start = Initialised(net, layers, ones, eps=1e-8)
     named = [Source(f"s{t}", s, {}, f) for t, (s, f) in enumerate(zip(sources, ones, strict=True))]
-    released, _ = adapt(cfg, BlobData(seed=7), net, named, start, tmp, tmp, [])
+    released, _ = adapt(cfg, BlobData(seed=7), net, named, start, tmp, None)  # no W&B run
     record = json.loads((tmp / "alphas.json").read_text())
     assert released is net
     return torch.tensor([record["alphas"][layer][0] for layer in layers])

@@ -17,7 +17,7 @@ from tmerge.io import file_sha256, write_safetensors
 from tmerge.merge import imm_merge
 from tmerge.merge.task_vectors import task_arithmetic, ties
 from tmerge.nets import Isensee2017, partition
-from tmerge.stages.common import FISHER_FILE, NET_FILE, save_net
+from tmerge.runs import FISHER_FILE, NET_FILE, save_net
 
 
 def unet(seed: int) -> dict[str, torch.Tensor]:

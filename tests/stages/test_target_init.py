@@ -14,17 +14,11 @@ from tmerge.errors import ConfigError
 from tmerge.merge import AdaptiveMerge
 from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule, param_groups
-from tmerge.nets import Isensee2017, layer_groups, partition
-from tmerge.stages.common import head_names
-from tmerge.stages.target import (
-    INITS,
-    Source,
-    TargetStageConfig,
-    VectorMergeConfig,
-    initialise,
-    run_config,
-    vector_candidates,
-)
+from tmerge.nets import Isensee2017, head_names, layer_groups, partition
+from tmerge.runs import Source
+from tmerge.stages.configs import TargetStageConfig, VectorMergeConfig
+from tmerge.stages.inits import INITS, initialise, vector_candidates
+from tmerge.stages.target import run_config
 from tmerge.transfer import TransferConfig
 
 
@@ -54,7 +48,8 @@ def test_specific_parameters_after_every_init(name: str, specific: str) -> None:
     torch.manual_seed(0)
     net = build()
     used = sources if init.merges else sources[:1]
-    base = source(0).state if init.kind == "vector" else None
+    used_any = bool(init.sources(TargetStageConfig()))  # none: no source at all
+    base = source(0).state if init.base else None
     start = initialise(cfg, init, net, used, base)
     _, spec = partition(net)
     heads = set(head_names(net, spec))
@@ -64,14 +59,14 @@ def test_specific_parameters_after_every_init(name: str, specific: str) -> None:
     for n in heads:  # always re-created for the target's classes
         assert torch.equal(state[n], fresh[n]), n
     for n in norms:
-        if specific == "reinit" or init.kind == "none":
+        if specific == "reinit" or not used_any:
             expected = fresh[n]  # γ = 1, β = 0, exactly as built
-        elif init.kind == "transfer":
+        elif not init.merges:
             expected = used[0].state[n]
         else:  # merges: the mean of the sources' norms
             expected = (used[0].state[n] + used[1].state[n]) / 2
         torch.testing.assert_close(state[n], expected, msg=f"{name}/{specific}: {n}")
-    kept_expected = [] if specific == "reinit" or init.kind == "none" else norms
+    kept_expected = [] if specific == "reinit" or not used_any else norms
     assert sorted(start.specific_kept) == sorted(kept_expected)
 
 
@@ -106,7 +101,7 @@ def test_task_vector_inits_merge_p_by_their_method(name: str) -> None:
     start = initialise(cfg, INITS[name], build(), sources, base)
     state = start.net.state_dict()
     names = [n for ns in start.layers.values() for n in ns]
-    params = vector_candidates(cfg, INITS[name])[0]
+    params = vector_candidates(cfg, name)[0]
     expected = METHODS[name].run(
         [{n: s.state[n] for n in names} for s in sources], {n: base[n] for n in names}, None, **params
     )
@@ -117,13 +112,13 @@ def test_task_vector_inits_merge_p_by_their_method(name: str) -> None:
 
 def test_vector_candidates_are_the_grid_of_the_methods_parameters() -> None:
     cfg = TargetStageConfig(merge=VectorMergeConfig(lam=[0.5, 1.0], k=[10.0, 20.0, 50.0], seed=3))
-    ties_grid = vector_candidates(cfg, INITS["ties"])
+    ties_grid = vector_candidates(cfg, "ties")
     assert len(ties_grid) == 6 and {"k": 10.0, "lam": 0.5} in ties_grid
-    assert vector_candidates(cfg, INITS["dare"]) == [
+    assert vector_candidates(cfg, "dare") == [
         {"p": 0.5, "lam": 0.5, "seed": 3},
         {"p": 0.5, "lam": 1.0, "seed": 3},
     ]
-    assert vector_candidates(cfg, INITS["slerp"]) == [{"t": 0.5}]
+    assert vector_candidates(cfg, "slerp") == [{"t": 0.5}]
     with pytest.raises(ConfigError, match="merge.lam: expected a list of one value or a small grid"):
         VectorMergeConfig(lam=[])
 

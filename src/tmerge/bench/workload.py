@@ -2,7 +2,7 @@
 training step the Lightning loop is compared with.
 
 Every piece the stages use is the stages' own: the LightningModule comes from
-:func:`tmerge.stages.common.segmentation_module` and the loss from
+:func:`tmerge.stages.module.segmentation_module` and the loss from
 :func:`tmerge.modules.segmentation.build_loss` with the run config's ``loss`` section, so the
 bench times what ``tmerge timm`` trains. Only the data are synthetic (no files to prepare).
 """
@@ -24,7 +24,8 @@ from tmerge.data.common import PatchDataset, Subject, loader_kwargs
 from tmerge.data.labels import REGIONS
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule, build_loss
 from tmerge.runner import TrainerConfig
-from tmerge.stages.common import RunConfig, segmentation_module
+from tmerge.stages.configs import RunConfig
+from tmerge.stages.module import segmentation_module
 
 #: BraTS targets: nested region masks with one sigmoid output each (ET ⊂ TC ⊂ WT).
 OUTPUT_MODE = "sigmoid"
@@ -32,7 +33,7 @@ OUTPUT_MODE = "sigmoid"
 
 @dataclass(frozen=True)
 class Task:
-    """What :func:`~tmerge.stages.common.segmentation_module` reads of a DataModule."""
+    """What :func:`~tmerge.stages.module.segmentation_module` reads of a DataModule."""
 
     output_mode: str
     class_names: list[str]

@@ -62,7 +62,8 @@ class BraTSDataModule(SegmentationDataModule):
     """BraTS 2018 DataModule.
 
     Args:
-        run_dir: Folder where ``setup`` writes ``splits.json`` (None: not written).
+        run_dir: Folder where ``setup`` writes the split record (:data:`tmerge.runs.SPLITS_FILE`;
+            None: not written).
         **fields: :class:`BraTSDataConfig` fields.
 
     Attributes:

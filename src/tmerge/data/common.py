@@ -2,7 +2,7 @@
 
 A dataset kind (``hcp.py``, ``brats.py``) only says where its files are, how subjects are
 split and how a label map becomes a training target; everything else (default data, caching,
-in-memory volumes, patch sampling, loaders, ``splits.json``) lives here once.
+in-memory volumes, patch sampling, loaders, the split record) lives here once.
 
 Batch formats (``B`` batch, ``C`` modalities, ``P`` patch size, ``L`` = 1 for class indices or 3
 for BraTS regions):
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tmerge.data.preprocess import Kind, PreprocessSettings, is_cached, preprocess_cached
 from tmerge.data.splits import save_splits
 from tmerge.errors import ConfigError, DataError
+from tmerge.runs import SPLITS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     Lifecycle (Lightning): ``__init__`` validates the config and does no I/O; ``prepare_data``
     (one process per node) generates the embedded default if needed and fills the preprocessing
-    cache; ``setup`` (every rank) computes the seeded splits, writes ``splits.json`` and loads the
+    cache; ``setup`` (every rank) computes the seeded splits, writes the split record and loads the
     cached volumes into memory, so the training loop never touches disk.
 
     Attributes:
@@ -335,7 +336,7 @@ class SegmentationDataModule(L.LightningDataModule):
         output_mode: ``"softmax"`` (class indices, background included) or ``"sigmoid"`` (regions).
         class_names: Names of the foreground classes / regions.
         subjects: After setup, ``{"train", "val", "test", "predict"}`` subject id lists.
-        splits: After setup, the full split dictionary (what ``splits.json`` records).
+        splits: After setup, the full split dictionary (what the split record holds).
     """
 
     kind: ClassVar[Kind]
@@ -426,10 +427,10 @@ class SegmentationDataModule(L.LightningDataModule):
                 log.info("%s: preprocessed %d/%d (%.0f s)", self.kind, i, len(stale), time.perf_counter() - start)
 
     def setup(self, stage: str | None = None) -> None:
-        """Compute the splits, write ``splits.json`` (rank 0) and load the stage's volumes."""
+        """Compute the splits, write their record (rank 0) and load the stage's volumes."""
         self._resolve_splits()
         if self.run_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
-            save_splits(Path(self.run_dir) / "splits.json", self._split_record())
+            save_splits(Path(self.run_dir) / SPLITS_FILE, self._split_record())
         parts = {
             "fit": ("train", "val"),
             "validate": ("val",),

@@ -61,7 +61,8 @@ class HCPDataModule(SegmentationDataModule):
     """HCP parcellation DataModule.
 
     Args:
-        run_dir: Folder where ``setup`` writes ``splits.json`` (None: not written).
+        run_dir: Folder where ``setup`` writes the split record (:data:`tmerge.runs.SPLITS_FILE`;
+            None: not written).
         **fields: :class:`HCPDataConfig` fields.
 
     Attributes:

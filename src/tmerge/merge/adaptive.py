@@ -9,6 +9,9 @@ parameters (S: norms, heads, re-initialised layers) are the network's own and st
 Everything that does not depend on α — the merge weights G = F + ε and the products G ⊙ θ — is
 computed once at construction, so a step adds only two (T × L) mat-vecs and a division per layer to
 a plain forward.
+
+Bad arguments raise :class:`ValueError` (:class:`TypeError` for a layer given as a bare string), as
+everywhere in :mod:`tmerge.merge`: the stages check the user's files before they get here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from tmerge.errors import RunError
 from tmerge.merge.imm import (
     check_fishers,
     check_layers,
@@ -68,7 +70,9 @@ def mergeable_layers(
         (in ``layers``' order), and the names of the other layers.
 
     Raises:
-        RunError: if a parameter of ``layers`` is missing from the target or from a source.
+        ValueError: if a parameter of ``layers`` is missing from the target or from a source, or
+            ``layers`` is empty or lists a parameter twice (:func:`~tmerge.merge.imm.check_layers`).
+        TypeError: a layer's parameter names given as one string.
     """
     layer_map = check_layers(layers)
     target = _target_shapes(net)
@@ -77,12 +81,12 @@ def mergeable_layers(
     for layer, names in layer_map.items():
         missing = [n for n in names if n not in target]
         if missing:
-            raise RunError(f"layer {layer!r}: the target network has no parameter(s) {listed(missing)}")
+            raise ValueError(f"layer {layer!r}: the target network has no parameter(s) {listed(missing)}")
         ok = True
         for t, sd in enumerate(sources):
             missing = [n for n in names if n not in sd]
             if missing:
-                raise RunError(f"layer {layer!r}: sources[{t}] lacks parameter(s) {listed(missing)}")
+                raise ValueError(f"layer {layer!r}: sources[{t}] lacks parameter(s) {listed(missing)}")
             ok = ok and all(sd[n].shape == target[n] for n in names)
         if ok:
             mergeable[layer] = names
@@ -112,9 +116,10 @@ class AdaptiveMerge(nn.Module):
     The state dict holds ``mixing.delta`` and the net's parameters.
 
     Raises:
-        RunError: fewer than 2 sources; a layer parameter missing from the net, a source or a
+        ValueError: fewer than 2 sources; a layer parameter missing from the net, a source or a
             Fisher; shapes that differ between sources; layers whose source shapes differ from the
             target's (all such layers are listed).
+        TypeError: a layer's parameter names given as one string.
     """
 
     def __init__(
@@ -138,14 +143,14 @@ class AdaptiveMerge(nn.Module):
         for layer, names in layer_map.items():
             missing = [n for n in names if n not in params]
             if missing:
-                raise RunError(f"layer {layer!r}: the target network has no parameter(s) {listed(missing)}")
+                raise ValueError(f"layer {layer!r}: the target network has no parameter(s) {listed(missing)}")
             for t, sd in enumerate(sources):
                 missing = [n for n in names if n not in sd]
                 if missing:
-                    raise RunError(f"layer {layer!r}: sources[{t}] lacks parameter(s) {listed(missing)}")
+                    raise ValueError(f"layer {layer!r}: sources[{t}] lacks parameter(s) {listed(missing)}")
                 for n in names:
                     if t > 0 and sd[n].shape != sources[0][n].shape:
-                        raise RunError(
+                        raise ValueError(
                             f"parameter {n!r}: shape {tuple(sd[n].shape)} in sources[{t}] differs from "
                             f"{tuple(sources[0][n].shape)} in sources[0]"
                         )
@@ -159,7 +164,7 @@ class AdaptiveMerge(nn.Module):
             if diffs:
                 mismatched.append(f"{layer!r} ({', '.join(diffs)})")
         if mismatched:
-            raise RunError(
+            raise ValueError(
                 f"{len(mismatched)} layer(s) have different shapes in the sources and the target and cannot be "
                 f"merged: {'; '.join(mismatched)}. Exclude them from `layers` (see tmerge.merge.mergeable_layers) "
                 "and train them with the task-specific parameters."
@@ -238,7 +243,7 @@ class AdaptiveMerge(nn.Module):
         if alpha is None:
             alpha = self.mixing()
         if alpha.shape != (self.n_models, len(self._slots)):
-            raise RunError(
+            raise ValueError(
                 f"AdaptiveMerge: alpha must have shape ({self.n_models}, {len(self._slots)}), got {tuple(alpha.shape)}"
             )
         alpha_t = alpha.t()  # (N, T): row i mixes layer i

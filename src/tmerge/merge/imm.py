@@ -22,6 +22,10 @@ of deep nets are often 1e-8 or smaller; normalise them, or lower ``eps``).
 The math lives in the pure functions :func:`fisher_weights`, :func:`pack_terms`, :func:`combine_packed`
 and :func:`merge_tensor`;
 :func:`imm_merge` validates state dicts, Fishers and mixing ratios and applies them name by name.
+
+Errors: this is pure code, so a bad argument raises :class:`ValueError` (or :class:`TypeError` for an
+argument of the wrong kind) naming the value it got — a traceback, not a one-line user error. The
+stages check the user's files and keys first and report those as :class:`~tmerge.errors.TmergeError`.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from tmerge.errors import RunError
 
 #: Tolerance on Σ_t α^t = 1 (float32 sigmoid-normalised ratios are off by ~1e-7).
 ALPHA_SUM_TOL = 1e-4
@@ -128,10 +130,10 @@ def merge_tensor(
         The merged parameter, shape ``(*shape)``, in ``thetas``' dtype; differentiable in ``alpha``.
 
     Raises:
-        RunError: if ``alpha`` is not ``(T,)`` or ``fishers`` does not match ``thetas``' shape.
+        ValueError: if ``alpha`` is not ``(T,)`` or ``fishers`` does not match ``thetas``' shape.
     """
     if alpha.dim() != 1 or alpha.shape[0] != thetas.shape[0]:
-        raise RunError(
+        raise ValueError(
             f"merge_tensor: alpha must have shape ({thetas.shape[0]},) to match thetas {tuple(thetas.shape)}, "
             f"got {tuple(alpha.shape)}"
         )
@@ -140,7 +142,7 @@ def merge_tensor(
         packed = pack_terms(thetas, None)
     else:
         if fishers.shape != thetas.shape:
-            raise RunError(
+            raise ValueError(
                 f"merge_tensor: fishers shape {tuple(fishers.shape)} differs from thetas shape {tuple(thetas.shape)}"
             )
         g = fisher_weights(fishers.to(thetas.dtype), eps, fisher_floor)
@@ -180,22 +182,26 @@ def check_layers(layers: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """Validate a layer → parameter-names grouping and return it as a plain dict of lists.
 
     Raises:
-        RunError: if it is empty, a layer has no parameters, a value is a bare string, or a
-            parameter belongs to two layers.
+        TypeError: a layer's value is a bare string instead of a list of names.
+        ValueError: it is empty, a layer has no parameters, or a parameter belongs to two layers.
     """
     if len(layers) == 0:
-        raise RunError("layers is empty: expected at least one layer → [parameter names] entry")
+        raise ValueError(
+            f"layers is empty: expected at least one layer → [parameter names] entry, got {layers!r}"
+        )
     owner: dict[str, str] = {}
     out: dict[str, list[str]] = {}
     for layer, names in layers.items():
         if isinstance(names, str):
-            raise RunError(f"layer {layer!r}: expected a list of parameter names, got the string {names!r}")
+            raise TypeError(f"layer {layer!r}: expected a list of parameter names, got the string {names!r}")
         names = list(names)
         if not names:
-            raise RunError(f"layer {layer!r} has no parameters: expected at least one parameter name")
+            raise ValueError(
+                f"layer {layer!r} has no parameters: expected at least one parameter name, got {names!r}"
+            )
         for n in names:
             if n in owner:
-                raise RunError(f"parameter {n!r} is listed in two layers, {owner[n]!r} and {layer!r}")
+                raise ValueError(f"parameter {n!r} is listed in two layers, {owner[n]!r} and {layer!r}")
             owner[n] = layer
         out[str(layer)] = names
     return out
@@ -207,31 +213,36 @@ def check_alpha(alpha: Tensor, n_models: int, what: str) -> None:
     Only detached values are inspected, so the check does not touch the autograd graph.
 
     Raises:
-        RunError: naming ``what`` (e.g. "alphas for layer 'conv1'") and what was expected.
+        ValueError: naming ``what`` (e.g. "alphas for layer 'conv1'") and what was expected.
     """
     if alpha.dim() != 1 or alpha.shape[0] != n_models:
-        raise RunError(
+        raise ValueError(
             f"{what}: expected shape ({n_models},) for {n_models} models, got {tuple(alpha.shape)}"
         )
     a = alpha.detach()
     if not torch.isfinite(a).all():
-        raise RunError(f"{what}: contains NaN or infinite values: {a.tolist()}")
+        raise ValueError(f"{what}: contains NaN or infinite values: {a.tolist()}")
     if (a < 0).any():
-        raise RunError(f"{what}: mixing ratios must be ≥ 0, got {a.tolist()}")
+        raise ValueError(f"{what}: mixing ratios must be ≥ 0, got {a.tolist()}")
     total = float(a.double().sum())
     if abs(total - 1.0) > ALPHA_SUM_TOL:
-        raise RunError(
+        raise ValueError(
             f"{what}: mixing ratios must sum to 1 over the {n_models} models, got sum {total:.6g} ({a.tolist()})"
         )
 
 
 def _as_tensor(value: Tensor | Sequence[float], what: str) -> Tensor:
+    """``value`` as a tensor of the default float dtype (a tensor is returned as it is).
+
+    Raises:
+        TypeError: ``value`` is not numbers (torch's own TypeError or ValueError is chained).
+    """
     if isinstance(value, Tensor):
         return value
     try:
         return torch.as_tensor(value, dtype=torch.get_default_dtype())
     except (TypeError, ValueError) as exc:
-        raise RunError(f"{what}: expected a tensor of mixing ratios, got {value!r}") from exc
+        raise TypeError(f"{what}: expected a tensor of mixing ratios, got {value!r}") from exc
 
 
 def _alpha_per_name(
@@ -240,15 +251,32 @@ def _alpha_per_name(
     layers: dict[str, list[str]] | None,
     names: Sequence[str],
 ) -> dict[str, Tensor]:
-    """Resolve the three accepted forms of ``alphas`` into one validated ``(T,)`` tensor per name."""
+    """Resolve the three accepted forms of ``alphas`` into one validated ``(T,)`` tensor per name.
+
+    Args:
+        alphas: a ``(T,)`` tensor, a ``(T, N)`` tensor (column i ↔ i-th layer of ``layers``) or a
+            mapping layer → ``(T,)`` ratios.
+        n_models: T.
+        layers: layer → parameter names (required for the ``(T, N)`` and mapping forms).
+        names: the floating-point parameters to merge.
+
+    Returns:
+        name → ``(T,)`` mixing ratios, checked by :func:`check_alpha`.
+
+    Raises:
+        TypeError: ratios that are not numbers (see :func:`_as_tensor`).
+        ValueError: a form that needs ``layers`` without it, a wrong shape, a layer or a name
+            without ratios, or ratios that fail :func:`check_alpha`.
+    """
     if isinstance(alphas, Mapping):
         if layers is None:
-            raise RunError(
-                "alphas is a mapping layer → ratios, so `layers` (layer → parameter names) is required"
+            raise ValueError(
+                "alphas is a mapping layer → ratios, so `layers` (layer → parameter names) is required; "
+                f"got layers=None for alphas layers {listed(list(alphas))}"
             )
         unknown = [k for k in alphas if k not in layers]
         if unknown:
-            raise RunError(f"alphas has layers that are not in `layers`: {listed(unknown)}")
+            raise ValueError(f"alphas has layers that are not in `layers`: {listed(unknown)}")
         per_layer = {k: _as_tensor(v, f"alphas[{k!r}]") for k, v in alphas.items()}
     else:
         alphas = _as_tensor(alphas, "alphas")
@@ -256,16 +284,16 @@ def _alpha_per_name(
             check_alpha(alphas, n_models, "alphas")
             return dict.fromkeys(names, alphas)
         if alphas.dim() != 2:
-            raise RunError(
+            raise ValueError(
                 f"alphas: expected shape ({n_models},) or ({n_models}, N layers), got {tuple(alphas.shape)}"
             )
         if layers is None:
-            raise RunError(
+            raise ValueError(
                 f"alphas has shape {tuple(alphas.shape)} (one column per layer), so `layers` is required "
                 "to say which parameters each column mixes"
             )
         if alphas.shape != (n_models, len(layers)):
-            raise RunError(
+            raise ValueError(
                 f"alphas: expected shape ({n_models}, {len(layers)}) for {n_models} models × {len(layers)} layers, "
                 f"got {tuple(alphas.shape)}"
             )
@@ -277,11 +305,11 @@ def _alpha_per_name(
     for n in names:
         layer = owner.get(n)
         if layer is None:
-            raise RunError(
+            raise ValueError(
                 f"parameter {n!r} is to be merged but belongs to no layer in `layers`, so it has no mixing ratio"
             )
         if layer not in per_layer:
-            raise RunError(f"alphas has no mixing ratios for layer {layer!r} (needed for parameter {n!r})")
+            raise ValueError(f"alphas has no mixing ratios for layer {layer!r} (needed for parameter {n!r})")
         if layer not in checked:
             check_alpha(per_layer[layer], n_models, f"alphas for layer {layer!r}")
             checked.add(layer)
@@ -300,21 +328,21 @@ def check_merge_args(
     """The argument checks every eq.-2 merge shares (``who`` and ``item`` name them in messages).
 
     Raises:
-        RunError: fewer than 2 models, a Fisher count that differs from the model count, eps ≤ 0
+        ValueError: fewer than 2 models, a Fisher count that differs from the model count, eps ≤ 0
             or a negative fisher_floor.
     """
     if n_models < 2:
-        raise RunError(f"{who} needs at least 2 {item}s to merge, got {n_models}")
+        raise ValueError(f"{who} needs at least 2 {item}s to merge, got {n_models}")
     if fishers is not None and len(fishers) != n_models:
-        raise RunError(
+        raise ValueError(
             f"{who}: got {n_models} {item}s but {len(fishers)} Fishers; expected one Fisher per {item}"
         )
     if eps <= 0:
-        raise RunError(
+        raise ValueError(
             f"{who}: eps must be > 0 (it keeps the merge defined where all Fishers are 0), got {eps}"
         )
     if fisher_floor < 0:
-        raise RunError(f"{who}: fisher_floor must be ≥ 0, got {fisher_floor}")
+        raise ValueError(f"{who}: fisher_floor must be ≥ 0, got {fisher_floor}")
 
 
 def imm_merge(
@@ -350,8 +378,9 @@ def imm_merge(
         when only part of a network is merged.
 
     Raises:
-        RunError: fewer than 2 models; names missing from a model or Fisher; shape mismatches;
+        ValueError: fewer than 2 models; names missing from a model or Fisher; shape mismatches;
             negative Fishers; alphas of the wrong form or shape, negative, or not summing to 1.
+        TypeError: a layer given as a bare string, or alphas that are not numbers.
     """
     n_models = len(state_dicts)
     check_merge_args("imm_merge", "model", n_models, fishers, eps, fisher_floor)
@@ -368,19 +397,22 @@ def imm_merge(
         for t, sd in enumerate(state_dicts[1:], start=1):
             extra = set(sd.keys()) - first
             if extra:
-                raise RunError(f"state_dicts[{t}] has names that state_dicts[0] lacks: {listed(extra)}")
+                raise ValueError(f"state_dicts[{t}] has names that state_dicts[0] lacks: {listed(extra)}")
     if not merge_names:
-        raise RunError("imm_merge: nothing to merge (no names given and state_dicts[0] is empty)")
+        raise ValueError(
+            "imm_merge: nothing to merge (no names given and state_dicts[0] is empty); "
+            f"got names={names!r} and {len(state_dicts[0])} entries in state_dicts[0]"
+        )
 
     for t, sd in enumerate(state_dicts):
         missing = [n for n in merge_names if n not in sd]
         if missing:
-            raise RunError(f"state_dicts[{t}] lacks {len(missing)} name(s) to merge: {listed(missing)}")
+            raise ValueError(f"state_dicts[{t}] lacks {len(missing)} name(s) to merge: {listed(missing)}")
     ref = state_dicts[0]
     for n in merge_names:
         for t, sd in enumerate(state_dicts[1:], start=1):
             if sd[n].shape != ref[n].shape:
-                raise RunError(
+                raise ValueError(
                     f"parameter {n!r}: shape {tuple(sd[n].shape)} in state_dicts[{t}] differs from "
                     f"{tuple(ref[n].shape)} in state_dicts[0]"
                 )
@@ -410,18 +442,24 @@ def check_fishers(fishers: Sequence[Mapping[str, Tensor]], shapes: Mapping[str, 
         shapes: name → expected shape.
 
     Raises:
-        RunError: naming the Fisher (``fishers[t]``) and the parameter.
+        ValueError: naming the Fisher (``fishers[t]``) and the parameter.
     """
     for t, f in enumerate(fishers):
         missing = [n for n in shapes if n not in f]
         if missing:
-            raise RunError(f"fishers[{t}] lacks {len(missing)} parameter(s) to merge: {listed(missing)}")
+            raise ValueError(f"fishers[{t}] lacks {len(missing)} parameter(s) to merge: {listed(missing)}")
         for n, shape in shapes.items():
             if f[n].shape != shape:
-                raise RunError(
+                raise ValueError(
                     f"fishers[{t}][{n!r}] has shape {tuple(f[n].shape)}, expected the parameter's shape {tuple(shape)}"
                 )
-            if not torch.isfinite(f[n]).all():
-                raise RunError(f"fishers[{t}][{n!r}] has NaN or infinite entries; expected finite values ≥ 0")
+            finite = torch.isfinite(f[n])
+            if not finite.all():
+                raise ValueError(
+                    f"fishers[{t}][{n!r}] has NaN or infinite entries; expected finite values ≥ 0, "
+                    f"got {int((~finite).sum())} of {f[n].numel()} non-finite"
+                )
             if (f[n] < 0).any():
-                raise RunError(f"fishers[{t}][{n!r}] has negative entries; a diagonal Fisher is ≥ 0")
+                raise ValueError(
+                    f"fishers[{t}][{n!r}] has negative entries; a diagonal Fisher is ≥ 0, got min {float(f[n].min()):g}"
+                )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tmerge.merge.imm import fisher_epsilon, imm_merge
+from tmerge.merge.imm import check_alpha, fisher_epsilon, imm_merge
 from tmerge.merge.task_vectors import dare, slerp, task_arithmetic, ties
 
 
@@ -129,7 +129,8 @@ def check_params(method: str, params: Mapping[str, Any], n_models: int) -> None:
 
     Raises:
         ValueError: an unknown method or parameter, a value out of range (named, with what is
-            expected), or the wrong number of models.
+            expected), the wrong number of models, or ``alphas`` that are not numbers ≥ 0
+            summing to 1.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
@@ -142,6 +143,14 @@ def check_params(method: str, params: Mapping[str, Any], n_models: int) -> None:
     alphas = params.get("alphas")
     if alphas is not None and len(alphas) != n_models:
         raise ValueError(f"{method}: alphas must have one entry per model ({n_models}), got {list(alphas)}")
+    if alphas is not None:
+        # The recipe's ratios are the user's: refuse them here, where the caller can name the
+        # recipe key, not deep inside imm_merge.
+        try:
+            ratios = torch.tensor([float(a) for a in alphas], dtype=torch.float32)  # as the merge uses them
+        except (TypeError, ValueError):
+            raise ValueError(f"{method}: alphas must be numbers, got {list(alphas)}") from None
+        check_alpha(ratios, n_models, f"{method}: alphas")
     if spec.models is not None and n_models != spec.models:
         raise ValueError(f"{method} merges exactly {spec.models} models, got {n_models}")
     if n_models < (1 if spec.base else 2):

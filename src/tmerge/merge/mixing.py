@@ -12,8 +12,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from tmerge.errors import RunError
-
 
 def mixing_ratios(delta: Tensor) -> Tensor:
     """Map free parameters δ to mixing ratios α, normalising over models.
@@ -37,6 +35,10 @@ class LayerwiseMixing(nn.Module):
         layers: the layer names (column order of α), or their number N ≥ 1 (names become
             ``"0"``, ``"1"``, …).
 
+    Raises:
+        TypeError: ``n_models`` is not an integer, or ``layers`` is a bare string.
+        ValueError: ``n_models`` < 2, no layers, or a layer name given twice.
+
     Attributes:
         delta: ``nn.Parameter`` of shape ``(T, N)``, initialised to 0 (uniform α = IMM).
         layer_names: list of the N layer names, in column order.
@@ -45,25 +47,28 @@ class LayerwiseMixing(nn.Module):
 
     def __init__(self, n_models: int, layers: Sequence[str] | int) -> None:
         super().__init__()
-        if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 2:
-            raise RunError(
-                f"LayerwiseMixing: n_models must be an integer ≥ 2 (models to merge), got {n_models!r}"
-            )
+        wanted = f"LayerwiseMixing: n_models must be an integer ≥ 2 (models to merge), got {n_models!r}"
+        if isinstance(n_models, bool) or not isinstance(n_models, int):
+            raise TypeError(wanted)
+        if n_models < 2:
+            raise ValueError(wanted)
         if isinstance(layers, int) and not isinstance(layers, bool):
             if layers < 1:
-                raise RunError(f"LayerwiseMixing: the number of layers must be ≥ 1, got {layers}")
+                raise ValueError(f"LayerwiseMixing: the number of layers must be ≥ 1, got {layers}")
             names = [str(i) for i in range(layers)]
         elif isinstance(layers, str):
-            raise RunError(
+            raise TypeError(
                 f"LayerwiseMixing: layers must be a list of layer names or a count, got the string {layers!r}"
             )
         else:
             names = [str(n) for n in layers]
             if not names:
-                raise RunError("LayerwiseMixing: layers is empty; expected at least one layer name")
+                raise ValueError(
+                    f"LayerwiseMixing: layers is empty; expected at least one layer name, got {layers!r}"
+                )
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
-                raise RunError(f"LayerwiseMixing: duplicate layer names {dup}")
+                raise ValueError(f"LayerwiseMixing: duplicate layer names {dup}")
         self.n_models = n_models
         self.layer_names: list[str] = names
         self.delta = nn.Parameter(torch.zeros(n_models, len(names)))
@@ -79,7 +84,7 @@ class LayerwiseMixing(nn.Module):
 
     @torch.no_grad()
     def alphas_dict(self) -> dict[str, list[float]]:
-        """Return layer → ``[α^1, …, α^T]`` as plain floats, e.g. for writing ``alphas.json``."""
+        """Return layer → ``[α^1, …, α^T]`` as plain floats, e.g. for the run's α record."""
         alpha = self().detach().cpu().double()
         return {name: alpha[:, i].tolist() for i, name in enumerate(self.layer_names)}
 

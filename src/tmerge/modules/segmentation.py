@@ -17,15 +17,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
+from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
 from tmerge.errors import ConfigError
 from tmerge.evaluate import N_PREVIEWS, evaluate_subject, preview, save_prediction, summarise
 from tmerge.fastpath import CompiledForward, enable_cudnn_benchmark
 from tmerge.metrics import PerClassMean, check_output_mode, dice_per_class
-from tmerge.modules.guards import NonFiniteGuard
 
 log = logging.getLogger("tmerge")
 
@@ -61,6 +62,16 @@ class LossConfig:
     sw_overlap: float = 0.25  # sliding-window overlap for volumes larger than the window
     sw_batch_size: int = 2
 
+    def __post_init__(self) -> None:
+        # Here, not only in build_loss: a typo in the config is the user's, refused before a run
+        # folder exists, in one line.
+        if self.name not in LOSSES:
+            raise ConfigError(f"loss.name: expected one of {', '.join(LOSSES)}, got {self.name!r}")
+
+
+#: The training objectives :func:`build_loss` knows.
+LOSSES = ("dice", "dice_ce")
+
 
 def build_loss(name: str, output_mode: str) -> nn.Module:
     """Loss on logits ``(B, C, ...)`` and targets in the convention of ``output_mode``.
@@ -71,7 +82,7 @@ def build_loss(name: str, output_mode: str) -> nn.Module:
     cross-entropy per region for ``dice_ce``: the regions overlap, so not a softmax CE).
     """
     check_output_mode(output_mode)
-    if name not in ("dice", "dice_ce"):
+    if name not in LOSSES:
         raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
     # batch=True: Dice over the whole batch per class (Isensee et al. 2017), so a class absent
     # from one patch does not push its prediction towards zero.
@@ -200,6 +211,8 @@ class SegmentationModule(L.LightningModule):
             (:func:`tmerge.evaluate.preview`) for the dashboard.
         export_dir: Folder for the predicted label maps of ``test``/``predict`` (``None``: none
             written); the stage sets it.
+        nonfinite: The :class:`~tmerge.callbacks.NonFiniteGuard` that stops training on a NaN/inf
+            loss; :meth:`configure_callbacks` hands it to every trainer of this module.
     """
 
     def __init__(
@@ -235,8 +248,13 @@ class SegmentationModule(L.LightningModule):
         self.export_dir: Path | None = None
         self._progress_start = time.perf_counter()
         # A NaN/inf loss stops training with the step and subjects named, without a host
-        # synchronisation per step on accelerators.
+        # synchronisation per step on accelerators. A callback the module brings along
+        # (configure_callbacks), so that every fit of this module has it.
         self.nonfinite = NonFiniteGuard(every=25)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The callbacks every trainer of this module needs: the non-finite loss guard."""
+        return [self.nonfinite]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C_out, D, H, W)`` for images ``(B, C_in, D, H, W)``."""
@@ -271,13 +289,6 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss_fn(self(batch["image"]), batch["label"])
-        self.nonfinite.observe(
-            loss,
-            step=self.global_step,
-            epoch=self.current_epoch,
-            batch_idx=batch_idx,
-            subjects=batch.get("subject", ()),
-        )
         self.log(
             "train/loss",
             loss,
@@ -352,14 +363,6 @@ class SegmentationModule(L.LightningModule):
         for name, value in zip(self.class_names, scores, strict=True):
             self.log(f"{split}/dice_{name}", value)
         metric.reset()
-
-    def on_train_start(self) -> None:
-        if self.trainer.world_size > 1:
-            strategy = self.trainer.strategy
-            self.nonfinite.any_rank = lambda flag: strategy.reduce_boolean_decision(flag, all=False)
-
-    def on_train_epoch_end(self) -> None:
-        self.nonfinite.check()
 
     def on_validation_epoch_end(self) -> None:
         self._log_dice("val", self.val_dice)

@@ -125,3 +125,11 @@ def layer_groups(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]
         if name in wanted:
             groups.setdefault(owner, []).append(name)
     return groups
+
+
+def head_names(net: nn.Module, specific: Sequence[str]) -> list[str]:
+    """The task-specific parameters that belong to the segmentation heads (re-created for every
+    new task, unlike the instance norms, which a transfer may keep): those under the network's
+    ``head_prefixes``."""
+    prefixes = tuple(getattr(net, "head_prefixes", ()))
+    return [n for n in specific if prefixes and n.startswith(prefixes)]

@@ -1,12 +1,13 @@
 """``tmerge report``: the paper's tables and figures, with paired statistics, from finished runs.
 
 Reads every run folder under the runs root (:mod:`tmerge.report.runs`) and writes
-``<runs>/report/``:
+``<runs>/report/``, the files named here (this module owns the report's file names; Table 4 keeps
+the forgetting stage's name, :data:`tmerge.runs.FORGETTING_MD`):
 
 =================== =========================================================================
 ``table2.md/.csv``  test Dice (ET, TC, WT, mean) and HD95 per initialisation and portion
 ``table3.md``       epochs and validation scores of T-IMM's adaption and fine-tune stages
-``table4.md``       forgetting: P of M1, M2, IMM, T-IMM with each source task's S
+Table 4             forgetting: P of M1, M2, IMM, T-IMM with each source task's S
 ``stats.md``        T-IMM − other across seeds (hierarchical bootstrap CI) and per subject
                     (bootstrap CI, Wilcoxon p, Holm-adjusted; training variance ignored)
 ``fig4_paired.png`` per-subject Dice differences, subjects sorted by T-IMM's Dice
@@ -31,6 +32,19 @@ from tmerge.io import write_text
 from tmerge.paths import runs_dir
 
 log = logging.getLogger("tmerge")
+
+# The report's own files, under its folder (the run folders' files: :mod:`tmerge.runs`).
+#: The default report folder under the runs root.
+REPORT_DIR = "report"
+REPORT_MD = "report.md"
+TABLE2_MD = "table2.md"
+TABLE2_CSV = "table2.csv"
+TABLE3_MD = "table3.md"
+STATS_MD = "stats.md"
+FIG3_EXAMPLES = "fig3_examples.png"
+FIG4_PAIRED = "fig4_paired.png"
+FIG5_ALPHAS = "fig5_alphas.png"
+FIG5_TRAJECTORY = "fig5_alpha_trajectory.png"
 
 
 @dataclass
@@ -89,6 +103,7 @@ def run_report(cfg: ReportConfig) -> Path:
         table_inits,
         table_rows,
     )
+    from tmerge.runs import ALPHAS_FILE, FORGETTING_DIR, FORGETTING_MD
 
     check_config(cfg)
     root = runs_dir(cfg.runs_dir)
@@ -96,7 +111,7 @@ def run_report(cfg: ReportConfig) -> Path:
         raise RunError(
             f"{root}: runs folder not found; train first (make task1 task2 timm) or set runs_dir / TMERGE_RUNS"
         )
-    out = Path(cfg.out_dir) if cfg.out_dir else root / "report"
+    out = Path(cfg.out_dir) if cfg.out_dir else root / REPORT_DIR
     index = discover(root)
     rows = table_rows(index, cfg.portions)
     inits = table_inits(index, [*cfg.inits, cfg.reference])
@@ -110,10 +125,10 @@ def run_report(cfg: ReportConfig) -> Path:
     )
 
     table2 = table2_markdown(index, rows, inits)
-    write_text(out / "table2.md", table2)
-    write_text(out / "table2.csv", table2_csv(index, rows, inits))
-    write_text(out / "table3.md", table3_markdown(index, rows, inits, cfg.reference))
-    write_text(out / "table4.md", table4_markdown(index.forgetting))
+    write_text(out / TABLE2_MD, table2)
+    write_text(out / TABLE2_CSV, table2_csv(index, rows, inits))
+    write_text(out / TABLE3_MD, table3_markdown(index, rows, inits, cfg.reference))
+    write_text(out / FORGETTING_MD, table4_markdown(index.forgetting))
 
     stats = dict(n_boot=cfg.bootstrap, seed=cfg.seed, min_pairs=cfg.min_pairs)
     comparisons = {
@@ -128,28 +143,26 @@ def run_report(cfg: ReportConfig) -> Path:
         for row in seed_aware_rows(rows)
     }
     write_text(
-        out / "stats.md",
+        out / STATS_MD,
         stats_markdown(comparisons, inits, cfg.reference, **stats, level=cfg.level, seed_aware=seed_aware),
     )
 
     notes: dict[str, list[str]] = {}
     panels = paired_panels(index, comparisons, cfg.reference)
     if not panels:
-        notes["fig4_paired.png"] = [f"no row has a finished {cfg.reference} run and another finished run"]
-    figures.plot_paired(panels, out / "fig4_paired.png", empty="; ".join(notes.get("fig4_paired.png", [])))
+        notes[FIG4_PAIRED] = [f"no row has a finished {cfg.reference} run and another finished run"]
+    figures.plot_paired(panels, out / FIG4_PAIRED, empty="; ".join(notes.get(FIG4_PAIRED, [])))
     alphas = alpha_panels(index, rows, cfg.reference)
     if not alphas:
-        notes["fig5_alphas.png"] = [f"no finished {cfg.reference} run with alphas.json"]
-    figures.plot_alphas(alphas, out / "fig5_alphas.png", empty="; ".join(notes.get("fig5_alphas.png", [])))
-    paths, notes["fig5_alpha_trajectory.png"] = trajectory_panels(index, cfg.reference)
-    if not paths and not notes["fig5_alpha_trajectory.png"]:
-        notes["fig5_alpha_trajectory.png"] = [f"no finished {cfg.reference} run with alphas.json"]
-    figures.plot_alpha_trajectory(
-        paths, out / "fig5_alpha_trajectory.png", empty="; ".join(notes["fig5_alpha_trajectory.png"])
-    )
+        notes[FIG5_ALPHAS] = [f"no finished {cfg.reference} run with {ALPHAS_FILE}"]
+    figures.plot_alphas(alphas, out / FIG5_ALPHAS, empty="; ".join(notes.get(FIG5_ALPHAS, [])))
+    paths, notes[FIG5_TRAJECTORY] = trajectory_panels(index, cfg.reference)
+    if not paths and not notes[FIG5_TRAJECTORY]:
+        notes[FIG5_TRAJECTORY] = [f"no finished {cfg.reference} run with {ALPHAS_FILE}"]
+    figures.plot_alpha_trajectory(paths, out / FIG5_TRAJECTORY, empty="; ".join(notes[FIG5_TRAJECTORY]))
     parcellation, p_notes = parcellation_rows(index.forgetting)
     if not index.forgetting:
-        p_notes = ["no forgetting/p<portion>/ folder (make forgetting PORTION=…)"]
+        p_notes = [f"no {FORGETTING_DIR}/p<portion>/ folder (make forgetting PORTION=…)"]
     tumours, t_notes = tumour_rows(index, rows, inits, cfg.reference)
     if not tumours and not t_notes:
         t_notes = ["no finished BraTS run"]
@@ -162,13 +175,13 @@ def run_report(cfg: ReportConfig) -> Path:
                 t_notes,
             ),
         ],
-        out / "fig3_examples.png",
+        out / FIG3_EXAMPLES,
     )
-    notes["fig3_examples.png"] = [*p_notes, *t_notes]
+    notes[FIG3_EXAMPLES] = [*p_notes, *t_notes]
 
     main_table = table2.split("\n## ", 2)[1] if "\n## " in table2 else ""
     write_text(
-        out / "report.md",
+        out / REPORT_MD,
         report_markdown(
             index,
             rows,
@@ -179,5 +192,5 @@ def run_report(cfg: ReportConfig) -> Path:
             asdict(cfg),
         ),
     )
-    log.info("report: wrote %s", out / "report.md")
+    log.info("report: wrote %s", out / REPORT_MD)
     return out

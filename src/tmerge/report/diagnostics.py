@@ -1,8 +1,8 @@
 """What the runs say about why a merge works or not: the mixing ratios α that ``timm`` and
-``mean-timm`` learned (``alphas.json``) and how far the second source model moved from the first
-(``distance_from_init`` in ``metrics.json``).
+``mean-timm`` learned (:data:`tmerge.runs.ALPHAS_FILE`) and how far the second source model moved
+from the first (``distance_from_init`` in the source's metrics, :data:`tmerge.runs.SOURCE_MARKER`).
 
-``alphas.json`` holds ``{"sources": [...], "layers": [...], "alphas": {layer: [α per source]}}``
+The α file holds ``{"sources": [...], "layers": [...], "alphas": {layer: [α per source]}}``
 and, from newer runs, ``"trajectory": [{"epoch", "val_loss", "alphas": {layer: [...]}}, ...]``,
 α after each adaption epoch. Files without a trajectory are read too. Only the first source's α
 is summarised: with two sources the second is 1 − α.
@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from tmerge.errors import RunError
-from tmerge.report.runs import SOURCE_MARKER, RunIndex, SourceRun, TargetRun
+from tmerge.report.runs import RunIndex, SourceRun, TargetRun
+from tmerge.runs import ALPHAS_FILE, SOURCE_MARKER
 
-#: The initialisations that learn α (and so write ``alphas.json``).
+#: The initialisations that learn α (and so write :data:`tmerge.runs.ALPHAS_FILE`).
 ALPHA_INITS: tuple[str, ...] = ("mean-timm", "timm")
 
 
@@ -34,7 +35,7 @@ class AlphaSummary:
         n_sources: how many sources were mixed (IMM's uniform α is ``1 / n_sources``).
         n_layers: mixed layers.
         low, high, mean: min, max and mean over layers of the first source's α.
-        epochs: adaption epochs in the trajectory; None for an ``alphas.json`` without one.
+        epochs: adaption epochs in the trajectory; None for an α file without one.
         best_epoch: the trajectory's epoch with the lowest validation loss (None without losses).
     """
 
@@ -93,11 +94,11 @@ def _first(values: Any, where: str) -> float:
     return alpha
 
 
-def first_source_alphas(alphas: Mapping[str, Any], where: str = "alphas.json") -> dict[str, float]:
+def first_source_alphas(alphas: Mapping[str, Any], where: str = ALPHAS_FILE) -> dict[str, float]:
     """``layer -> α of the first source`` after the adaption stage, in network order.
 
     Args:
-        alphas: the content of ``alphas.json``.
+        alphas: the content of the α file.
         where: the file, for error messages.
 
     Raises:
@@ -118,9 +119,9 @@ def _source(alphas: Mapping[str, Any]) -> tuple[str, int]:
     return (str(sources[0]) if sources else "source 1"), len(sources) or n_sources
 
 
-def trajectory(alphas: Mapping[str, Any], where: str = "alphas.json") -> Trajectory | None:
-    """α of the first source per layer over the adaption epochs; None for an older
-    ``alphas.json`` without ``trajectory`` (or with an empty one).
+def trajectory(alphas: Mapping[str, Any], where: str = ALPHAS_FILE) -> Trajectory | None:
+    """α of the first source per layer over the adaption epochs; None for an older α file
+    without ``trajectory`` (or with an empty one).
 
     Layers are those of the final ``alphas`` table; an epoch lacking one of them gets NaN there.
 
@@ -160,11 +161,11 @@ def trajectory(alphas: Mapping[str, Any], where: str = "alphas.json") -> Traject
     return Trajectory(source, n_sources, epochs, layers, np.array(rows, dtype=np.float64), losses)
 
 
-def summarise_alphas(alphas: Mapping[str, Any], where: str = "alphas.json") -> AlphaSummary:
+def summarise_alphas(alphas: Mapping[str, Any], where: str = ALPHAS_FILE) -> AlphaSummary:
     """Min, max and mean over layers of the first source's α, and the trajectory's length.
 
     Raises:
-        RunError: ``alphas.json`` (``where``) not in the expected form (see
+        RunError: the α file (``where``) not in the expected form (see
             :func:`first_source_alphas` and :func:`trajectory`).
     """
     first = list(first_source_alphas(alphas, where).values())
@@ -189,7 +190,7 @@ def alpha_runs(index: RunIndex) -> list[TargetRun]:
 
 def trajectory_run(index: RunIndex, portion: int, init: str) -> TargetRun | None:
     """The run whose trajectory Fig. 5b draws for ``portion``: the single-seed run, else the
-    lowest seed of the sweep, among finished runs with an ``alphas.json`` that has a trajectory."""
+    lowest seed of the sweep, among finished runs with an α file that has a trajectory."""
     candidates = [
         r
         for r in index.usable()
@@ -223,14 +224,14 @@ class DistanceSummary:
 
 def distance_summary(run: SourceRun) -> DistanceSummary | None:
     """The run's ``distance_from_init``; None when absent or null (a run trained from scratch, or
-    a ``metrics.json`` written before it was recorded).
+    metrics written before it was recorded).
 
     Where a summary key is missing it is computed from ``per_layer`` (median: the middle value,
     or the mean of the two middle ones).
 
     Raises:
         RunError: ``distance_from_init`` present but neither summarised nor with ``per_layer``
-            (the message names the run's ``metrics.json``).
+            (the message names the run's metrics file).
     """
     where = run.path / SOURCE_MARKER
     block = (run.metrics or {}).get("distance_from_init")

@@ -1,6 +1,7 @@
-"""``report.md``: links to every table and figure, what the merges learned (mixing ratios) and how
-far apart the sources are, and an account of the runs they come from — config, key settings and
-git commit of each, and the runs that are missing or unfinished."""
+"""The report's main page (:data:`tmerge.report.REPORT_MD`): links to every table and figure,
+what the merges learned (mixing ratios) and how far apart the sources are, and an account of the
+runs they come from — config, key settings and git commit of each, and the runs that are missing
+or unfinished."""
 
 from __future__ import annotations
 
@@ -11,9 +12,30 @@ from pathlib import Path
 from typing import Any
 
 from tmerge.errors import RunError
+from tmerge.report import (
+    FIG3_EXAMPLES,
+    FIG4_PAIRED,
+    FIG5_ALPHAS,
+    FIG5_TRAJECTORY,
+    STATS_MD,
+    TABLE2_CSV,
+    TABLE2_MD,
+    TABLE3_MD,
+)
 from tmerge.report.diagnostics import ALPHA_INITS, alpha_runs, distance_summary, summarise_alphas
 from tmerge.report.runs import SINGLE, RunIndex, TargetRun, config_value, init_sort_key, ordered_inits
 from tmerge.report.tables import MISSING, Row, md_table
+from tmerge.runs import (
+    ALPHAS_FILE,
+    CONFIG_FILE,
+    FORGETTING_DIR,
+    FORGETTING_EXAMPLES,
+    FORGETTING_MD,
+    FORGETTING_TABLE,
+    SOURCE_MARKER,
+    TARGETS_DIR,
+    target_dir,
+)
 
 #: Settings shown beside each BraTS run: (label, config key).
 KEY_SETTINGS: tuple[tuple[str, str], ...] = (
@@ -37,7 +59,7 @@ def commit_of(info: dict[str, Any] | None) -> str:
 
 def key_settings(config: dict[str, Any] | None) -> str:
     if config is None:
-        return "no config.yaml"
+        return f"no {CONFIG_FILE}"
     pairs = [(label, config_value(config, key)) for label, key in KEY_SETTINGS]
     return " ".join(f"{label}={value}" for label, value in pairs if value is not None)
 
@@ -52,33 +74,36 @@ def missing_runs(index: RunIndex, rows: Sequence[Row], expected: Sequence[str]) 
     out = []
     expected = ordered_inits(expected)
     for row in rows:
-        base = index.root / "brats" / f"p{row.portion}"
         if row.group == SINGLE:
-            out += [base / i for i in expected if index.find(row.portion, i, None) is None]
+            out += [
+                target_dir(index.root, row.portion, i)
+                for i in expected
+                if index.find(row.portion, i, None) is None
+            ]
             continue
         ran = {r.init for r in index.targets if r.portion == row.portion and r.seed is not None}
         for seed in row.seeds:
             for init in ordered_inits([*expected, *ran]):
                 if index.find(row.portion, init, seed) is None:
-                    out.append(base / f"seed{seed}" / init)
+                    out.append(target_dir(index.root, row.portion, init, seed))
     return out
 
 
 def _run_line(run: TargetRun, out: Path, root: Path) -> list[str]:
-    config = run.path / "config.yaml"
+    config = run.path / CONFIG_FILE
     return [
         f"`{_rel(run.path, root)}/`",
-        run.status() + ("; legacy CSV (Dice only)" if run.legacy else ""),
+        run.status(),
         str(len(run.per_subject)) if run.usable else MISSING,
         commit_of(run.info),
-        f"[config.yaml]({_rel(config, out)})" if config.is_file() else "none",
+        f"[{CONFIG_FILE}]({_rel(config, out)})" if config.is_file() else "none",
         key_settings(run.config),
     ]
 
 
 def _alpha_line(run: TargetRun, root: Path) -> list[str]:
-    """One line of the mixing-ratio table; a missing or malformed ``alphas.json`` is said so."""
-    where = run.path / "alphas.json"
+    """One line of the mixing-ratio table; a missing or malformed α file is said so."""
+    where = run.path / ALPHAS_FILE
     head = [f"{run.portion} %", MISSING if run.seed is None else str(run.seed), run.init]
     if run.alphas is None:
         return [*head, f"no `{_rel(where, root)}`", *[MISSING] * 4]
@@ -133,7 +158,7 @@ def mixing_section(index: RunIndex) -> str:
     parts = [
         "## Mixing ratios\n",
         "α of the first source model per mixed layer after the adaption stage, from each run's "
-        "`alphas.json`: min–max and mean over the layers (with two sources the second's α is "
+        f"`{ALPHAS_FILE}`: min–max and mean over the layers (with two sources the second's α is "
         "1 − α; IMM's uniform α is 1/T, 0.5 for two sources). `timm` learns α with the sources' "
         "Fishers, `mean-timm` with unit Fishers. Adaption epochs: entries of the file's "
         f"`trajectory` (α after each epoch; {MISSING} for files written before it was recorded), "
@@ -158,12 +183,12 @@ def _range(values: tuple[float, float, float]) -> str:
 
 def sources_section(index: RunIndex) -> str:
     """``## Sources``: each source run's ``distance_from_init`` — median and range over layers of
-    ‖θ − θ_from‖/‖θ_from‖ and of the cosine — where its ``metrics.json`` records one."""
+    ‖θ − θ_from‖/‖θ_from‖ and of the cosine — where its metrics (the source marker) record one."""
     parts = [
         "## Sources\n",
         "How far a source model moved from the model it was trained from (M2 from M1), per fused "
         "layer: the relative distance ‖θ₂ − θ₁‖/‖θ₁‖ and the cosine between θ₂ and θ₁, as median "
-        "(min–max) over layers, from `metrics.json` → `distance_from_init`. IMM assumes the "
+        f"(min–max) over layers, from `{SOURCE_MARKER}` → `distance_from_init`. IMM assumes the "
         "merged models sit in one basin of the loss: a relative distance near 1, or a cosine "
         "well below 1, says M2 has left M1's.\n",
     ]
@@ -188,7 +213,7 @@ def sources_section(index: RunIndex) -> str:
         parts.append("No source run records `distance_from_init`.\n")
     if without:
         parts.append(
-            f"No distance recorded (trained from scratch, or `metrics.json` written before it was): "
+            f"No distance recorded (trained from scratch, or `{SOURCE_MARKER}` written before it was): "
             f"{', '.join(without)}.\n"
         )
     parts += [f"- {p}" for p in problems]
@@ -204,7 +229,7 @@ def report_markdown(
     figure_notes: dict[str, list[str]],
     settings: dict[str, Any],
 ) -> str:
-    """The text of ``report.md``.
+    """The text of the report's main page.
 
     Args:
         index: the runs found.
@@ -222,25 +247,25 @@ def report_markdown(
         f"{sum(s.finished for s in index.sources)} finished source runs, "
         f"{sum(f.table is not None for f in index.forgetting)} forgetting tables.\n",
         "## Tables\n",
-        "- [Table 2](table2.md) — test Dice (ET, TC, WT, mean) and HD95 per initialisation and "
-        "portion ([CSV](table2.csv))\n"
-        "- [Table 3](table3.md) — epochs and validation scores of the adaption and fine-tune stages\n"
-        "- [Table 4](table4.md) — forgetting of the source tasks\n"
-        "- [Paired statistics](stats.md) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
+        f"- [Table 2]({TABLE2_MD}) — test Dice (ET, TC, WT, mean) and HD95 per initialisation and "
+        f"portion ([CSV]({TABLE2_CSV}))\n"
+        f"- [Table 3]({TABLE3_MD}) — epochs and validation scores of the adaption and fine-tune stages\n"
+        f"- [Table 4]({FORGETTING_MD}) — forgetting of the source tasks\n"
+        f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
         "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
         "ignored)\n",
         table2_main,
         "## Figures\n",
     ]
     captions = {
-        "fig4_paired.png": "Fig. 4 — per-subject Dice difference T-IMM − other, subjects sorted by "
+        FIG4_PAIRED: "Fig. 4 — per-subject Dice difference T-IMM − other, subjects sorted by "
         "T-IMM's Dice; the legend gives the mean difference, its bootstrap CI and the Wilcoxon p.",
-        "fig5_alphas.png": "Fig. 5 — mixing ratio α per layer and source model after the adaption "
+        FIG5_ALPHAS: "Fig. 5 — mixing ratio α per layer and source model after the adaption "
         "stage (dashed: IMM's uniform ratio).",
-        "fig5_alpha_trajectory.png": "Fig. 5b — α of the first source per layer (one line each, "
+        FIG5_TRAJECTORY: "Fig. 5b — α of the first source per layer (one line each, "
         "coloured by depth) after each adaption epoch, for the T-IMM run of each portion (the "
         "single-seed run, else the lowest seed); dotted: the epoch kept (lowest validation loss).",
-        "fig3_examples.png": "Fig. 3 — one axial slice per method: the source tasks' parcellation "
+        FIG3_EXAMPLES: "Fig. 3 — one axial slice per method: the source tasks' parcellation "
         "by each initialisation's P (forgetting) and the tumour segmentation of each initialisation.",
     }
     for name, caption in captions.items():
@@ -261,7 +286,7 @@ def report_markdown(
             )
         )
     else:
-        parts.append(f"No run folder under `{index.root / 'brats'}`.\n")
+        parts.append(f"No run folder under `{index.root / TARGETS_DIR}`.\n")
     missing = missing_runs(index, rows, expected)
     not_used = [r for r in index.targets if not r.usable]
     parts.append("### Missing and unfinished runs\n")
@@ -280,15 +305,15 @@ def report_markdown(
         body = []
         for s in index.sources:
             m = s.metrics or {}
-            config = s.path / "config.yaml"
+            config = s.path / CONFIG_FILE
             body.append(
                 [
                     f"`{s.name}`",
-                    "finished" if s.finished else "unfinished (no metrics.json)",
+                    "finished" if s.finished else f"unfinished (no {SOURCE_MARKER})",
                     MISSING if m.get("val_dice") is None else f"{m['val_dice']:.3f}",
                     f"{m['epochs']} ({m.get('best_epoch', '?')})" if "epochs" in m else MISSING,
                     commit_of(s.info),
-                    f"[config.yaml]({_rel(config, out)})" if config.is_file() else "none",
+                    f"[{CONFIG_FILE}]({_rel(config, out)})" if config.is_file() else "none",
                 ]
             )
         parts.append(md_table(["run", "status", "val Dice", "epochs (best)", "commit", "config"], body))
@@ -298,7 +323,7 @@ def report_markdown(
     if index.forgetting:
         parts.append(
             md_table(
-                ["folder", "table4.json", "examples.npz"],
+                ["folder", FORGETTING_TABLE, FORGETTING_EXAMPLES],
                 [
                     [
                         f"`{_rel(f.path, index.root)}`",
@@ -310,7 +335,7 @@ def report_markdown(
             )
         )
     else:
-        parts.append("No `forgetting/p<portion>/` folder.\n")
+        parts.append(f"No `{FORGETTING_DIR}/p<portion>/` folder.\n")
     parts.append("## Report settings\n")
     parts.append("\n".join(f"- {k}: `{v}`" for k, v in settings.items()) + "\n")
     return "\n".join(parts)

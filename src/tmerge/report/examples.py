@@ -1,8 +1,9 @@
 """Slices for Fig. 3: the parcellation example the forgetting stage saved, and one tumour slice
-per portion from the BraTS runs' ``predictions/`` with the input image read from the dataset.
+per portion from the BraTS runs' predicted label maps (:data:`tmerge.runs.PREDICTIONS_DIR`) with
+the input image read from the dataset.
 
 Everything that can be absent (an old run without predictions, a dataset moved away) becomes a
-note shown in the figure and in ``report.md`` rather than an error: the report is made from
+note shown in the figure and on the report's main page rather than an error: the report is made from
 whatever exists.
 """
 
@@ -21,6 +22,7 @@ from tmerge.report.figures import ExampleRow
 from tmerge.report.paired import SCORE
 from tmerge.report.runs import ForgettingRun, RunIndex, TargetRun, config_value
 from tmerge.report.tables import Row, row_runs
+from tmerge.runs import FORGETTING_EXAMPLES, PREDICTIONS_DIR, SPLITS_FILE
 
 log = logging.getLogger("tmerge")
 
@@ -32,12 +34,15 @@ MODALITY = "flair"
 
 
 def parcellation_rows(forgetting: Sequence[ForgettingRun]) -> tuple[list[ExampleRow], list[str]]:
-    """One row per portion and source task from ``forgetting/p<portion>/examples.npz``."""
+    """One row per portion and source task from each forgetting folder's example slices
+    (:data:`tmerge.runs.FORGETTING_EXAMPLES`)."""
     rows: list[ExampleRow] = []
     notes: list[str] = []
     for run in sorted(forgetting, key=lambda f: f.portion):
         if run.examples is None:
-            notes.append(f"{run.path}: no examples.npz (made by an older `tmerge forgetting`; rerun it)")
+            notes.append(
+                f"{run.path}: no {FORGETTING_EXAMPLES} (made by an older `tmerge forgetting`; rerun it)"
+            )
             continue
         try:
             with np.load(run.examples, allow_pickle=False) as data:
@@ -62,13 +67,13 @@ def parcellation_rows(forgetting: Sequence[ForgettingRun]) -> tuple[list[Example
 
 
 def brats_roots(run: TargetRun) -> list[Path]:
-    """Where the run's BraTS data may be: its ``data.root``, the root ``splits.json`` recorded,
-    the embedded default."""
+    """Where the run's BraTS data may be: its ``data.root``, the root its splits file
+    (:data:`tmerge.runs.SPLITS_FILE`) recorded, the embedded default."""
     roots = []
     configured = config_value(run.config, "data.root")
     if configured:
         roots.append(Path(str(configured)).expanduser())
-    splits = run.path / "splits.json"
+    splits = run.path / SPLITS_FILE
     if splits.is_file():
         try:
             recorded = json.loads(splits.read_text()).get("root")
@@ -91,7 +96,7 @@ def subject_folder(run: TargetRun, subject: str) -> Path | None:
 
 def _prediction(run: TargetRun, subject: str) -> Path | None:
     for suffix in (".nii.gz", ".nii"):
-        path = run.path / "predictions" / f"{subject}{suffix}"
+        path = run.path / PREDICTIONS_DIR / f"{subject}{suffix}"
         if path.is_file():
             return path
     return None
@@ -122,13 +127,15 @@ def tumour_row(
             runs[init] = found[0]
     if not runs:
         return None, []
-    with_preds = {i: r for i, r in runs.items() if (r.path / "predictions").is_dir()}
+    with_preds = {i: r for i, r in runs.items() if (r.path / PREDICTIONS_DIR).is_dir()}
     label = row.label() + (f" (seed {seed[0]})" if seed else "")
     if not with_preds:
-        return None, [f"{label}: no predictions/ in the runs ({', '.join(runs)}); rerun them to draw tumours"]
+        return None, [
+            f"{label}: no {PREDICTIONS_DIR}/ in the runs ({', '.join(runs)}); rerun them to draw tumours"
+        ]
     notes = []
     if len(with_preds) < len(runs):
-        notes.append(f"{label}: no predictions/ in {', '.join(i for i in runs if i not in with_preds)}")
+        notes.append(f"{label}: no {PREDICTIONS_DIR}/ in {', '.join(i for i in runs if i not in with_preds)}")
     first = with_preds.get(reference) or next(iter(with_preds.values()))
     candidates = {
         s: v

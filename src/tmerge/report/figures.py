@@ -9,7 +9,7 @@
   (:func:`plot_alpha_trajectory`).
 
 A figure with nothing to show is still written, saying what is missing, so that the links of
-``report.md`` always resolve. Files are written atomically.
+the report's main page always resolve. Files are written atomically.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Per-subject pairs of T-IMM and each other initialisation (paper Fig. 4) and their statistics
-(``stats.md``).
+(:data:`tmerge.report.STATS_MD`).
 
 Subjects are matched by ID. Two analyses are made:
 
@@ -29,6 +29,7 @@ from tmerge.report.stats import (
     paired_comparison,
 )
 from tmerge.report.tables import MISSING, Row, md_table
+from tmerge.runs import PER_SUBJECT_FILE
 
 #: The per-subject score that is compared: the mean Dice of ET, TC and WT (the paper's measure).
 SCORE = "dice_mean"
@@ -114,7 +115,7 @@ def compare_row(
 SINGLE_SOURCES: tuple[str, ...] = ("m1", "m2")
 #: The initialisation without transfer: the bottom rung.
 NO_TRANSFER = "none"
-#: Below this many seeds ``stats.md`` says how little the seed-aware interval can show.
+#: Below this many seeds the statistics page says how little the seed-aware interval can show.
 FEW_SEEDS = 10
 
 
@@ -240,7 +241,7 @@ def compare_seeds(
     return [c for c in found if c is not None]
 
 
-# ---- stats.md ------------------------------------------------------------------------------
+# ---- the statistics page -------------------------------------------------------------------
 
 
 def _p(p: float | None) -> str:
@@ -280,7 +281,7 @@ def seed_aware_markdown(
     level: float = 0.95,
     other_rows: Sequence[Row] = (),
 ) -> str:
-    """The seed-aware section of ``stats.md``: one table per sweep row with ≥ 2 seeds.
+    """The seed-aware section of the statistics page: one table per sweep row with ≥ 2 seeds.
 
     Args:
         comparisons: per sweep row, its comparisons (:func:`compare_seeds`).
@@ -364,7 +365,7 @@ def stats_markdown(
     level: float = 0.95,
     seed_aware: Mapping[Row, Sequence[SeedComparison]] | None = None,
 ) -> str:
-    """``stats.md``: the seed-aware comparison of each sweep row (when ``seed_aware`` is given),
+    """The statistics page: the seed-aware comparison of each sweep row (when ``seed_aware`` is given),
     then the per-subject tests, one table per row of Table 2, one line per comparison."""
     parts = [f"# Paired statistics — {reference} against each other initialisation\n"]
     if seed_aware is not None:
@@ -379,7 +380,7 @@ def stats_markdown(
         "the two runs differ on these subjects, not that the initialisation would win again with "
         "another seed or another draw of train/val subjects. Read the seed-aware comparison above "
         "for that.\n\n"
-        f"Per-subject mean Dice of ET, TC and WT (`{SCORE}` in `test_per_subject.csv`), "
+        f"Per-subject mean Dice of ET, TC and WT (`{SCORE}` in `{PER_SUBJECT_FILE}`), "
         f"{reference} − other, pairs matched by subject ID. Sweeps: each subject's score averaged "
         "over the seeds where both initialisations finished. Mean difference with a percentile "
         f"bootstrap {level:.0%} CI over subjects ({n_boot} resamples, `numpy.random.default_rng({seed})` per "

@@ -13,6 +13,7 @@ from tmerge.report.figures import AlphaPanel, PairedPanel, TrajectoryPanel
 from tmerge.report.paired import Comparison, subject_means
 from tmerge.report.runs import RunIndex
 from tmerge.report.tables import Row, row_runs
+from tmerge.runs import ALPHAS_FILE
 
 
 def _legend(c: Comparison) -> str:
@@ -95,11 +96,11 @@ def trajectory_panels(index: RunIndex, reference: str) -> tuple[list[TrajectoryP
         if run is None:
             if any(r.portion == portion and r.init == init for r in index.usable()):
                 notes.append(
-                    f"{portion} %: no {init} alphas.json with a trajectory (written before it was recorded)"
+                    f"{portion} %: no {init} {ALPHAS_FILE} with a trajectory (written before it was recorded)"
                 )
             continue
         try:
-            path = trajectory(run.alphas or {}, str(run.path / "alphas.json"))
+            path = trajectory(run.alphas or {}, str(run.path / ALPHAS_FILE))
         except RunError as exc:
             notes.append(str(exc))
             continue

@@ -1,22 +1,22 @@
 """Finding and reading the run folders a report is made of.
 
-Layout (see :mod:`tmerge.stages.target` and :mod:`tmerge.stages.source`):
+The layout and every file name are those of :mod:`tmerge.runs`:
 
-* BraTS runs ``<runs>/brats/p<portion>/<init>/`` (single seed) and
-  ``<runs>/brats/p<portion>/seed<k>/<init>/`` (sweeps over ``seeds=[…]``); finished once
-  ``test_summary.json`` exists (it is written last), otherwise listed as unfinished and never used;
-* source runs ``<runs>/<name>/`` (``task1``, ``task2``, ``all-hcp*``), finished once
-  ``metrics.json`` exists;
-* forgetting tables ``<runs>/forgetting/p<portion>/table4.json`` (and ``examples.npz``).
+* BraTS runs, single-seed and sweeps over ``seeds=[…]`` (:func:`tmerge.runs.target_dir`);
+  finished once their marker (:data:`tmerge.runs.TARGET_MARKER`, written last) exists, otherwise
+  listed as unfinished and never used;
+* source runs ``<runs>/<name>/`` (``task1``, ``task2``, ``all-hcp*``), finished once their
+  marker (:data:`tmerge.runs.SOURCE_MARKER`) exists;
+* forgetting tables and example slices (:func:`tmerge.runs.forgetting_dir`).
 
-Runs written before the per-subject CSV gained HD95 (columns ``subject,ET,TC,WT``, summary
-``{"ET", "TC", "WT", "mean", "n"}``) are read too, with their Dice mapped to the current names
-and HD95 left missing.
+The per-subject CSV must have the columns of :func:`tmerge.evaluate.score_columns`; a file in
+another format makes its run unusable, with the file and the expected columns named.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -26,45 +26,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmerge.data.labels import REGIONS
 from tmerge.errors import RunError
+from tmerge.evaluate import score_columns
+from tmerge.runs import (
+    ALPHAS_FILE,
+    CONFIG_FILE,
+    FORGETTING_DIR,
+    FORGETTING_EXAMPLES,
+    FORGETTING_TABLE,
+    NOT_SOURCES,
+    PER_SUBJECT_FILE,
+    RUN_FILE,
+    SOURCE_MARKER,
+    STAGES_FILE,
+    TARGET_MARKER,
+    TARGETS_DIR,
+    is_finished,
+)
 
 log = logging.getLogger("tmerge")
 
-#: Tumour regions, in the paper's order.
-REGIONS: tuple[str, ...] = ("ET", "TC", "WT")
-#: Initialisations in the order of the paper's Table 2 (columns); others found on disk follow.
-INIT_ORDER: tuple[str, ...] = (
-    "none",
-    "m1",
-    "m2",
-    "imm",
-    "mean-imm",
-    "mean-timm",
-    "timm",
-    "task-arithmetic",
-    "ties",
-    "dare",
-    "dare-ties",
-    "slerp",
-    "all-hcp",
-    "all-hcp-1-7",
-    "all-hcp-8-14",
-)
-#: Per-subject CSV columns of the current format (after ``subject``).
-SCORE_COLUMNS: tuple[str, ...] = (
-    *(f"dice_{r}" for r in REGIONS),
-    "dice_mean",
-    *(f"hd95_{r}" for r in REGIONS),
-)
-#: The file a BraTS run writes last (``tmerge.stages.target.MARKER``); without it a run is unfinished.
-TARGET_MARKER = "test_summary.json"
-#: The file a source run writes last.
-SOURCE_MARKER = "metrics.json"
-# Top-level folders of the runs root that are not source runs.
-_NOT_SOURCES = {"brats", "forgetting", "report", "wandb", "lightning_logs"}
+#: Per-subject CSV columns (after ``subject``): Dice and HD95 of the tumour regions.
+SCORE_COLUMNS: tuple[str, ...] = tuple(score_columns(REGIONS))
 
-SINGLE = "single"  # runs/brats/p<portion>/<init>
-SWEEP = "sweep"  # runs/brats/p<portion>/seed<k>/<init>
+SINGLE = "single"  # target_dir(runs, portion, init)
+SWEEP = "sweep"  # target_dir(runs, portion, init, seed)
+
+
+@functools.cache
+def init_order() -> tuple[str, ...]:
+    """Initialisations in the order of the paper's Table 2 (columns): that of the registry
+    :data:`tmerge.stages.inits.INITS`; others found on disk follow.
+
+    Imported on first use: the registry pulls in Lightning, which reading run folders does not
+    need.
+    """
+    from tmerge.stages.inits import INITS
+
+    return tuple(INITS)
 
 
 @dataclass
@@ -81,13 +81,12 @@ class TargetRun:
     seed: int | None  # None: the single-seed layout
     finished: bool = False
     problem: str | None = None
-    legacy: bool = False  # the pre-HD95 CSV format
     summary: dict[str, Any] = field(default_factory=dict)
     per_subject: dict[str, dict[str, float]] = field(default_factory=dict)
     stages: dict[str, Any] | None = None
     alphas: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
-    info: dict[str, Any] | None = None  # run.json
+    info: dict[str, Any] | None = None  # tmerge.runs.RUN_FILE
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -100,7 +99,7 @@ class TargetRun:
 
     def status(self) -> str:
         if not self.finished:
-            return "unfinished (no test_summary.json)"
+            return f"unfinished (no {TARGET_MARKER})"
         return f"unusable: {self.problem}" if self.problem else "finished"
 
     def subject_values(self, column: str) -> dict[str, float]:
@@ -122,7 +121,8 @@ class SourceRun:
 
 @dataclass
 class ForgettingRun:
-    """``runs/forgetting/p<portion>/``: Table 4 and, if written, the example slices."""
+    """A forgetting folder (:func:`tmerge.runs.forgetting_dir`): Table 4 and, if written, the
+    example slices."""
 
     path: Path
     portion: int
@@ -158,7 +158,8 @@ class RunIndex:
 
 def init_sort_key(init: str) -> tuple[int, str]:
     """Order initialisations as in the paper's Table 2, unknown ones last and alphabetically."""
-    return (INIT_ORDER.index(init), "") if init in INIT_ORDER else (len(INIT_ORDER), init)
+    order = init_order()
+    return (order.index(init), "") if init in order else (len(order), init)
 
 
 def ordered_inits(inits: Iterable[str]) -> list[str]:
@@ -172,25 +173,22 @@ def _number(text: str | None) -> float:
     return float(text)
 
 
-def read_per_subject(path: Path) -> tuple[dict[str, dict[str, float]], bool]:
-    """Read ``test_per_subject.csv``.
+def read_per_subject(path: Path) -> dict[str, dict[str, float]]:
+    """Read a run's per-subject CSV (:data:`tmerge.runs.PER_SUBJECT_FILE`).
 
     Returns:
-        ``(subject -> column -> value, legacy)``: columns are :data:`SCORE_COLUMNS`; a legacy
-        file (``subject,ET,TC,WT``) gets ``dice_mean`` as the mean of its three Dice and NaN HD95.
+        ``subject -> column -> value``; columns are :data:`SCORE_COLUMNS`.
 
     Raises:
-        RunError: missing file, unknown header, a non-numeric value or a repeated subject.
+        RunError: missing file, a header without the expected columns, a non-numeric value or a
+            repeated subject.
     """
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise RunError(f"{path}: file not found") from None
     reader = csv.DictReader(text.splitlines())
-    header = set(reader.fieldnames or [])
-    legacy = "dice_mean" not in header
-    needed = {"subject", *REGIONS} if legacy else {"subject", *SCORE_COLUMNS}
-    if not needed <= header:
+    if not {"subject", *SCORE_COLUMNS} <= set(reader.fieldnames or []):
         raise RunError(
             f"{path}: expected columns subject,{','.join(SCORE_COLUMNS)}, got {','.join(reader.fieldnames or [])}"
         )
@@ -200,30 +198,10 @@ def read_per_subject(path: Path) -> tuple[dict[str, dict[str, float]], bool]:
         if subject in rows:
             raise RunError(f"{path}: subject {subject} appears twice (line {line})")
         try:
-            if legacy:
-                dice = {f"dice_{r}": _number(row[r]) for r in REGIONS}
-                values = {
-                    **dice,
-                    "dice_mean": sum(dice.values()) / len(REGIONS),
-                    **{f"hd95_{r}": math.nan for r in REGIONS},
-                }
-            else:
-                values = {c: _number(row[c]) for c in SCORE_COLUMNS}
+            rows[subject] = {c: _number(row[c]) for c in SCORE_COLUMNS}
         except ValueError as exc:
             raise RunError(f"{path}: line {line}: not a number ({exc})") from None
-        rows[subject] = values
-    return rows, legacy
-
-
-def normalise_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """``test_summary.json`` in the current form ``{"n", "dice": {…}, "hd95": {…}}``."""
-    if "dice" in summary:
-        return summary
-    return {
-        "n": summary.get("n"),
-        "dice": {k: summary[k] for k in (*REGIONS, "mean") if k in summary},
-        "hd95": {},
-    }
+    return rows
 
 
 def _read_optional_json(path: Path, run: TargetRun | None = None) -> dict[str, Any] | None:
@@ -239,7 +217,8 @@ def _read_optional_json(path: Path, run: TargetRun | None = None) -> dict[str, A
 
 
 def read_config(path: Path) -> dict[str, Any] | None:
-    """The resolved ``config.yaml`` of a run as a plain dict (None if absent or unreadable)."""
+    """The resolved config of a run (:data:`tmerge.runs.CONFIG_FILE`) as a plain dict (None if
+    absent or unreadable)."""
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
@@ -268,23 +247,22 @@ _SUMMARY_TOLERANCE = 1e-6
 def read_target(path: Path, portion: int, init: str, seed: int | None) -> TargetRun:
     """Read one BraTS run folder; an unfinished or unreadable run is returned marked as such."""
     run = TargetRun(path=path, portion=portion, init=init, seed=seed)
-    run.config = read_config(path / "config.yaml")
-    run.info = _read_optional_json(path / "run.json", run)
-    run.finished = (path / TARGET_MARKER).is_file()
+    run.config = read_config(path / CONFIG_FILE)
+    run.info = _read_optional_json(path / RUN_FILE, run)
+    run.finished = is_finished(path, TARGET_MARKER)
     if not run.finished:
         return run
     try:
-        summary = json.loads((path / TARGET_MARKER).read_text())
-        run.summary = normalise_summary(summary)
-        run.per_subject, run.legacy = read_per_subject(path / "test_per_subject.csv")
+        run.summary = json.loads((path / TARGET_MARKER).read_text())
+        run.per_subject = read_per_subject(path / PER_SUBJECT_FILE)
     except (OSError, json.JSONDecodeError) as exc:
         run.problem = f"{TARGET_MARKER} unreadable ({exc})"
     except RunError as exc:
         run.problem = str(exc)
     if run.problem is None and not run.per_subject:
-        run.problem = f"{path / 'test_per_subject.csv'}: no subjects"
-    run.stages = _read_optional_json(path / "stages.json", run)
-    run.alphas = _read_optional_json(path / "alphas.json", run)
+        run.problem = f"{path / PER_SUBJECT_FILE}: no subjects"
+    run.stages = _read_optional_json(path / STAGES_FILE, run)
+    run.alphas = _read_optional_json(path / ALPHAS_FILE, run)
     if run.problem is None:
         _check_summary(run)
     else:
@@ -293,10 +271,10 @@ def read_target(path: Path, portion: int, init: str, seed: int | None) -> Target
 
 
 def _check_summary(run: TargetRun) -> None:
-    """Note where ``test_summary.json`` disagrees with the per-subject CSV (the CSV is used)."""
+    """Note where the summary (the marker) disagrees with the per-subject CSV (the CSV is used)."""
     n = run.summary.get("n")
     if n is not None and n != len(run.per_subject):
-        run.warnings.append(f"test_summary.json says n={n}, test_per_subject.csv has {len(run.per_subject)}")
+        run.warnings.append(f"{TARGET_MARKER} says n={n}, {PER_SUBJECT_FILE} has {len(run.per_subject)}")
     for region, value in run.summary.get("dice", {}).items():
         column = f"dice_{region}"
         values = [v for v in run.subject_values(column).values() if math.isfinite(v)]
@@ -305,7 +283,7 @@ def _check_summary(run: TargetRun) -> None:
         mean = sum(values) / len(values)
         if abs(mean - value) > _SUMMARY_TOLERANCE:
             run.warnings.append(
-                f"test_summary.json Dice {region} {value:.4f} ≠ per-subject mean {mean:.4f} (the CSV is used)"
+                f"{TARGET_MARKER} Dice {region} {value:.4f} ≠ per-subject mean {mean:.4f} (the CSV is used)"
             )
 
 
@@ -326,7 +304,7 @@ def _subdirs(path: Path) -> list[Path]:
 def discover(root: Path) -> RunIndex:
     """Every BraTS, source and forgetting run folder under ``root``."""
     index = RunIndex(root=root)
-    for pdir in _subdirs(root / "brats"):
+    for pdir in _subdirs(root / TARGETS_DIR):
         portion = _portion(pdir.name)
         if portion is None:
             log.info("report: %s is not a p<portion> folder; skipped", pdir)
@@ -335,35 +313,35 @@ def discover(root: Path) -> RunIndex:
             seed = _seed(child.name)
             folders = [(child, None)] if seed is None else [(d, seed) for d in _subdirs(child)]
             for folder, s in folders:
-                # A run writes config.yaml first; a folder without it is no run (and shows as missing).
-                if (folder / "config.yaml").is_file() or (folder / TARGET_MARKER).is_file():
+                # A run writes its config first; a folder without it is no run (and shows as missing).
+                if (folder / CONFIG_FILE).is_file() or is_finished(folder, TARGET_MARKER):
                     index.targets.append(read_target(folder, portion, folder.name, s))
     index.targets.sort(key=lambda r: (r.portion, r.seed is not None, r.seed or 0, init_sort_key(r.init)))
     for folder in _subdirs(root):
-        if folder.name in _NOT_SOURCES or folder.name.startswith("."):
+        if folder.name in NOT_SOURCES or folder.name.startswith("."):
             continue
-        if not any((folder / f).is_file() for f in (SOURCE_MARKER, "config.yaml")):
+        if not any((folder / f).is_file() for f in (SOURCE_MARKER, CONFIG_FILE)):
             continue  # not a run folder
         index.sources.append(
             SourceRun(
                 path=folder,
                 name=folder.name,
-                finished=(folder / SOURCE_MARKER).is_file(),
+                finished=is_finished(folder, SOURCE_MARKER),
                 metrics=_read_optional_json(folder / SOURCE_MARKER),
-                config=read_config(folder / "config.yaml"),
-                info=_read_optional_json(folder / "run.json"),
+                config=read_config(folder / CONFIG_FILE),
+                info=_read_optional_json(folder / RUN_FILE),
             )
         )
-    for fdir in _subdirs(root / "forgetting"):
+    for fdir in _subdirs(root / FORGETTING_DIR):
         portion = _portion(fdir.name)
         if portion is None:
             continue
-        examples = fdir / "examples.npz"
+        examples = fdir / FORGETTING_EXAMPLES
         index.forgetting.append(
             ForgettingRun(
                 path=fdir,
                 portion=portion,
-                table=_read_optional_json(fdir / "table4.json"),
+                table=_read_optional_json(fdir / FORGETTING_TABLE),
                 examples=examples if examples.is_file() else None,
             )
         )

@@ -5,8 +5,8 @@ Rows are portions; a portion swept over several seeds gets a second row with the
 standard deviation (ddof = 1) across seeds of the per-seed test means next to its single-seed
 row, and the number of seeds. A cell without a finished run is "—": nothing is filled in or
 carried over from elsewhere. Values are computed from each run's per-subject CSV (the summary
-file is only cross-checked), so every number in a table can be traced to
-``test_per_subject.csv``.
+file is only cross-checked), so every number in a table can be traced to that CSV
+(:data:`tmerge.runs.PER_SUBJECT_FILE`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from tmerge.report.runs import REGIONS, SINGLE, SWEEP, ForgettingRun, RunIndex, TargetRun, ordered_inits
+from tmerge.data.labels import REGIONS
+from tmerge.report.runs import SINGLE, SWEEP, ForgettingRun, RunIndex, TargetRun, ordered_inits
+from tmerge.runs import FORGETTING_DIR, FORGETTING_TABLE, PER_SUBJECT_FILE, STAGES_FILE, TARGETS_DIR
 
 MISSING = "—"
 
@@ -148,12 +150,12 @@ TABLE2_METRICS: tuple[tuple[str, str, int], ...] = (
 
 
 def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
-    """``table2.md``: one sub-table per metric, rows = portions, columns = initialisations."""
+    """Table 2 in Markdown: one sub-table per metric, rows = portions, columns = initialisations."""
     parts = [
         "# Table 2 — test scores per initialisation and portion\n",
-        'Mean over the test subjects of each run\'s `test_per_subject.csv`. Rows "p %" are the '
-        'single-seed runs (`brats/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
-        "(`brats/p<portion>/seed<k>/<init>/`): each cell is the mean ± sample standard deviation "
+        f'Mean over the test subjects of each run\'s `{PER_SUBJECT_FILE}`. Rows "p %" are the '
+        f'single-seed runs (`{TARGETS_DIR}/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
+        f"(`{TARGETS_DIR}/p<portion>/seed<k>/<init>/`): each cell is the mean ± sample standard deviation "
         "(ddof = 1) over seeds of the per-seed test means, with "
         '"(k/n seeds)" where only k of the n seeds finished. The sd is the spread between '
         "training runs (training randomness and the draw of train/val subjects), not a standard "
@@ -184,7 +186,7 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
 
 
 def table2_csv(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
-    """``table2.csv``, one line per (portion, runs, initialisation, metric); empty value = missing."""
+    """Table 2 as CSV, one line per (portion, runs, initialisation, metric); empty value = missing."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(
@@ -247,7 +249,7 @@ def _digits(cell: Cell, digits: int) -> int:
 
 
 def table3_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str], reference: str) -> str:
-    """``table3.md``: T-IMM's adaption and fine-tune stages (paper Table 3), then the fine-tune
+    """Table 3 in Markdown: T-IMM's adaption and fine-tune stages (paper Table 3), then the fine-tune
     stage of every initialisation."""
     body = []
     for row in rows:
@@ -256,8 +258,8 @@ def table3_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str], 
         body.append([row.label(), *(c.format(_digits(c, d), row.group, len(row.seeds)) for c, d in cells)])
     parts = [
         "# Table 3 — stage lengths and validation scores\n",
-        f"From each `{reference}` run's `stages.json`. Epochs: epochs run (early stopping included); "
-        "best epoch: the epoch of the checkpoint kept, as `stages.json` records it. "
+        f"From each `{reference}` run's `{STAGES_FILE}`. Epochs: epochs run (early stopping included); "
+        f"best epoch: the epoch of the checkpoint kept, as `{STAGES_FILE}` records it. "
         "Adaption val Dice/loss: at the adaption checkpoint kept (lowest validation loss); "
         "fine-tune val Dice: the best validation Dice. Sweeps: mean ± std across seeds. "
         f"{MISSING}: no finished run.\n",
@@ -290,17 +292,18 @@ TABLE4_ROWS: tuple[str, ...] = ("M1", "M2", "IMM", "T-IMM")
 
 
 def table4_markdown(forgetting: Sequence[ForgettingRun]) -> str:
-    """``table4.md``: per portion, the mean test Dice of each P with the source tasks' S."""
+    """Table 4 in Markdown: per portion, the mean test Dice of each P with the source tasks' S."""
     parts = [
         "# Table 4 — forgetting of the source tasks\n",
         "Mean HCP test Dice of the fused parameters P of each initialisation combined with each "
-        "source task's own S (instance norms and head), from `forgetting/p<portion>/table4.json` "
+        "source task's own S (instance norms and head), from "
+        f"`{FORGETTING_DIR}/p<portion>/{FORGETTING_TABLE}` "
         "(`make forgetting PORTION=…`). T-IMM uses the α learned at that portion. "
         f"{MISSING}: not computed (no T-IMM run at that portion when the table was made).\n",
     ]
     found = [f for f in sorted(forgetting, key=lambda f: f.portion) if f.table is not None]
     if not found:
-        parts.append("No `forgetting/p<portion>/table4.json` found.\n")
+        parts.append(f"No `{FORGETTING_DIR}/p<portion>/{FORGETTING_TABLE}` found.\n")
     for run in found:
         table = run.table or {}
         columns = list(dict.fromkeys(c for values in table.values() for c in values))

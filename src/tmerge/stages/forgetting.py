@@ -4,9 +4,9 @@ parameters P of each initialisation still hold.
 For each candidate P — M1's, M2's, IMM's (uniform α) and T-IMM's (the α learned by the adaption
 stage of ``runs/brats/p<portion>/timm``) — and each source task t, the network made of that P
 and task t's own task-specific parameters S_t (instance norms and heads) is evaluated on the
-shared HCP test split with task t's labels. Output: ``runs/forgetting/p<portion>/table4.json``,
-``table4.md`` and ``examples.npz`` (one axial slice of one test subject with each candidate's
-prediction per task, for the report's Fig. 3; see :func:`save_examples`).
+shared HCP test split with task t's labels. Output: the table (JSON and Markdown) and one axial
+slice of one test subject with each candidate's prediction per task, for the report's Fig. 3
+(:func:`save_examples`), in ``runs/forgetting/p<portion>/`` (:mod:`tmerge.runs`).
 """
 
 from __future__ import annotations
@@ -23,22 +23,25 @@ import torch
 
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import RunError
-from tmerge.fisher import NORMALIZE, load_fisher, normalize_fisher
+from tmerge.fisher import NORMALIZE, normalize_fisher
 from tmerge.io import atomic_path, read_json, write_json, write_text
 from tmerge.merge import imm_merge
+from tmerge.merge.imm import check_alpha, fisher_epsilon
 from tmerge.metrics import dice_per_class
 from tmerge.modules.segmentation import LossConfig, SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.nets.config import NetConfig
 from tmerge.paths import runs_dir
-from tmerge.stages.common import (
-    FISHER_FILE,
-    NET_FILE,
-    MergeFisherConfig,
-    check_source_finished,
-    fisher_epsilon,
-    load_net,
+from tmerge.runs import (
+    ALPHAS_FILE,
+    FORGETTING_EXAMPLES,
+    FORGETTING_MD,
+    FORGETTING_TABLE,
+    forgetting_dir,
+    load_source,
+    target_dir,
 )
+from tmerge.stages.configs import MergeFisherConfig
 
 log = logging.getLogger("tmerge")
 
@@ -48,7 +51,7 @@ class ForgettingConfig:
     """Config of ``tmerge forgetting``."""
 
     sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # M1, M2 run names
-    portion: int = 4  # whose T-IMM α to evaluate (runs/brats/p<portion>/timm/alphas.json)
+    portion: int = 4  # whose T-IMM α to evaluate (those of runs/brats/p<portion>/timm)
     eps: float = 1e-8  # relative to the mean Fisher entry, as in the merge stages
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)  # as in the merge stages
     runs_dir: str | None = None
@@ -60,18 +63,14 @@ class ForgettingConfig:
 def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The fused parameters P of M1, M2, IMM and T-IMM, keyed by the paper's row names."""
     root = runs_dir(cfg.runs_dir)
-    for name in cfg.sources:
-        check_source_finished(root / name / NET_FILE, f"make {name}")
-    loaded = [load_net(root / name / NET_FILE) for name in cfg.sources]
-    states = [state for state, _ in loaded]
-    meta = loaded[0][1]
-    template = cfg.net.build(meta.get("in_channels", 2), meta.get("n_classes", 8))
+    expected = {"base_filters": cfg.net.base_filters, "depth": cfg.net.depth}
+    first = load_source(root, cfg.sources[0], expected=expected)
+    template = cfg.net.build(first.meta.get("in_channels", 2), first.meta.get("n_classes", 8))
     fused, _ = partition(template)
     layers = layer_groups(template, fused)
-    fishers = [
-        normalize_fisher(load_fisher(root / name / FISHER_FILE, expected_names=fused), cfg.fisher.normalize)
-        for name in cfg.sources
-    ]
+    sources = [load_source(root, name, with_fisher=True, fused=fused, expected=expected) for name in cfg.sources]
+    states = [s.state for s in sources]
+    fishers = [normalize_fisher(s.fisher, cfg.fisher.normalize) for s in sources]
     eps = fisher_epsilon(fishers, cfg.eps)
     n = len(states)
     uniform = torch.full((n,), 1.0 / n)
@@ -85,12 +84,16 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
         mode = record.get("fisher", cfg.fisher.normalize)
         timm_fishers = fishers
         if mode != cfg.fisher.normalize and mode in NORMALIZE:
-            raw = [load_fisher(root / name / FISHER_FILE, expected_names=fused) for name in cfg.sources]
-            timm_fishers = [normalize_fisher(f, mode) for f in raw]
+            timm_fishers = [normalize_fisher(s.fisher, mode) for s in sources]
         log.info("forgetting: T-IMM row from the α of %s (Fishers normalised: %s)", alphas_path, mode)
         # Layers the adaption did not mix (the first convolution: 2 HCP vs 4 BraTS channels)
         # keep IMM's uniform ratios.
         per_layer = {layer: torch.tensor(learned.get(layer, uniform.tolist())) for layer in layers}
+        for layer, alpha in per_layer.items():  # a user's file: one clear error, not a traceback
+            try:
+                check_alpha(alpha, n, f"{alphas_path}: alphas for layer {layer!r}")
+            except ValueError as exc:
+                raise RunError(str(exc)) from None
         timm_eps = fisher_epsilon(timm_fishers, cfg.eps)
         out["T-IMM"] = imm_merge(states, timm_fishers, per_layer, layers=layers, eps=timm_eps)
     else:
@@ -103,15 +106,14 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
 
 
 def timm_alphas(root: Path, portion: int) -> Path:
-    """The ``alphas.json`` whose α make the T-IMM row: ``brats/p<portion>/timm`` or, after a sweep
+    """The α file whose α make the T-IMM row: that of ``brats/p<portion>/timm`` or, after a sweep
     over seeds, the lowest seed's ``brats/p<portion>/seed<k>/timm`` (the path of the single-seed
     layout when neither exists)."""
-    base = root / "brats" / f"p{portion}"
-    single = base / "timm" / "alphas.json"
+    single = target_dir(root, portion, "timm") / ALPHAS_FILE
     if single.is_file():
         return single
     seeded = sorted(
-        (p for p in base.glob("seed*/timm/alphas.json") if p.parent.parent.name[4:].isdigit()),
+        (p for p in single.parent.parent.glob(f"seed*/timm/{ALPHAS_FILE}") if p.parent.parent.name[4:].isdigit()),
         key=lambda p: int(p.parent.parent.name[4:]),
     )
     return seeded[0] if seeded else single
@@ -191,12 +193,11 @@ def run_forgetting(cfg: ForgettingConfig) -> Path:
     subject: str | None = None  # the example of Fig. 3: the first task's first test subject
     examples: dict[str, dict[str, Any]] = {}
     for name in cfg.sources:
-        state, meta = load_net(root / name / NET_FILE)
+        source = load_source(root, name)
+        state, meta = source.state, source.meta
         labels = meta.get("labels")
         if labels is None:
-            raise RunError(
-                f"{root / name / NET_FILE}: no label set in the metadata; retrain {name} with this version"
-            )
+            raise RunError(f"{source.folder}: no label set in the weights' metadata; retrain {name} with this version")
         data = dataclasses.replace(cfg.data, split=meta.get("split", name), labels=labels)
         dm = HCPDataModule(**dataclasses.asdict(data))
         dm.prepare_data()
@@ -222,18 +223,18 @@ def run_forgetting(cfg: ForgettingConfig) -> Path:
             examples[name] = example
         else:
             log.info("forgetting: %s is not in %s's test split; no example slice for it", subject, name)
-    out = root / "forgetting" / f"p{cfg.portion}"
-    write_json(out / "table4.json", table)
+    out = forgetting_dir(root, cfg.portion)
+    write_json(out / FORGETTING_TABLE, table)
     if examples and subject is not None:
-        save_examples(out / "examples.npz", subject, examples, list(candidates))
+        save_examples(out / FORGETTING_EXAMPLES, subject, examples, list(candidates))
     columns = list(next(iter(table.values())))
     lines = ["| P from | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {row} | " + " | ".join(f"{v[c]:.2f}" for c in columns) + " |" for row, v in table.items()]
     write_text(
-        out / "table4.md",
+        out / FORGETTING_MD,
         "Mean test Dice of each initialisation's P with the source tasks' S (paper Table 4).\n\n"
         + "\n".join(lines)
         + "\n",
     )
-    log.info("forgetting: wrote %s", out / "table4.md")
+    log.info("forgetting: wrote %s", out / FORGETTING_MD)
     return out

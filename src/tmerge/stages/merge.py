@@ -1,12 +1,12 @@
 """``tmerge merge RECIPE.yaml``: merge any models whose state dicts match, by a recipe.
 
-A recipe names the models (safetensors files, or run folders holding ``net.safetensors``), the
+A recipe names the models (safetensors files, or run folders holding their weights), the
 method and its parameters, optionally a base for the task-vector methods, Fishers for IMM,
 per-layer overrides by name pattern, and the output file::
 
     method: ties                    # imm | mean-imm | task-arithmetic | ties | dare | dare-ties | slerp
     models: [runs/task1, runs/task2]
-    base: runs/task1/init.safetensors   # task-vector methods; default: the first run folder's init
+    base: null                      # task-vector methods: null = the first run folder's saved θ₀
     params: {lam: 1.0, k: 20}
     overrides:                      # optional; the first matching pattern (fnmatch) wins
       - {match: "encoder.0.*", params: {k: 100}}
@@ -38,8 +38,7 @@ from tmerge.io import file_sha256, write_json, write_safetensors
 from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS, Method, check_params
 from tmerge.merge.task_vectors import check_state_dicts
-from tmerge.stages.common import FISHER_FILE, INIT_FILE, NET_FILE, check_init_matches, load_net
-from tmerge.stages.target import check_fisher_matches
+from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, check_fisher_matches, check_init_matches, load_net
 
 log = logging.getLogger("tmerge")
 
@@ -59,7 +58,7 @@ class MergeConfig:
     method: str = "imm"
     models: list[str] = field(default_factory=list)
     base: str | None = None
-    fishers: list[str] | None = None  # IMM: default each run folder's fisher.safetensors
+    fishers: list[str] | None = None  # IMM: default each run folder's Fisher
     fisher_normalize: str = "per_tensor"  # as in the target stages
     params: dict[str, Any] = field(default_factory=dict)
     overrides: list[Override] = field(default_factory=list)

@@ -8,8 +8,8 @@ region Dice 0 and HD95 the volume's diagonal (see :mod:`tmerge.evaluate`). This 
 
 The true label map of a subject is looked for in ``labels`` as ``<subject>.nii.gz``,
 ``<subject>_seg.nii.gz`` or, anywhere below, ``<subject>/<subject>_seg.nii.gz`` (the BraTS
-layout; ``.nii`` too). Writes ``<out>/scores.csv`` (the columns of ``test_per_subject.csv``) and
-then ``<out>/scores_summary.json`` (means, as ``test_summary.json``).
+layout; ``.nii`` too). Writes ``<out>/scores.csv`` (the columns of a target run's per-subject
+scores) and then ``<out>/scores_summary.json`` (means, as a target run's summary).
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Source-task training: M1 (task 1, HCP labels 1:7), M2 (task 2, labels 8:14, initialised from
 M1) and the paper's All-HCP baselines — then the empirical Fisher of the best model.
 
-Outputs in ``runs/<name>/``: ``model.ckpt`` (best, Lightning), ``last.ckpt``,
-``net.safetensors`` (best weights + architecture), ``fisher.safetensors`` (Fisher of the fused
-parameters), ``splits.json``, ``config.yaml``, ``logs/metrics.csv`` and, written last,
-``metrics.json``.
+Outputs in ``runs/<name>/`` (layout: :mod:`tmerge.runs`): the checkpoints, the best weights with
+their architecture, the Fisher of the fused parameters, the splits, the config, the CSV log
+and, written last, the marker with the validation scores.
 """
 
 from __future__ import annotations
@@ -24,27 +23,23 @@ from tmerge.fisher import FisherCallback
 from tmerge.io import file_sha256, write_json
 from tmerge.loggers import stage_loggers, wandb_run
 from tmerge.merge.distance import layer_distances, summarise_distances
-from tmerge.nets import layer_groups, partition
+from tmerge.nets import head_names, layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.resume import is_rank_zero
 from tmerge.runner import fit
-from tmerge.stages.common import (
+from tmerge.runs import (
     FISHER_FILE,
     INIT_FILE,
     NET_FILE,
     SOURCE_MARKER,
-    FisherConfig,
-    RunConfig,
+    Source,
     best_state_dict,
-    check_architecture,
-    check_source_finished,
-    head_names,
-    load_net,
+    load_source,
     save_net,
-    segmentation_module,
-    stage_guard,
-    start_run,
 )
+from tmerge.stages.configs import FisherConfig, RunConfig
+from tmerge.stages.module import architecture_meta, segmentation_module
+from tmerge.stages.protocol import stage_guard, start_run
 from tmerge.transfer import transfer_parameters
 
 log = logging.getLogger("tmerge")
@@ -83,13 +78,7 @@ def run_name(cfg: SourceStageConfig) -> str:
 def net_meta(cfg: SourceStageConfig, dm: HCPDataModule) -> dict:
     """Architecture and task description stored beside the weights."""
     return {
-        "arch": "Isensee2017",
-        "in_channels": dm.in_channels,
-        "n_classes": dm.n_outputs,
-        "base_filters": cfg.net.base_filters,
-        "depth": cfg.net.depth,
-        "output_mode": dm.output_mode,
-        "class_names": list(dm.class_names),
+        **architecture_meta(cfg, dm),
         "labels": cfg.data.label_set,
         "split": cfg.data.split,
     }
@@ -106,9 +95,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
     # (the DataModule does no I/O before prepare_data).
     dm = HCPDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
     meta = net_meta(cfg, dm)
-    init_state = _load_init(root, cfg) if cfg.init_from else None
-    if init_state is not None:
-        check_architecture(init_state[2], init_state[1], meta, ARCH_KEYS)
+    init_source = _load_init(root, cfg, meta) if cfg.init_from else None
     dm.check_layout()
     with stage_guard(run_dir):
         if not start_run(run_dir, cfg, MARKER, force=cfg.force):
@@ -118,10 +105,9 @@ def run_source(cfg: SourceStageConfig) -> Path:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         net = cfg.net.build(dm.in_channels, dm.n_outputs)
         fused, specific = partition(net)
-        if init_state is not None:
-            state, _, path = init_state
-            report = transfer_parameters(net, state, exclude=head_names(net, specific))
-            log.info("%s: initialised from %s — %s", name, path, report.summary())
+        if init_source is not None:
+            report = transfer_parameters(net, init_source.state, exclude=head_names(net, specific))
+            log.info("%s: initialised from %s — %s", name, init_source.folder / NET_FILE, report.summary())
         elif is_rank_zero():
             # θ₀, the base of the task vectors τ = θ − θ₀ of this model and of every model that
             # descends from it (M2 starts from M1): task arithmetic, TIES, DARE (tmerge merge).
@@ -149,7 +135,9 @@ def run_source(cfg: SourceStageConfig) -> Path:
             scores = result.best_metrics
             distance = None
             if trainer.is_global_zero:
-                if result.best_path:
+                # The Fisher callback left the best weights in the module (it computed the Fisher
+                # of them); only a fit skipped as finished hands back a freshly built one.
+                if result.best_path and fisher.best_path != result.best_path:
                     module.net.load_state_dict(best_state_dict(result.best_path))
                 # The weights name their Fisher by its hash: a Fisher file swapped in from another
                 # model (or run) is refused when the two are merged.
@@ -163,9 +151,9 @@ def run_source(cfg: SourceStageConfig) -> Path:
                 save_net(run_dir / NET_FILE, module.net, {**meta, **links})
                 # IMM assumes the models it merges sit in one basin: record how far this one moved
                 # from the model it started from (M2 from M1), per fused layer.
-                if init_state is not None:
+                if init_source is not None:
                     per_layer = layer_distances(
-                        init_state[0], module.net.state_dict(), layer_groups(module.net, fused)
+                        init_source.state, module.net.state_dict(), layer_groups(module.net, fused)
                     )
                     distance = {"from": cfg.init_from, **summarise_distances(per_layer), "per_layer": per_layer}
                 write_json(
@@ -208,13 +196,12 @@ def run_source(cfg: SourceStageConfig) -> Path:
         return run_dir
 
 
-def _load_init(root: Path, cfg: SourceStageConfig):
+def _load_init(root: Path, cfg: SourceStageConfig, meta: dict) -> Source:
+    """The run this one starts from (``init_from``), of this run's architecture (``ARCH_KEYS``)."""
     path = root / str(cfg.init_from) / NET_FILE
     if not path.is_file():
         raise RunError(
             f"{run_name(cfg)} starts from the model of run {cfg.init_from!r}, but {path} does not exist; "
             f"train it first (e.g. `make {cfg.init_from}`)"
         )
-    check_source_finished(path, f"make {cfg.init_from}")
-    state, meta = load_net(path)
-    return state, meta, path
+    return load_source(root, str(cfg.init_from), expected={k: meta[k] for k in ARCH_KEYS})

@@ -1,4 +1,4 @@
-"""Stopping a stage when its training loss stops being a number, without stalling the GPU.
+"""Stopping a fit when its training loss stops being a number, without stalling the GPU.
 
 Checking ``torch.isfinite(loss)`` on the host every step forces a device synchronisation per
 step. :class:`NonFiniteGuard` instead keeps, on the loss's device, the first step whose loss was
@@ -10,32 +10,48 @@ still names the batch that failed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from tmerge.errors import NonFiniteError
+from tmerge.runs import LAST_CKPT
 
 
 @dataclass(frozen=True)
 class BatchInfo:
+    """Where one training batch sat: optimiser step, epoch (0-based), index in the epoch, subjects."""
+
     step: int
     epoch: int
     batch_idx: int
     subjects: tuple[str, ...]
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(Callback):
     """Watches training losses; :meth:`check` raises :class:`~tmerge.errors.NonFiniteError`.
+
+    As a callback it observes the loss each ``training_step`` returned (``on_train_batch_end``),
+    under the step, epoch and batch index the step ran at (``on_train_batch_start``: by the end of
+    the batch the optimiser has stepped and ``global_step`` counts one more), checks at the end of
+    every training epoch, and under DDP stops every rank together. :meth:`observe` and
+    :meth:`check` also work without a trainer.
+
+    No ``state_dict``: it only ever holds the losses of the current attempt, and a non-finite
+    loss ends that attempt.
 
     Args:
         every: host checks on an accelerator every ``every`` steps (CPU: every step).
 
     Attributes:
-        any_rank: Under DDP, ``flag -> bool`` true if the flag is true on any rank (the stage sets
-            it to its strategy's reduction), so that all ranks stop together instead of the others
-            waiting forever in the next all-reduce. ``None``: one process.
+        any_rank: Under DDP, ``flag -> bool`` true if the flag is true on any rank (set in
+            ``on_train_start`` to the strategy's reduction), so that all ranks stop together
+            instead of the others waiting forever in the next all-reduce. ``None``: one process.
     """
 
     def __init__(self, every: int = 25) -> None:
@@ -44,6 +60,39 @@ class NonFiniteGuard:
         self._first_bad: torch.Tensor | None = None  # () int64 on the loss's device; -1: none yet
         self._value: torch.Tensor | None = None  # the first non-finite value seen
         self._recent: deque[BatchInfo] = deque(maxlen=self.every)
+        self._batch_at: tuple[int, int] = (0, 0)  # (step, epoch) of the running training batch
+
+    # ---------------------------------------------------------------------------- Lightning hooks
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            strategy = trainer.strategy
+            self.any_rank = lambda flag: strategy.reduce_boolean_decision(flag, all=False)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_at = (trainer.global_step, trainer.current_epoch)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Automatic optimisation hands over {"loss": detached loss, ...}; None: the step was skipped.
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        step, epoch = self._batch_at
+        subjects = batch.get("subject", ()) if isinstance(batch, Mapping) else ()
+        self.observe(loss, step=step, epoch=epoch, batch_idx=batch_idx, subjects=subjects)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()
+
+    # ---------------------------------------------------------------------------- the guard
 
     def observe(
         self, loss: torch.Tensor, *, step: int, epoch: int, batch_idx: int, subjects: Sequence[str] = ()
@@ -64,7 +113,11 @@ class NonFiniteGuard:
             self.check()
 
     def check(self) -> None:
-        """Raise if any observed loss (on any rank) was not finite (one host synchronisation)."""
+        """Raise if any observed loss (on any rank) was not finite (one host synchronisation).
+
+        Raises:
+            NonFiniteError: naming the step, epoch, batch and subjects of the first such loss.
+        """
         step = -1 if self._first_bad is None else int(self._first_bad)
         bad = step >= 0
         if self.any_rank is not None:
@@ -83,5 +136,5 @@ class NonFiniteGuard:
             where += f"; subjects {', '.join(info.subjects)})" if info.subjects else ")"
         raise NonFiniteError(
             f"training loss became {value} at {where}; the stage stopped. The last good checkpoint "
-            "is the run's last.ckpt — lower optim.lr, or check those subjects' images"
+            f"is the run's {LAST_CKPT} — lower optim.lr, or check those subjects' images"
         )

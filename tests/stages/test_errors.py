@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tmerge.cli import main
 from tmerge.io import write_safetensors
 from tmerge.nets import Isensee2017, partition
-from tmerge.stages.common import save_net
+from tmerge.runs import save_net
 
 SMALL = ["net.base_filters=4", "net.depth=3", "data.patch_size=16"]
 
@@ -98,22 +100,6 @@ def test_truncated_nifti_mid_stage_leaves_no_run_folder(tiny_default, tmp_path, 
     assert not (runs / "brats").exists(), sorted(str(p) for p in runs.rglob("*"))
 
 
-def test_map_input_channels_reuses_and_rescales_filters():
-    from tmerge.errors import ConfigError
-    from tmerge.stages.target import map_input_channels
-
-    w = torch.arange(2 * 2 * 1.0).reshape(2, 2, 1)  # (C_out=2, C_in=2, k=1)
-    target = {"w": torch.zeros(2, 4, 1), "other": torch.zeros(3)}
-    out = map_input_channels({"w": w, "other": torch.ones(3)}, target, [0, 0, 1, 1], rescale=True)
-    assert out["w"].shape == (2, 4, 1)
-    assert torch.equal(out["w"][:, 0], w[:, 0] / 2) and torch.equal(out["w"][:, 3], w[:, 1] / 2)
-    assert torch.equal(out["other"], torch.ones(3))  # same shape: untouched
-    fisher = map_input_channels({"w": w}, target, [0, 0, 1, 1], rescale=False)
-    assert torch.equal(fisher["w"][:, 1], w[:, 0])
-    with pytest.raises(ConfigError, match="channel_map"):
-        map_input_channels({"w": w}, target, [0, 1, 2, 3], rescale=True)
-
-
 def test_unfinished_source_is_refused(tmp_path, capsys):
     """A source run killed after its weights but before its marker (e.g. during the Fisher)."""
     fake_source(tmp_path, "task1")
@@ -130,9 +116,29 @@ def test_bad_fisher_settings_are_refused_before_anything_is_written(tmp_path, ca
     assert not (tmp_path / "task1").exists()
 
 
-def test_negative_channel_map_is_a_config_error():
-    from tmerge.errors import ConfigError
-    from tmerge.stages.target import map_input_channels
+def test_source_missing_a_parameter_is_refused(tmp_path, capsys):
+    """Weights of the right architecture keys that lack a parameter of the target network."""
+    fake_source(tmp_path, "task1")
+    fake_source(tmp_path, "task2")
+    path = tmp_path / "task2" / "net.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    state = load_file(str(path))
+    dropped = next(n for n in state if n.endswith("conv.weight"))
+    write_safetensors(path, {n: v for n, v in state.items() if n != dropped}, meta)
+    status, err = run(["imm", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
+    assert status == 2 and "weights of another network" in err and repr(dropped) in err
+    assert "Traceback" not in err and not (tmp_path / "brats").exists()
 
-    with pytest.raises(ConfigError, match=r"channel_map: expected source-channel indices >= 0"):
-        map_input_channels({"w": torch.ones(2, 2, 1)}, {"w": torch.zeros(2, 4, 1)}, [0, -1, 1, 1], rescale=True)
+
+def test_negative_fisher_is_refused(tmp_path, capsys):
+    fake_source(tmp_path, "task1")
+    fake_source(tmp_path, "task2")
+    fisher_path = tmp_path / "task1" / "fisher.safetensors"
+    fisher = load_file(str(fisher_path))
+    first = next(iter(fisher))
+    fisher[first] = -fisher[first] - 1.0
+    write_safetensors(fisher_path, fisher)
+    status, err = run(["imm", f"runs_dir={tmp_path}", "portion=4", *SMALL], capsys)
+    assert status == 2 and "has negative entries" in err and str(fisher_path) in err
+    assert "Traceback" not in err and not (tmp_path / "brats").exists()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tmerge.errors import RunError
-from tmerge.stages.common import fisher_epsilon, start_run
+from tmerge.merge.imm import fisher_epsilon
+from tmerge.stages.protocol import start_run
 
 
 def test_fisher_epsilon_follows_the_fishers_scale():

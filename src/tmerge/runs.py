@@ -1,0 +1,295 @@
+"""The run-folder contract: the name of every file a stage writes, and how they are read back.
+
+Every artefact's name is spelt here and nowhere else; stages, the forgetting table, the report
+and W&B artifacts import it. Layout::
+
+    <runs>/<name>/                          a source run (task1, task2, all-hcp, …)
+        config.yaml, run.json               written when the stage starts (config, commit, attempts)
+        init.safetensors                    θ₀: the weights a run from scratch started from
+        model.ckpt, last.ckpt, fit.json     best and newest checkpoint; the finished fit
+        hpc_ckpt_<k>.ckpt                   Lightning's SLURM requeue checkpoints
+        net.safetensors, fisher.safetensors the best weights (architecture and hashes in the
+                                            metadata) and their empirical Fisher
+        logs/metrics.csv                    the CSV log
+        metrics.json                        the marker: written last, the run is finished
+    <runs>/brats/p<portion>/[seed<k>/]<init>/   a target run (seed<k>/: a sweep over seeds)
+        config.yaml, run.json, splits.json  as above; the subjects of train/val/test
+        selection/<i>/, selection.json      task-vector grids: one adaption of S per candidate
+        adaption/, alphas.json              T-IMM: the adaption stage and its α (trajectory)
+        model.ckpt, last.ckpt, fit.json     the fine-tune
+        stages.json, net.safetensors        epochs and scores per stage; the best weights
+        predictions/<subject>.nii.gz        label maps in the subjects' own geometry
+        predictions/validation/<id>.nii.gz  100 %: the unlabelled set, submission naming
+        test_per_subject.csv                Dice and HD95 per subject and region
+        test_summary.json                   the marker, written last
+    <runs>/forgetting/p<portion>/           table4.json, table4.md, examples.npz (paper Table 4)
+    <runs>/artifacts/<entity>/<project>/<name>/<version>/   the W&B artifact cache
+    <runs>/wandb/                           W&B runs (offline by default)
+
+A folder is finished exactly when its marker exists (:func:`is_finished`); readers ignore
+unfinished folders. Formats of the score files: :mod:`tmerge.evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
+from torch import nn
+
+from tmerge.errors import RunError
+from tmerge.io import file_sha256, write_safetensors
+
+# --- every stage ------------------------------------------------------------------------------
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+FIT_FILE = "fit.json"
+BEST_CKPT = "model.ckpt"
+LAST_CKPT = "last.ckpt"
+HPC_CKPT_GLOB = "hpc_ckpt_*.ckpt"
+LOGS_DIR = "logs"
+#: Lightning's CSV log in ``logs/`` (its own name); earlier attempts are kept beside it.
+METRICS_CSV = "metrics.csv"
+SPLITS_FILE = "splits.json"
+# --- source runs ------------------------------------------------------------------------------
+NET_FILE = "net.safetensors"
+#: The initial weights θ₀ of a source trained from scratch (the base of every task vector τ = θ − θ₀).
+INIT_FILE = "init.safetensors"
+FISHER_FILE = "fisher.safetensors"
+#: A source run is finished when this exists (written last).
+SOURCE_MARKER = "metrics.json"
+# --- target runs ------------------------------------------------------------------------------
+STAGES_FILE = "stages.json"
+ALPHAS_FILE = "alphas.json"
+SELECTION_FILE = "selection.json"
+SELECTION_DIR = "selection"
+ADAPTION_DIR = "adaption"
+PER_SUBJECT_FILE = "test_per_subject.csv"
+#: A target run is finished when this exists (written last).
+TARGET_MARKER = "test_summary.json"
+#: Label maps of the test subjects, in their original geometry.
+PREDICTIONS_DIR = "predictions"
+#: Under ``predictions/``: the unlabelled validation set (portion 100), named ``<ID>.nii.gz``.
+VALIDATION_DIR = "validation"
+# --- forgetting (Table 4) ---------------------------------------------------------------------
+FORGETTING_DIR = "forgetting"
+FORGETTING_TABLE = "table4.json"
+FORGETTING_MD = "table4.md"
+FORGETTING_EXAMPLES = "examples.npz"
+# --- the runs root ----------------------------------------------------------------------------
+TARGETS_DIR = "brats"
+ARTIFACTS_DIR = "artifacts"
+WANDB_DIR = "wandb"
+#: Top-level folders of the runs root that are not source runs.
+NOT_SOURCES = frozenset(
+    {TARGETS_DIR, FORGETTING_DIR, "report", WANDB_DIR, ARTIFACTS_DIR, "lightning_logs", "bench"}
+)
+
+
+def is_finished(run_dir: Path, marker: str) -> bool:
+    """Whether ``run_dir`` holds a finished run (its ``marker`` was written, last)."""
+    return (run_dir / marker).is_file()
+
+
+def target_dir(runs_root: Path, portion: int, init: str, seed: int | None = None) -> Path:
+    """``<runs>/brats/p<portion>/<init>``, or ``…/seed<seed>/<init>`` for a per-seed layout."""
+    base = runs_root / TARGETS_DIR / f"p{portion}"
+    return base / init if seed is None else base / f"seed{seed}" / init
+
+
+def forgetting_dir(runs_root: Path, portion: int) -> Path:
+    """``<runs>/forgetting/p<portion>``: Table 4 of that portion's T-IMM α."""
+    return runs_root / FORGETTING_DIR / f"p{portion}"
+
+
+# --- weights -------------------------------------------------------------------------------------
+def save_net(path: Path, net: nn.Module, meta: Mapping[str, Any]) -> Path:
+    """Save the network's state dict to safetensors with its architecture in the metadata."""
+    return write_safetensors(path, net.state_dict(), {"tmerge": json.dumps(dict(meta))})
+
+
+def load_net(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a state dict and its architecture metadata written by :func:`save_net`.
+
+    Raises:
+        RunError: missing or unreadable file, naming it.
+    """
+    if not path.is_file():
+        raise RunError(f"{path}: model weights not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("tmerge", "{}"))
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunError(f"{path}: not a readable safetensors weight file ({exc})") from None
+
+
+def best_state_dict(ckpt_path: str | Path, prefix: str = "net.") -> dict[str, torch.Tensor]:
+    """The network's weights from a Lightning checkpoint (loaded with ``weights_only=True``).
+
+    Raises:
+        RunError: the file is not a readable checkpoint, naming it.
+    """
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted zip, refused pickle, …
+        raise RunError(f"{ckpt_path}: not a readable checkpoint ({exc})") from None
+    state = ckpt.get("state_dict", {})
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def check_architecture(
+    path: Path, meta: Mapping[str, Any], expected: Mapping[str, Any], keys: Sequence[str]
+) -> None:
+    """Refuse weights whose architecture (``keys`` of the metadata) differs from ``expected``.
+
+    Raises:
+        RunError: naming the file and every key that differs.
+    """
+    diffs = [
+        f"{k}={meta.get(k)!r} (expected {expected.get(k)!r})" for k in keys if meta.get(k) != expected.get(k)
+    ]
+    if diffs:
+        raise RunError(f"{path}: weights of another architecture: {', '.join(diffs)}")
+
+
+def check_init_matches(base: Path) -> None:
+    """Refuse a run folder's ``init.safetensors`` that is not the one its weights started from
+    (the source stage records its hash beside the trained weights)."""
+    net = base.parent / NET_FILE
+    if base.name != INIT_FILE or not net.is_file():
+        return
+    recorded = load_net(net)[1].get("init_sha256")
+    if recorded and file_sha256(base) != recorded:
+        raise RunError(
+            f"{base}: not the initial weights of {net} (its hash differs from the one recorded there)"
+        )
+
+
+def check_source_finished(path: Path, hint: str) -> None:
+    """Refuse the weights ``path`` of a source run that has not finished (no marker beside them:
+    killed during its Fisher, say) — its Fisher may be missing or stale.
+
+    Raises:
+        RunError: naming the run folder and how to finish it.
+    """
+    if not is_finished(path.parent, SOURCE_MARKER):
+        raise RunError(
+            f"source run {path.parent} is unfinished (no {SOURCE_MARKER}); re-run `{hint}` to finish it"
+        )
+
+
+def check_fisher_matches(
+    fisher_path: Path,
+    fisher: Mapping[str, torch.Tensor],
+    net_path: Path,
+    state: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+) -> None:
+    """Refuse a Fisher that was not computed for the weights beside it: wrong shapes, negative
+    entries, a hash that differs from the one the weights recorded, or non-finite entries.
+
+    Raises:
+        RunError: naming the Fisher file and what does not match.
+    """
+    from tmerge.fisher import check_finite
+
+    for key, value in fisher.items():
+        if key in state and value.shape != state[key].shape:
+            raise RunError(
+                f"{fisher_path}: Fisher of another model: {key} has shape {tuple(value.shape)}, "
+                f"the weights in {net_path} {tuple(state[key].shape)}"
+            )
+    negative = [k for k, v in fisher.items() if bool((v < 0).any())]
+    if negative:
+        raise RunError(f"{fisher_path}: not a Fisher: {negative[0]!r} has negative entries (a Fisher is ≥ 0)")
+    recorded = meta.get("fisher_sha256")
+    if recorded and file_sha256(fisher_path) != recorded:
+        raise RunError(
+            f"{fisher_path}: not the Fisher computed for {net_path} (its hash differs from the one "
+            "recorded with the weights); restore the run's own Fisher or retrain it with force=true"
+        )
+    check_finite(dict(fisher), str(fisher_path))
+
+
+# --- source models -------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """A trained source model: its weights ``name → tensor``, metadata and (optional) Fisher of
+    the same names and shapes."""
+
+    name: str
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    fisher: dict[str, torch.Tensor] | None
+    folder: Path | None = None  # where it was loaded from
+
+
+def source_hint(name: str) -> str:
+    """How a user makes the source run ``name``."""
+    return f"make {name}" if name in ("task1", "task2") else f"tmerge source … name={name}"
+
+
+def source_folder(
+    runs_root: Path, name: str, wandb_mode: str = "disabled", files: Sequence[str] = ()
+) -> Path:
+    """The folder of the source ``name``: ``<runs>/<name>``, or for a W&B artifact reference
+    (``wandb:entity/project/name:version``) its folder in the local artifact cache, downloaded
+    first where ``wandb_mode`` allows (see :mod:`tmerge.artifacts`) and holding ``files``."""
+    from tmerge.artifacts import is_reference, resolve
+
+    if is_reference(name):
+        return resolve(name, runs_root, wandb_mode, tuple(files) or (NET_FILE, SOURCE_MARKER))
+    return runs_root / name
+
+
+def load_source(
+    runs_root: Path,
+    name: str,
+    *,
+    with_fisher: bool = False,
+    fused: Sequence[str] = (),
+    expected: Mapping[str, Any] | None = None,
+    wandb_mode: str = "disabled",
+) -> Source:
+    """A source model by run name (or W&B artifact reference), with every check: it exists, its
+    run finished, its architecture is ``expected`` (the metadata keys given), and its Fisher
+    (``with_fisher``) has an entry for every ``fused`` parameter of the weights, matches their
+    shapes and the hash they recorded, and is finite.
+
+    Raises:
+        RunError: naming the file and what is wrong with it, and how to make it where that helps.
+    """
+    from tmerge.fisher import load_fisher
+
+    files = (NET_FILE, SOURCE_MARKER, *((FISHER_FILE,) if with_fisher else ()))
+    folder = source_folder(runs_root, name, wandb_mode, files)
+    path = folder / NET_FILE
+    if not path.is_file():
+        raise RunError(
+            f"source model {name!r} not found: {path} does not exist; train it first ({source_hint(name)})"
+        )
+    check_source_finished(path, source_hint(name))
+    state, meta = load_net(path)
+    if expected:
+        check_architecture(path, meta, expected, tuple(expected))
+    missing = [n for n in fused if n not in state]
+    if missing:
+        raise RunError(
+            f"{path}: weights of another network: {len(missing)} parameter(s) of the target are missing, "
+            f"e.g. {missing[0]!r}"
+        )
+    fisher = None
+    if with_fisher:
+        # Every fused parameter of the source has a Fisher (its first layer included, though
+        # a first layer of another shape than the target's is not merged).
+        fisher_path = folder / FISHER_FILE
+        fisher = load_fisher(fisher_path, expected_names=[n for n in fused if n in state])
+        check_fisher_matches(fisher_path, fisher, path, state, meta)
+    return Source(name, state, meta, fisher, folder)

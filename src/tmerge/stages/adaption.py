@@ -1,0 +1,132 @@
+"""T-IMM's adaption stage (paper §3.3): with the sources frozen, learn the mixing ratios δ (α per
+layer and source, eq. 2 in every forward) and the task-specific parameters S on the target,
+until the validation loss stops improving; then materialise P from the α of the best epoch.
+
+Writes ``adaption/`` (the stage's checkpoints and log) and the α record (the final α, their
+trajectory over the epochs, the best epoch, δ's learning rate and the Fisher mode) in the run
+folder; the α also go to W&B (the paper's Fig. 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from tmerge.callbacks import AlphaTrajectory
+from tmerge.dashboard import log_alphas
+from tmerge.data.brats import BraTSDataModule
+from tmerge.errors import RunError
+from tmerge.io import read_json, write_json
+from tmerge.loggers import stage_loggers
+from tmerge.merge import AdaptiveMerge
+from tmerge.runner import fit
+from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, Source, best_state_dict
+from tmerge.stages.configs import TargetStageConfig
+from tmerge.stages.module import segmentation_module
+
+if TYPE_CHECKING:
+    from tmerge.stages.inits import Initialised
+
+log = logging.getLogger("tmerge")
+
+
+def adapt(
+    cfg: TargetStageConfig,
+    dm: BraTSDataModule,
+    net: nn.Module,
+    sources: list[Source],
+    start: Initialised,
+    run_dir: Path,
+    run: Logger | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """T-IMM adaption stage: train δ (at ``adaption.delta_lr``) and S (at ``adaption.lr``) on the
+    target with the sources frozen until the validation loss stops improving; return the net
+    with P materialised from the α of the best epoch (S kept) and the stage's summary. Writes
+    the α record (:data:`~tmerge.runs.ALPHAS_FILE`): the final α and their trajectory."""
+    adaptive = AdaptiveMerge(net, [s.state for s in sources], start.fishers, start.layers, eps=start.eps)
+    module = segmentation_module(
+        adaptive,
+        dm,
+        cfg,
+        cfg.data.patch_size,
+        optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr),
+        group_lrs={"net.mixing.": cfg.adaption.delta_lr},
+    )
+    names = [s.name for s in sources]
+    trajectory = AlphaTrajectory(adaptive.mixing, names)
+    stage_dir = run_dir / ADAPTION_DIR
+    label = f"p{cfg.data.portion}/{cfg.init} adaption"
+    loggers = stage_loggers(stage_dir, run, "adaption")
+    trainer, result = fit(
+        module,
+        dm,
+        run_dir=stage_dir,
+        trainer_cfg=cfg.trainer,
+        loggers=loggers,
+        monitor="val/loss",
+        mode="min",
+        callbacks=[trajectory],
+        name=label,
+        max_epochs=cfg.adaption.max_epochs,
+        patience=cfg.adaption.patience,
+    )
+    if result.best_path:  # continue from the adaption epoch with the lowest validation loss
+        module.load_state_dict(best_state_dict(result.best_path, prefix=""))
+    scores = result.best_metrics
+    alphas = adaptive.mixing.alphas_dict()
+    # δ's gradients are all-reduced like any parameter's, so every rank must hold the same α;
+    # check it rather than trust it (a rank that diverged would fine-tune another model).
+    # (Without a process group — one process, or a re-run that skipped the finished adaption —
+    # every rank has just loaded the same checkpoint.)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deltas = trainer.strategy.all_gather(adaptive.mixing.delta.detach())
+        deltas = deltas.reshape(-1, *adaptive.mixing.delta.shape)
+        spread = float((deltas - deltas[0]).abs().max())
+        if spread > 1e-6:
+            raise RunError(
+                f"{cfg.init} adaption: the DDP ranks ended with different mixing ratios (max |Δδ| = {spread:.3g})"
+            )
+    epochs = trajectory.trajectory
+    alphas_file = run_dir / ALPHAS_FILE
+    if not epochs and alphas_file.is_file():
+        # A re-run after a kill that came after the adaption: its fit is not repeated, so the
+        # trajectory is the one the first attempt recorded.
+        epochs = read_json(alphas_file).get("trajectory", [])
+    if trainer.is_global_zero:
+        write_json(
+            alphas_file,
+            {
+                "sources": names,
+                "layers": list(alphas),
+                "alphas": alphas,
+                "best_epoch": result.best_epoch,
+                "trajectory": epochs,
+                "delta_lr": cfg.adaption.delta_lr,
+                "fisher": cfg.fisher.normalize if start.fishers is not None else "unit",
+                "world_size": trainer.world_size,
+                "ranks_agree": True,
+            },
+        )
+    log_alphas(loggers, alphas, names, step=trainer.global_step, trajectory=epochs)  # paper Fig. 5
+    summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
+    first = [a[0] for a in alphas.values()]
+    log.info(
+        "%s: %d epochs (best %s), val Dice %.3f, val loss %.4f; α of %s per layer %.2f–%.2f (mean %.2f): %s",
+        label,
+        result.epochs,
+        result.best_epoch,
+        summary["val_dice"] or float("nan"),
+        summary["val_loss"] or float("nan"),
+        names[0],
+        min(first),
+        max(first),
+        sum(first) / len(first),
+        " ".join(f"{a:.2f}" for a in first),
+    )
+    return adaptive.release(), summary

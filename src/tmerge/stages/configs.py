@@ -1,0 +1,173 @@
+"""The stages' configs: what every training stage shares, the Fisher settings, and the
+target stage's (initialisation, adaption, task-vector grids). Typed dataclasses, composed by
+:mod:`tmerge.config` from ``experiments/*.yaml`` and ``key=value`` overrides; each checks its own
+values and names the key it refuses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tmerge.data.brats import BraTSDataConfig
+from tmerge.errors import ConfigError
+from tmerge.loggers import LoggerConfig
+from tmerge.modules.segmentation import LossConfig, OptimConfig
+from tmerge.nets.config import NetConfig
+from tmerge.runner import TrainerConfig
+from tmerge.transfer import TransferConfig
+
+
+def check_normalize(value: str) -> None:
+    """Refuse a ``fisher.normalize`` that :func:`tmerge.fisher.normalize_fisher` does not know."""
+    from tmerge.fisher import NORMALIZE
+
+    if value not in NORMALIZE:
+        raise ConfigError(f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {value!r}")
+
+
+@dataclass
+class FisherConfig:
+    """Empirical-Fisher settings for the source models (computed once, after training)."""
+
+    max_samples: int | None = None  # None: every training volume (18 for a paper task)
+    # How the saved Fisher is scaled: "none" keeps the raw mean of squared gradients; the merge
+    # stages normalise at merge time (their own `fisher.normalize`), so raw files serve every
+    # choice. "sum" | "l2" | "per_tensor": see tmerge.fisher.normalize_fisher.
+    normalize: str = "none"
+    method: str = "auto"  # "auto" | "loop" | "vmap" | "compile" — all give the same numbers
+
+    def __post_init__(self) -> None:
+        from tmerge.fisher import METHODS
+
+        check_normalize(self.normalize)
+        if self.method not in METHODS:
+            raise ConfigError(f"fisher.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(
+                f"fisher.max_samples: got {self.max_samples}; expected a positive count or null"
+            )
+
+
+@dataclass
+class MergeFisherConfig:
+    """How the merge stages (imm, timm, forgetting) normalise the sources' Fishers before eq. 2."""
+
+    # "per_tensor" (default): each model's Fisher tensor divided by its own sum, as the authors'
+    # code did. Un-normalised ("none"), the two sources' Fishers differ per layer by factors of
+    # 1 to 237 on the embedded data, so "uniform" IMM put a mean effective weight of 0.73 on M1.
+    # "sum" | "l2": one global constant per model (see tmerge.fisher.normalize_fisher).
+    normalize: str = "per_tensor"
+
+    def __post_init__(self) -> None:
+        check_normalize(self.normalize)
+
+
+@dataclass
+class RunConfig:
+    """What every training stage's config holds; each stage adds its data and its own sections."""
+
+    seed: int = 0  # training seed (initialisation, patch sampling); splits have data.seed
+    force: bool = False  # run again even if the run folder holds a finished run
+    runs_dir: str | None = None  # None: $TMERGE_RUNS or ./runs
+    net: NetConfig = field(default_factory=NetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class AdaptionConfig:
+    """T-IMM adaption stage: learn the mixing ratios δ (and S) with the sources frozen.
+
+    The stage ends when the validation loss stops improving (``patience``); ``max_epochs`` is a
+    safety net. δ has its own learning rate: with Adam every parameter moves about one learning
+    rate per step, and for two sources α¹ = σ(δ¹)/(σ(δ¹) + σ(δ²)) reaches 0.9 only once
+    δ¹ − δ² ≈ 4.4. At the old shared rate of 5e-3 and a 6-epoch cap (96 steps at 4 %), α could
+    not leave [0.38, 0.62].
+    """
+
+    max_epochs: int = 30  # a cap that seldom binds: early stopping on the validation loss ends it
+    patience: int = 4  # validation checks without a lower validation loss
+    lr: float = 5e-3  # S and re-initialised layers (the first convolution): fresh, so a large step
+    # δ, chosen by measurement (docs/adaption.md). Capability test (useful source vs noise, 30-epoch
+    # cap): 0.02 → useful side in 87 % of layers, mean α 0.70 (fails); 0.05 → 100 %, 0.84;
+    # 0.1 → 100 %, 0.90; 0.2 → 100 %, 0.92. Embedded default at 4 % (seed 0), adaption val loss:
+    # 0.05 → 0.540 (24 epochs), 0.1 → 0.541 (24), 0.2 → 0.580 (12: α jump to 0/1 and overshoot).
+    delta_lr: float = 0.1
+    # ε of eq. 2, relative to the mean Fisher entry (see tmerge.merge.imm.fisher_epsilon).
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        for key in ("lr", "delta_lr", "eps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"adaption.{key}: expected a positive number, got {getattr(self, key)!r}")
+        if self.max_epochs < 1 or self.patience < 1:
+            raise ConfigError(
+                f"adaption.max_epochs/patience: expected positive counts, got {self.max_epochs}/{self.patience}"
+            )
+
+
+@dataclass
+class VectorMergeConfig:
+    """The task-vector initialisations (``task-arithmetic``, ``ties``, ``dare``, ``dare-ties``,
+    ``slerp``; :mod:`tmerge.merge.task_vectors`). Each hyper-parameter is a list: one value or a small grid;
+    with several candidates the one with the lowest validation loss after adapting S on the
+    target (P frozen, S trained as the T-IMM adaption stage does) is chosen, before fine-tuning,
+    and recorded in the run folder (:data:`~tmerge.runs.SELECTION_FILE`)."""
+
+    # θ₀ of the task vectors τ_t = θ_t − θ₀. None: the first source's saved θ₀ (the
+    # random initialisation M1 started from; M2 descends from it too). A run name: that run's
+    # trained weights (e.g. task1, which gives τ₂ = M2 − M1). Anything else: a safetensors file.
+    base: str | None = None
+    lam: list[float] = field(default_factory=lambda: [1.0])  # λ: scale of the merged task vector
+    k: list[float] = field(default_factory=lambda: [20.0])  # TIES: % of entries kept (Yadav et al.)
+    p: list[float] = field(default_factory=lambda: [0.5])  # DARE: drop probability (Yu et al.)
+    t: list[float] = field(default_factory=lambda: [0.5])  # SLERP: 0 = first source, 1 = second
+    seed: int = 0  # DARE's drop masks
+
+    def __post_init__(self) -> None:
+        from tmerge.merge.methods import check_value
+
+        for key in ("lam", "k", "p", "t"):
+            values = getattr(self, key)
+            if not values:
+                raise ConfigError(
+                    f"merge.{key}: expected a list of one value or a small grid, got an empty list"
+                )
+            for value in values:
+                try:
+                    check_value(key, value, f"merge.{key}")
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+        if self.seed < 0:
+            raise ConfigError(f"merge.seed: expected an integer >= 0, got {self.seed}")
+
+
+@dataclass
+class TargetStageConfig(RunConfig):
+    """Config of a BraTS run (``tmerge timm``, ``tmerge imm``, ``tmerge target init=…``, sweeps)."""
+
+    init: str = "timm"  # one of INITS (see the module docstring)
+    sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # source run names
+    # A sweep runs every entry of `inits` once per seed in `seeds`; with one seed the runs go
+    # to runs/brats/p<portion>/<init>, with several to runs/brats/p<portion>/seed<k>/<init>.
+    # The default compares T-IMM with every baseline and both ablations (unit Fishers with
+    # uniform and with learned α) on the same splits and seeds.
+    inits: list[str] = field(
+        default_factory=lambda: ["none", "m1", "m2", "imm", "mean-imm", "mean-timm", "timm"]
+    )
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # The run folder's seed level: None → runs/brats/p<portion>/seed<k>/<init> when several seeds
+    # are swept, runs/brats/p<portion>/<init> for one; true → always seed<k>/ (one run per
+    # process, as a W&B agent or a SLURM array task runs them: experiments/sweeps, …/slurm).
+    seed_folder: bool | None = None
+    # How the sources' input channels feed the target's: entry i is the source channel whose
+    # filters the target's channel i reuses, e.g. [0, 0, 1, 1] for HCP (T1, T2) → BraTS (t1,
+    # t1ce, t2, flair). None: a first layer of another shape is re-initialised and trained with
+    # S (what the original code effectively did); with a map it stays in P and is merged.
+    channel_map: list[int] | None = None
+    data: BraTSDataConfig = field(default_factory=BraTSDataConfig)
+    adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)
+    merge: VectorMergeConfig = field(default_factory=VectorMergeConfig)

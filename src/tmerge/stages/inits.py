@@ -1,0 +1,331 @@
+"""The initialisations of a target run (paper §4.3): a registry of entries that build themselves.
+
+``init=<name>`` picks an entry of :data:`INITS`; a sweep is a list of names. Each entry says
+which sources it needs (and whether with their Fishers or θ₀), builds the target network's
+weights from them (:meth:`Initialisation.build`) and may add a stage before fine-tuning (T-IMM's
+adaption) or a grid of hyper-parameters chosen on validation (the task-vector methods). Adding
+an initialisation is one :func:`register` call; the orchestration (:mod:`tmerge.stages.target`)
+knows none of them by name.
+
+========== ==============================================================================
+none       no transfer: fresh He initialisation
+m1, m2     parameter transfer from one source model (``sources[0]`` / ``sources[1]``)
+all-hcp*   parameter transfer from an All-HCP baseline model (paper's "Understanding T-IMM")
+imm        eq. 2 with uniform α (Fisher-weighted mode-IMM) over all ``sources``
+mean-imm   uniform α and unit Fishers (plain averaging)
+timm       adaption stage (learn α per layer and S) → fine-tune (paper §3.3)
+mean-timm  timm with unit Fishers: learned α alone (a supervised layer-wise AdaMerging), the
+           ablation that tells the Fisher weighting's contribution from the learned α's
+task-arithmetic, ties, dare, dare-ties, slerp
+           task-vector merges of :mod:`tmerge.merge.methods` (θ₀: ``merge.base``)
+========== ==============================================================================
+
+Every initialisation treats S alike (``transfer.specific``): ``reinit`` (default, paper §3.2)
+starts the instance norms and heads fresh for every method, ``keep`` takes the norms from the
+source(s) (the mean of the sources' for merges); the heads are always re-created. The sources'
+Fishers are normalised before merging by ``fisher.normalize`` (default ``per_tensor``). Fused
+layers whose shape differs between the sources and the target (the first convolution: 2 HCP
+channels vs 4 BraTS modalities) are re-initialised and trained with S.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tmerge.errors import ConfigError, RunError
+from tmerge.fisher import normalize_fisher
+from tmerge.loggers import wandb_mode
+from tmerge.merge import imm_merge, mergeable_layers
+from tmerge.merge.imm import fisher_epsilon
+from tmerge.merge.methods import METHODS
+from tmerge.nets import head_names, layer_groups, partition
+from tmerge.paths import runs_dir
+from tmerge.runs import INIT_FILE, NET_FILE, Source, check_init_matches, load_net, source_folder
+from tmerge.stages.adaption import adapt
+from tmerge.stages.configs import TargetStageConfig
+from tmerge.transfer import average_parameters, map_input_channels, transfer_parameters
+
+log = logging.getLogger("tmerge")
+
+
+@dataclass
+class Initialised:
+    """A target network after its initialisation, and what a T-IMM adaption needs besides."""
+
+    net: nn.Module
+    layers: dict[str, list[str]] = field(default_factory=dict)  # merged layers → parameter names
+    fishers: list[dict[str, torch.Tensor]] | None = None  # normalised; None: unit Fishers
+    eps: float = 0.0
+    specific_kept: list[str] = field(default_factory=list)  # S tensors taken from the sources
+
+
+@dataclass
+class InitContext:
+    """What an entry's ``build`` gets: the run's config, the target network freshly built under
+    the run's seed (initialised in place), the loaded sources, θ₀ where the entry needs it, and
+    the hyper-parameters of the candidate being built (entries with a grid)."""
+
+    cfg: TargetStageConfig
+    net: nn.Module
+    sources: list[Source]
+    base: dict[str, torch.Tensor] | None = None
+    params: dict[str, Any] | None = None
+
+
+def _no_sources(cfg: TargetStageConfig) -> list[str]:
+    return []
+
+
+def _all_sources(cfg: TargetStageConfig) -> list[str]:
+    return list(cfg.sources)
+
+
+def nth_source(i: int) -> Callable[[TargetStageConfig], list[str]]:
+    """``sources[i]`` of the config, or an error naming ``sources`` if there are fewer."""
+
+    def pick(cfg: TargetStageConfig) -> list[str]:
+        if len(cfg.sources) <= i:
+            raise ConfigError(
+                f"sources: init=m{i + 1} needs at least {i + 1} source runs, got {list(cfg.sources)}"
+            )
+        return [cfg.sources[i]]
+
+    return pick
+
+
+def named_source(name: str) -> Callable[[TargetStageConfig], list[str]]:
+    """Always the source run ``name`` (the All-HCP baselines)."""
+    return lambda cfg: [name]
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    """How the target network's weights are obtained before fine-tuning: one registry entry.
+
+    Attributes:
+        build: Sets the weights of ``ctx.net`` (in place) and returns them as :class:`Initialised`.
+        sources: The source run names it needs, from the config.
+        fisher: Whether the sources are loaded with their Fishers.
+        merges: Whether P is a merge of several sources (≥ 2, of one architecture).
+        models: Exactly this many sources (None: any).
+        base: Whether it needs θ₀ (``merge.base``; the task-vector methods).
+        candidates: A grid of hyper-parameters, chosen on validation when it has several
+            (:mod:`tmerge.stages.selection`); None: no grid.
+        adapt: A stage between the initialisation and the fine-tune (T-IMM's adaption): it gets
+            ``(cfg, dm, net, sources, start, run_dir, wandb_run)`` and returns the network to
+            fine-tune and the stage's summary for the stages' record.
+        method: The name recorded with the grid's choice.
+    """
+
+    build: Callable[[InitContext], Initialised]
+    sources: Callable[[TargetStageConfig], list[str]] = _no_sources
+    fisher: bool = False
+    merges: bool = False
+    models: int | None = None
+    base: bool = False
+    candidates: Callable[[TargetStageConfig], list[dict[str, Any]]] | None = None
+    adapt: Callable[..., tuple[nn.Module, dict[str, Any]]] | None = None
+    method: str | None = None
+
+
+# --- builders -------------------------------------------------------------------------------------
+def build_none(ctx: InitContext) -> Initialised:
+    """The network as built: a fresh He initialisation."""
+    return Initialised(ctx.net)
+
+
+def build_transfer(ctx: InitContext) -> Initialised:
+    """Every tensor of the (one) source whose shape matches, except S under
+    ``transfer.specific=reinit`` (the heads in any case)."""
+    cfg, net, source = ctx.cfg, ctx.net, ctx.sources[0]
+    _, specific = partition(net)
+    heads = set(head_names(net, specific))
+    norms = [n for n in specific if n not in heads]
+    keep = cfg.transfer.specific == "keep"
+    report = transfer_parameters(net, source.state, exclude=heads if keep else set(specific))
+    log.info("%s: transfer from %s — %s", cfg.init, source.name, report.summary())
+    return Initialised(net, specific_kept=[n for n in norms if n in report.copied])
+
+
+def prepare_merge(ctx: InitContext, with_fisher: bool) -> Initialised:
+    """What every merge shares: the mergeable layers, the normalised Fishers (None: unit), eq. 2's
+    ε and, under ``transfer.specific=keep``, the instance norms as the mean of the sources' (the
+    uniform α every merge starts from). P itself is left as built."""
+    cfg, net, sources = ctx.cfg, ctx.net, ctx.sources
+    fused, specific = partition(net)
+    heads = set(head_names(net, specific))
+    norms = [n for n in specific if n not in heads]
+    layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
+    if mismatched:
+        log.info(
+            "%s: layers of other shape in the sources, re-initialised and trained with S: %s",
+            cfg.init,
+            ", ".join(mismatched),
+        )
+    fishers = None
+    if with_fisher:
+        if any(s.fisher is None for s in sources):
+            raise ValueError(
+                f"initialise: {cfg.init} merges by the Fisher, but a source was loaded without one"
+            )
+        fishers = [normalize_fisher(s.fisher, cfg.fisher.normalize) for s in sources]
+    eps = fisher_epsilon(fishers, cfg.adaption.eps)
+    keep = cfg.transfer.specific == "keep"
+    kept = average_parameters(net, [s.state for s in sources], norms) if keep else []
+    return Initialised(net, layers, fishers, eps, kept)
+
+
+def imm_builder(with_fisher: bool) -> Callable[[InitContext], Initialised]:
+    """P by eq. 2 with uniform α, Fisher-weighted (``imm``) or not (``mean-imm``)."""
+
+    def build(ctx: InitContext) -> Initialised:
+        start = prepare_merge(ctx, with_fisher)
+        states = [s.state for s in ctx.sources]
+        alphas = torch.full((len(states),), 1.0 / len(states))
+        merged = imm_merge(states, start.fishers, alphas, layers=start.layers, eps=start.eps)
+        start.net.load_state_dict({**start.net.state_dict(), **merged})
+        return start
+
+    return build
+
+
+def adaptive_builder(with_fisher: bool) -> Callable[[InitContext], Initialised]:
+    """T-IMM: P is left to the adaption stage (:class:`~tmerge.merge.AdaptiveMerge`)."""
+    return lambda ctx: prepare_merge(ctx, with_fisher)
+
+
+def vector_builder(method: str) -> Callable[[InitContext], Initialised]:
+    """P by the task-vector ``method`` from the sources and θ₀, with the candidate's parameters."""
+
+    def build(ctx: InitContext) -> Initialised:
+        spec = METHODS[method]
+        if spec.base and ctx.base is None:
+            raise ValueError(f"initialise: {ctx.cfg.init} needs the base θ₀")
+        start = prepare_merge(ctx, with_fisher=False)
+        names = [n for ns in start.layers.values() for n in ns]
+        merged = spec.run(
+            [{n: s.state[n] for n in names} for s in ctx.sources],
+            None if ctx.base is None else {n: ctx.base[n] for n in names},
+            None,
+            **(ctx.params or vector_candidates(ctx.cfg, method)[0]),
+        )
+        start.net.load_state_dict({**start.net.state_dict(), **merged})
+        return start
+
+    return build
+
+
+def vector_candidates(cfg: TargetStageConfig, method: str) -> list[dict[str, Any]]:
+    """The hyper-parameter candidates of a task-vector method: the product of the ``merge.*``
+    lists it uses (λ, k, p, t), each with ``merge.seed`` for DARE."""
+    grid: list[dict[str, Any]] = [{}]
+    for key in METHODS[method].params:
+        values = [cfg.merge.seed] if key == "seed" else list(getattr(cfg.merge, key))
+        grid = [{**g, key: v} for g in grid for v in values]
+    return grid
+
+
+# --- θ₀ of the task vectors ---------------------------------------------------------------------
+def load_base(
+    cfg: TargetStageConfig, source_names: list[str], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """θ₀ of the task-vector methods (``merge.base``), input layer mapped like the sources'.
+
+    Raises:
+        RunError: the file does not exist, is unreadable, or is not the init its run recorded.
+    """
+    root = runs_dir(cfg.runs_dir)
+    if cfg.merge.base is None:
+        first = source_folder(root, source_names[0], wandb_mode(cfg.logger), (INIT_FILE,))
+        path = first / INIT_FILE
+        hint = f"retrain {source_names[0]} with this version (it saves its initial weights) or set merge.base"
+    elif (root / cfg.merge.base / NET_FILE).is_file():
+        path, hint = root / cfg.merge.base / NET_FILE, ""
+    else:
+        path, hint = Path(cfg.merge.base).expanduser(), "set merge.base to a run name or a safetensors file"
+    if not path.is_file():
+        raise RunError(f"merge.base: {path} does not exist; {hint}")
+    check_init_matches(path)
+    state, _ = load_net(path)
+    if cfg.channel_map is not None:
+        state = map_input_channels(state, target, list(cfg.channel_map), rescale=True)
+    return state
+
+
+def check_base(
+    path_hint: str, base: dict[str, torch.Tensor], sources: list[Source], layers: dict[str, list[str]]
+) -> None:
+    """Refuse a base θ₀ that lacks a merged parameter or holds it in another shape than the sources.
+
+    Raises:
+        RunError: naming the base and the first such parameter.
+    """
+    for names in layers.values():
+        for n in names:
+            if n not in base:
+                raise RunError(
+                    f"merge.base: {path_hint} has no {n!r}; expected the weights the sources started from"
+                )
+            if base[n].shape != sources[0].state[n].shape:
+                raise RunError(
+                    f"merge.base: {path_hint}: {n!r} has shape {tuple(base[n].shape)}, the sources "
+                    f"{tuple(sources[0].state[n].shape)}; expected the weights the sources started from"
+                )
+
+
+# --- the registry -------------------------------------------------------------------------------
+INITS: dict[str, Initialisation] = {}
+
+
+def register(name: str, init: Initialisation) -> Initialisation:
+    """Add (or replace) the initialisation ``name``; ``init=<name>``, sweeps and the report (in
+    the registry's order) then know it."""
+    INITS[name] = init
+    return init
+
+
+def _vector(method: str) -> Initialisation:
+    spec = METHODS[method]
+    return Initialisation(
+        vector_builder(method),
+        _all_sources,
+        merges=True,
+        models=spec.models,
+        base=spec.base,
+        candidates=lambda cfg: vector_candidates(cfg, method),
+        method=method,
+    )
+
+
+# In the order of the paper's Table 2 (the report's columns), the task-vector methods and the
+# All-HCP baselines after; entries registered later follow.
+register("none", Initialisation(build_none))
+register("m1", Initialisation(build_transfer, nth_source(0)))
+register("m2", Initialisation(build_transfer, nth_source(1)))
+register("imm", Initialisation(imm_builder(True), _all_sources, fisher=True, merges=True))
+register("mean-imm", Initialisation(imm_builder(False), _all_sources, merges=True))
+register("mean-timm", Initialisation(adaptive_builder(False), _all_sources, merges=True, adapt=adapt))
+register("timm", Initialisation(adaptive_builder(True), _all_sources, fisher=True, merges=True, adapt=adapt))
+for _name in ("task-arithmetic", "ties", "dare", "dare-ties", "slerp"):
+    register(_name, _vector(_name))
+for _name in ("all-hcp", "all-hcp-1-7", "all-hcp-8-14"):
+    register(_name, Initialisation(build_transfer, named_source(_name)))
+
+
+def initialise(
+    cfg: TargetStageConfig,
+    init: Initialisation,
+    net: nn.Module,
+    sources: list[Source],
+    base: dict[str, torch.Tensor] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Initialised:
+    """Initialise a freshly built target ``net`` (in place) by the entry ``init``."""
+    return init.build(InitContext(cfg, net, sources, base, params))

@@ -1,0 +1,84 @@
+"""A target run's results: the test scores (per subject and summary), the stages' record, the
+fine-tuned weights, and the W&B model artifact. Formats: :mod:`tmerge.evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from tmerge.artifacts import TARGET_TYPE, log_model
+from tmerge.data.brats import BraTSDataModule
+from tmerge.evaluate import write_scores
+from tmerge.io import write_json
+from tmerge.runs import NET_FILE, PER_SUBJECT_FILE, STAGES_FILE, TARGET_MARKER, save_net
+from tmerge.stages.configs import TargetStageConfig
+from tmerge.stages.module import architecture_meta
+
+
+def write_results(
+    run_dir: Path,
+    cfg: TargetStageConfig,
+    dm: BraTSDataModule,
+    net: nn.Module,
+    records: list[dict[str, Any]],
+    stages: dict[str, Any],
+    run: Logger | None,
+) -> dict[str, Any]:
+    """Everything a finished target run leaves (rank 0): the stages' record, the fine-tuned best
+    weights (for prediction and export), the test scores with the marker last, and the W&B model
+    artifact of the three. Returns the test summary."""
+    write_json(run_dir / STAGES_FILE, stages)
+    meta = target_meta(cfg, dm, list(stages["sources"]))
+    save_net(run_dir / NET_FILE, net, meta)
+    summary = write_test_results(run_dir, records, dm.class_names)
+    files = {f: run_dir / f for f in (NET_FILE, STAGES_FILE, TARGET_MARKER)}
+    log_model(
+        run,
+        f"brats-p{cfg.data.portion}-{cfg.init}-seed{cfg.seed}",
+        TARGET_TYPE,
+        files,
+        {**meta, "test": summary},
+    )
+    return summary
+
+
+def target_meta(cfg: TargetStageConfig, dm: BraTSDataModule, sources: list[str]) -> dict[str, Any]:
+    """What travels with a target run's weights: the architecture and how they were made."""
+    return {
+        **architecture_meta(cfg, dm),
+        "init": cfg.init,
+        "portion": cfg.data.portion,
+        "seed": cfg.seed,
+        "sources": sources,
+    }
+
+
+def write_test_results(
+    run_dir: Path, records: list[dict[str, Any]], class_names: list[str]
+) -> dict[str, Any]:
+    """Write the per-subject scores and, last, the summary (the run's finished marker).
+
+    Args:
+        run_dir: The run folder.
+        records: Per-subject scores ``subject``, ``dice_<c>``, ``hd95_<c>`` (any order).
+        class_names: The scored classes (``ET``, ``TC``, ``WT``).
+
+    Returns:
+        The summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}`` (formats:
+        :mod:`tmerge.evaluate`).
+    """
+    return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line of a test summary: Dice per class and mean, HD95 per class, n."""
+
+    def num(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    dice = ", ".join(f"{k} {num(v, '.3f')}" for k, v in summary["dice"].items())
+    hd95 = ", ".join(f"{k} {num(v, '.1f')}" for k, v in summary["hd95"].items())
+    return f"Dice {dice}; HD95 {hd95} mm (n={summary['n']})"
