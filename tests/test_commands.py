@@ -42,3 +42,11 @@ def test_show_config_of_every_command_and_profile(command, profile, capsys):
             assert values[key] == value, f"{command} --profile {profile}: {key} is not the file's {value!r}"
     for key, value in preset.items():
         assert str(values[key]) == value
+
+
+@pytest.mark.parametrize("command", ["timm", "imm", "target", "sweep"])
+def test_brats_commands_take_the_short_keys(command, capsys):
+    """`make sweep PORTION=4` and friends pass `portion=4`: every BraTS command knows it."""
+    assert main([command, "portion=4", "epochs=3", "--show-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["data"]["portion"] == 4 and shown["trainer"]["max_epochs"] == 3

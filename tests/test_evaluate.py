@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tmerge.callbacks import PredictionWriter
 from tmerge.data.common import Subject, VolumeDataset, collate_volumes
 from tmerge.data.labels import REGIONS, brats_regions
 from tmerge.data.preprocess import PreprocessSettings, preprocess_subject, uncrop, voxel_spacing
@@ -221,9 +222,9 @@ def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
     item = Subject("Brats18_TEST_0001_1", pre.image, brats_regions(pre.label).astype(np.uint8), pre.meta)
     loader = DataLoader(VolumeDataset([item], torch.float32), batch_size=1, collate_fn=collate_volumes)
     module = SegmentationModule(_Threshold(), output_mode="sigmoid", class_names=list(REGIONS), patch_size=16)
-    module.export_dir = tmp_path / "predictions"
+    writer = PredictionWriter(test_dir=tmp_path / "predictions", predict_dir=tmp_path / "predictions" / "validation")
     trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[writer]
     )
     metrics = trainer.test(module, dataloaders=loader, verbose=False)[0]
 
@@ -248,7 +249,7 @@ def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
     # predict: unlabelled volumes are exported the same way.
     unlabelled = Subject("Brats18_TEST_0002_1", pre.image, None, pre.meta)
     loader = DataLoader(VolumeDataset([unlabelled], torch.float32), batch_size=1, collate_fn=collate_volumes)
-    module.export_dir = tmp_path / "predictions" / "validation"
-    assert trainer.predict(module, dataloaders=loader) == [["Brats18_TEST_0002_1"]]
+    [[predicted]] = trainer.predict(module, dataloaders=loader)
+    assert predicted.subject == "Brats18_TEST_0002_1" and predicted.labels.shape == SHAPE
     again = nib.load(str(tmp_path / "predictions" / "validation" / "Brats18_TEST_0002_1.nii.gz"))
     assert again.shape == SHAPE and np.array_equal(np.asarray(again.dataobj), np.asarray(img.dataobj))

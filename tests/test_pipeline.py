@@ -427,3 +427,63 @@ def test_a_registered_initialisation_runs_in_a_sweep(runs, tiny_default, monkeyp
     run = runs / "brats" / "p50" / "half-m1"
     assert json.loads((run / "stages.json").read_text())["init"] == "half-m1"
     assert json.loads((run / "test_summary.json").read_text())["n"] == 8
+
+
+def _finished_target(runs, tiny_default):
+    """A finished target run of the module's sources (none: the quickest)."""
+    assert main(["target", "init=none", *brats_args(tiny_default, runs)]) == 0  # skipped if finished
+    return runs / "brats" / "p50" / "none"
+
+
+def test_predict_reproduces_the_runs_predictions_and_skips_a_bad_case(runs, tiny_default, tmp_path, capsys):
+    """`tmerge predict` on the run's test cases writes what the run wrote, voxel for voxel; a
+    truncated case is named and skipped, the others go on, and the exit status says so."""
+    run = _finished_target(runs, tiny_default)
+    test_cases = json.loads((run / "splits.json").read_text())["test"]
+    cases = tmp_path / "cases"
+    for case in test_cases:
+        [folder] = (tiny_default / "brats").glob(f"*/*/{case}")
+        shutil.copytree(folder, cases / case)
+    bad = cases / "Brats18_BAD_0001_1"
+    shutil.copytree(cases / test_cases[0], bad)
+    for f in list(bad.iterdir()):
+        f.rename(bad / f.name.replace(test_cases[0], bad.name))
+    t1 = bad / f"{bad.name}_t1.nii.gz"
+    t1.write_bytes(t1.read_bytes()[:200])
+    out = tmp_path / "out"
+    assert main(["predict", f"run={run}", f"input={cases}", f"output={out}"]) == 2
+    err = capsys.readouterr().err
+    assert str(t1) in err and "1 of 9 case(s) could not be read" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for c in test_cases)
+    for case in test_cases:
+        mine, theirs = nib.load(out / f"{case}.nii.gz"), nib.load(run / "predictions" / f"{case}.nii.gz")
+        assert np.array_equal(mine.affine, theirs.affine), case
+        assert np.array_equal(np.asarray(mine.dataobj), np.asarray(theirs.dataobj)), case
+    # One case by one of its files, with mirroring TTA: a label map of the case's own geometry.
+    one = cases / test_cases[1] / f"{test_cases[1]}_flair.nii.gz"
+    assert main(["predict", f"run={run}", f"input={one}", f"output={tmp_path / 'tta'}", "tta=true"]) == 0
+    written = nib.load(tmp_path / "tta" / f"{test_cases[1]}.nii.gz")
+    assert written.shape == nib.load(one).shape and np.array_equal(written.affine, nib.load(one).affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}
+
+
+def test_export_round_trip_gives_the_checkpoints_logits(runs, tiny_default, tmp_path):
+    from tmerge.nets import Isensee2017
+    from tmerge.runs import best_state_dict
+
+    run = _finished_target(runs, tiny_default)
+    out = tmp_path / "export"
+    assert main(["export", f"run={run}", f"out={out}"]) == 0
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["channels"] == ["t1", "t1ce", "t2", "flair"] and spec["output_mode"] == "sigmoid"
+    assert set(spec["label_map"]) == {"0", "1", "2", "4"} and spec["classes"] == ["ET", "TC", "WT"]
+    assert spec["sha256"]["model.pt"] == file_sha256(out / "model.pt")
+    # Independently of the exporter: a fresh network with the run's best checkpoint.
+    net = Isensee2017(4, 3, base_filters=4, depth=3).eval()
+    net.load_state_dict(best_state_dict(run / "model.ckpt"))
+    traced = torch.jit.load(str(out / "model.pt"))
+    x = torch.randn(2, 4, 32, 32, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), net(x))
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())

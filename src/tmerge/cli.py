@@ -108,6 +108,18 @@ COMMANDS: dict[str, Command] = {
         "ScoreConfig",
         "run_score",
     ),
+    "predict": Command(
+        "label maps for new cases with a finished run's network: tmerge predict run=… input=… output=…",
+        "tmerge.stages.predict",
+        "PredictConfig",
+        "run_predict",
+    ),
+    "export": Command(
+        "a finished run's network as TorchScript + safetensors + a JSON of its preprocessing and labels",
+        "tmerge.stages.export",
+        "ExportConfig",
+        "run_export",
+    ),
     "report": Command(
         "the paper's tables and figures with paired statistics from the finished runs (runs/report/)",
         "tmerge.report",

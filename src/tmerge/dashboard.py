@@ -38,7 +38,7 @@ def log_test_results(
     Args:
         loggers: The stage's loggers.
         records: Per-subject scores (``subject``, ``dice_<c>``, ``hd95_<c>``), as
-            :attr:`tmerge.modules.segmentation.SegmentationModule.test_records`.
+            :func:`tmerge.stages.results.test_subjects` returns them.
         class_names: The scored classes.
         previews: Slices from :func:`tmerge.evaluate.preview`.
         label_names: Label value → name for the overlays (:func:`tmerge.evaluate.label_names`).

@@ -22,7 +22,9 @@ Files (written by the stages, formats fixed because reports read them):
 * the summary (:data:`~tmerge.runs.TARGET_MARKER`) — ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
   (:func:`summarise`);
 * ``predictions/<subject>.nii.gz`` — the label map (``uint8``) with the subject's original shape
-  and affine; for the unlabelled BraTS validation set (the 100 % portion)
+  and affine, in its dataset's label convention (BraTS 2018/2021 0/1/2/4, BraTS 2023 0/1/2/3,
+  nnU-Net the dataset.json values; :mod:`tmerge.data.formats`); for the unlabelled BraTS
+  validation set (the 100 % portion)
   ``predictions/validation/<subject>.nii.gz``, where the subject id is the BraTS folder name
   (``Brats18_<ID>``), i.e. the challenge's submission naming ``<ID>.nii.gz``.
 """
@@ -32,14 +34,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from tmerge.data.labels import REGIONS, brats_regions, regions_to_brats
+from tmerge.data.labels import REGIONS, brats_regions, dataset_labels, regions_to_brats
 from tmerge.data.nifti import save_labels
-from tmerge.data.preprocess import uncrop, voxel_spacing
+from tmerge.data.preprocess import original_labels, uncrop, voxel_spacing
 from tmerge.metrics import check_output_mode, dice_masks, hd95_masks, logits_to_onehot
 
 #: Sub-folder of a run with the exported label maps; unlabelled subjects go to its ``validation/``.
@@ -49,6 +51,16 @@ N_PREVIEWS = 3
 
 #: Names of the BraTS label values in exported maps and dashboard overlays.
 BRATS_LABEL_NAMES: dict[int, str] = {1: "necrosis/non-enhancing", 2: "oedema", 4: "enhancing"}
+
+
+class Prediction(NamedTuple):
+    """One predicted volume as a module's ``test_step``/``predict_step`` returns it, for a
+    :class:`~tmerge.callbacks.PredictionWriter`: ``labels`` ``(X, Y, Z)`` uint8 in the subject's
+    original geometry (``meta``: its affine and crop; None: identity)."""
+
+    subject: str
+    labels: np.ndarray
+    meta: Mapping[str, Any] | None
 
 
 @dataclass
@@ -160,7 +172,7 @@ def evaluate_subject(
     spacing: tuple[float, ...] = (1.0,) * labels.ndim
     if meta is not None:
         labels = uncrop(labels, meta)
-        truth = None if truth is None else uncrop(truth, meta)
+        truth = None if truth is None else original_labels(truth, meta)
         spacing = voxel_spacing(np.asarray(meta["affine"]))
     scores = {} if truth is None else score_label_maps(labels, truth, mode, class_names, spacing)
     return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing)
@@ -176,9 +188,11 @@ def save_prediction(
     folder: str | Path, subject: str, labels: np.ndarray, meta: Mapping[str, Any] | None
 ) -> Path:
     """Write a label map from :func:`evaluate_subject` with the subject's original affine
-    (identity without ``meta``), atomically; return the file."""
+    (identity without ``meta``), in its dataset's label convention (``meta["labels"]``, e.g.
+    BraTS 2023's 3 for enhancing; :func:`tmerge.data.labels.dataset_labels`), atomically; return
+    the file."""
     affine = np.eye(4) if meta is None else np.asarray(meta["affine"], dtype=np.float64)
-    return save_labels(prediction_file(folder, subject), labels, affine)
+    return save_labels(prediction_file(folder, subject), dataset_labels(labels, meta), affine)
 
 
 def label_names(mode: str, class_names: Sequence[str]) -> dict[int, str]:

@@ -152,6 +152,9 @@ def check_architecture(
     Raises:
         RunError: naming the file and every key that differs.
     """
+    from tmerge.nets.config import stored_architecture
+
+    meta = stored_architecture(dict(meta))  # weights without a network name are Isensee2017's
     diffs = [
         f"{k}={meta.get(k)!r} (expected {expected.get(k)!r})" for k in keys if meta.get(k) != expected.get(k)
     ]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tmerge.nets import Isensee2017, layer_groups, partition
+from tmerge.nets import Isensee2017, head_names, layer_groups, partition
 
 
 def test_isensee_partition_depth_5() -> None:
@@ -88,6 +88,21 @@ def test_prefix_is_a_module_boundary_not_a_string_prefix() -> None:
     fused, specific = partition(model, head_prefixes=["head"])
     assert specific == ["head.weight", "head.bias"]
     assert fused == ["headless.weight", "headless.bias"]
+
+
+def test_head_names_stop_at_a_module_boundary() -> None:
+    class Net(nn.Module):
+        head_prefixes = ("head",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(2, 2)
+            self.head2 = nn.LayerNorm(2)  # in S as a norm, but not a head
+
+    net = Net()
+    _, specific = partition(net)
+    assert specific == ["head.weight", "head.bias", "head2.weight", "head2.bias"]
+    assert head_names(net, specific) == ["head.weight", "head.bias"]
 
 
 def test_errors_name_the_culprit() -> None:

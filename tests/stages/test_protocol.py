@@ -40,3 +40,23 @@ def test_start_run_skips_finished_refuses_other_config_and_forces(tmp_path):
         start_run(run, Cfg(lr=0.2), "done.json", force=False)
     assert start_run(run, Cfg(lr=0.2, force=True), "done.json", force=True)
     assert not (run / "done.json").exists()
+
+
+@dataclass
+class NewerCfg:
+    """Cfg of a later version: one key more, with a default."""
+
+    lr: float = 0.1
+    force: bool = False
+    momentum: float = 0.9
+
+
+def test_a_run_of_an_older_config_version_is_still_recognised(tmp_path):
+    """A finished run made before a config key was added is skipped, not refused, while the new
+    key keeps its default; set otherwise, it is a different config."""
+    run = tmp_path / "run"
+    assert start_run(run, Cfg(), "done.json", force=False)
+    (run / "done.json").write_text("{}")
+    assert not start_run(run, NewerCfg(), "done.json", force=False)
+    with pytest.raises(RunError, match="different config"):
+        start_run(run, NewerCfg(momentum=0.5), "done.json", force=False)

@@ -8,14 +8,15 @@ BestMetrics         the validation metrics of the best epoch, and the training t
 EpochSummary        one ``[tmerge]`` progress line per validated epoch                   yes
 FisherCallback      the empirical Fisher of the best weights, at the end of training     no
 NonFiniteGuard      stops the fit when the training loss becomes NaN/inf                 no
+PredictionWriter    the predicted label maps of test and predict, in original geometry   no
 RngState            the Python, NumPy and torch generators                               yes
-SaveOnSigterm       a checkpoint when SIGTERM stops the fit                                  no
+SaveOnSigterm       a checkpoint when SIGTERM stops the fit                              no
 StopIfStopped       early stopping that survives a resume (reads EarlyStopping's state)  no
 ==================  ===================================================================  =========
 
 [1] Whether it has a ``state_dict`` saved in checkpoints, so that a resumed fit continues with it.
-:func:`tmerge.runner.fit` adds all but AlphaTrajectory and FisherCallback (which the stages pass)
-and NonFiniteGuard (which :class:`~tmerge.modules.segmentation.SegmentationModule` brings along).
+:func:`tmerge.runner.fit` adds all but AlphaTrajectory, FisherCallback and PredictionWriter
+(which the stages pass) and NonFiniteGuard (which :class:`~tmerge.modules.segmentation.SegmentationModule` brings along).
 """
 
 from tmerge.callbacks.alpha_trajectory import AlphaTrajectory
@@ -23,6 +24,7 @@ from tmerge.callbacks.best_metrics import BestMetrics
 from tmerge.callbacks.epoch_summary import EpochSummary
 from tmerge.callbacks.fisher import FisherCallback
 from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
+from tmerge.callbacks.prediction_writer import PredictionWriter
 from tmerge.callbacks.rng_state import RngState
 from tmerge.callbacks.save_on_sigterm import SaveOnSigterm
 from tmerge.callbacks.stop_if_stopped import StopIfStopped
@@ -33,6 +35,7 @@ __all__ = [
     "EpochSummary",
     "FisherCallback",
     "NonFiniteGuard",
+    "PredictionWriter",
     "RngState",
     "SaveOnSigterm",
     "StopIfStopped",

@@ -1,34 +1,39 @@
-"""BraTS 2018 data (paper task 3): four MR contrasts in, three nested tumour regions out.
+"""BraTS data (paper task 3): four MR contrasts in, three nested tumour regions out.
 
-Layout (the challenge release's, which the embedded default copies; ``.nii`` works too)::
+The root's layout is detected (:mod:`tmerge.data.formats`): BraTS 2018 (the paper's, which the
+embedded default copies; ``.nii`` works too)::
 
     <root>/MICCAI_BraTS_2018_Data_Training/{HGG,LGG}/Brats18_<ID>/Brats18_<ID>_{t1,t1ce,t2,flair,seg}.nii.gz
     <root>/MICCAI_BraTS_2018_Data_Validation/Brats18_<ID>/Brats18_<ID>_{t1,t1ce,t2,flair}.nii.gz
 
-The validation folder (unlabelled, the challenge's online set) is optional; it is the prediction
-set of the 100 % portion.
+BraTS 2021 (``BraTS2021_<ID>/BraTS2021_<ID>_{t1,t1ce,t2,flair,seg}``), BraTS 2023 GLI
+(``BraTS-GLI-<ID>-<TP>/BraTS-GLI-<ID>-<TP>-{t1n,t1c,t2w,t2f,seg}``, 3 = enhancing) or nnU-Net v2
+raw (``dataset.json``, ``imagesTr``, ``labelsTr``, ``imagesTs``). Each format's labels are mapped
+to BraTS 2018's 0/1/2/4 (the regions ET, TC, WT) and predictions are written back in its own.
+
+The unlabelled set (2018: the validation folder; 2021/2023: case folders without ``seg``;
+nnU-Net: ``imagesTs``) is optional; it is the prediction set of the 100 % portion.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from tmerge.data.common import DataConfig, Discovery, SegmentationDataModule
+from tmerge.data.formats import BRATS2018_GRADES, BRATS2018_TRAINING, BRATS2018_VALIDATION, TASK_CHANNELS
 from tmerge.data.labels import REGIONS, brats_regions
-from tmerge.data.nifti import find_modality
 from tmerge.data.splits import brats_splits
-from tmerge.errors import ConfigError, DataError
+from tmerge.errors import ConfigError
 
-#: Modality suffixes, in input-channel order.
-BRATS_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-TRAINING_DIR = "MICCAI_BraTS_2018_Data_Training"
-VALIDATION_DIR = "MICCAI_BraTS_2018_Data_Validation"
-GRADES = ("HGG", "LGG")
+#: Modality suffixes (BraTS 2018/2021 names), in input-channel order.
+BRATS_MODALITIES: tuple[str, ...] = TASK_CHANNELS["brats"]
+TRAINING_DIR = BRATS2018_TRAINING
+VALIDATION_DIR = BRATS2018_VALIDATION
+GRADES = BRATS2018_GRADES
 
 
 @dataclass
@@ -59,7 +64,7 @@ class BraTSDataConfig(DataConfig):
 
 
 class BraTSDataModule(SegmentationDataModule):
-    """BraTS 2018 DataModule.
+    """BraTS DataModule (the root's format: BraTS 2018, 2021, 2023 or nnU-Net v2 raw).
 
     Args:
         run_dir: Folder where ``setup`` writes the split record (:data:`tmerge.runs.SPLITS_FILE`;
@@ -90,24 +95,6 @@ class BraTSDataModule(SegmentationDataModule):
         self.n_outputs = len(REGIONS)
         self.output_mode = "sigmoid"
 
-    def layout_hint(self) -> str:
-        return f"<root>/{TRAINING_DIR}/{{HGG,LGG}}/Brats18_<ID>/Brats18_<ID>_t1.nii.gz (and _t1ce, _t2, _flair, _seg; .nii too)"
-
-    def discover(self, root: Path) -> Discovery:
-        def folders(parent: Path) -> dict[str, Path]:
-            return {d.name: d for d in sorted(parent.iterdir()) if d.is_dir()} if parent.is_dir() else {}
-
-        labelled: dict[str, Path] = {}
-        for grade in GRADES:
-            labelled.update(folders(root / TRAINING_DIR / grade))
-        if not labelled:
-            raise DataError(f"{root}: no BraTS training subjects found; expected {self.layout_hint()}")
-        return Discovery(labelled=labelled, unlabelled=folders(root / VALIDATION_DIR))
-
-    def subject_files(self, folder: Path, labelled: bool) -> tuple[dict[str, Path], Path | None]:
-        files = {m: find_modality(folder, f"{folder.name}_{m}") for m in BRATS_MODALITIES}
-        return files, find_modality(folder, f"{folder.name}_seg") if labelled else None
-
     def make_splits(self, discovery: Discovery, source: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
         c = self.config
         splits = brats_splits(
@@ -123,7 +110,7 @@ class BraTSDataModule(SegmentationDataModule):
         return splits, {part: splits[part] for part in ("train", "val", "test", "predict")}
 
     def to_target(self, label: np.ndarray) -> np.ndarray:
-        """BraTS labels ``(D, H, W)`` → ``(3, D, H, W)`` uint8 region masks (ET, TC, WT)."""
+        """Internal (BraTS 2018) labels ``(D, H, W)`` → ``(3, D, H, W)`` uint8 region masks (ET, TC, WT)."""
         return brats_regions(label).astype(np.uint8)
 
     def _split_record(self) -> dict[str, Any]:

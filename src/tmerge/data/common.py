@@ -1,8 +1,9 @@
 """Code shared by the HCP and BraTS DataModules: config base, datasets, transforms, the module base.
 
-A dataset kind (``hcp.py``, ``brats.py``) only says where its files are, how subjects are
-split and how a label map becomes a training target; everything else (default data, caching,
-in-memory volumes, patch sampling, loaders, the split record) lives here once.
+A dataset kind (``hcp.py``, ``brats.py``) only says how subjects are split and how a label map
+becomes a training target; where a dataset's files are and what its labels mean is its root's
+format (:mod:`tmerge.data.formats`, detected from the root); everything else (default data,
+geometry, caching, in-memory volumes, patch sampling, loaders, the split record) lives here once.
 
 Batch formats (``B`` batch, ``C`` modalities, ``P`` patch size, ``L`` = 1 for class indices or 3
 for BraTS regions):
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tmerge.data.formats import Discovery, Layout, case_files, detect, expected_layouts, open_default
 from tmerge.data.preprocess import Kind, PreprocessSettings, is_cached, preprocess_cached
 from tmerge.data.splits import save_splits
 from tmerge.errors import ConfigError, DataError
@@ -79,6 +81,12 @@ class DataConfig:
     flip_axes: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     # N4 bias-field correction; each dataset sets the paper's choice (BraTS only, §4.2).
     n4: bool = False
+    # Voxel size in mm per array axis that every case is resampled to (images linearly, labels
+    # by nearest neighbour; predictions go back to each case's own grid), e.g. [1, 1, 1] for
+    # data of mixed or anisotropic spacing. None: each case keeps its own grid.
+    spacing: list[float] | None = None
+    # Axis codes every case is reoriented to first, e.g. RAS. None: as the files store it.
+    orientation: str | None = None
 
     def __post_init__(self) -> None:
         if self.patch_size < 16 or self.patch_size % 16:
@@ -92,6 +100,20 @@ class DataConfig:
             raise ConfigError(f"flip_axes: got {list(self.flip_axes)}; expected axes among 0, 1, 2")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: got {self.num_workers}; expected >= 0")
+        if self.spacing is not None:
+            spacing = list(self.spacing)
+            if len(spacing) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in spacing):
+                raise ConfigError(
+                    f"spacing: got {spacing}; expected null or three positive voxel sizes in mm, e.g. [1, 1, 1]"
+                )
+        if self.orientation is not None:
+            axis_of = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+            codes = str(self.orientation).upper()
+            if len(codes) != 3 or sorted(axis_of.get(c, -1) for c in codes) != [0, 1, 2]:
+                raise ConfigError(
+                    f"orientation: got {self.orientation!r}; expected null or three axis codes, one of L/R, "
+                    "A/P and S/I each, e.g. RAS"
+                )
 
     @property
     def patch_sizes(self) -> tuple[int, int, int]:
@@ -108,14 +130,6 @@ def make_config(config_class: type[DataConfig], fields: Mapping[str, Any]) -> Da
             f"{config_class.__name__}: unknown key(s) {unknown}; expected some of {sorted(known)}"
         )
     return config_class(**fields)
-
-
-@dataclass
-class Discovery:
-    """Subjects found under a dataset root: ``id -> folder`` for labelled and unlabelled ones."""
-
-    labelled: dict[str, Path]
-    unlabelled: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -356,6 +370,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.splits: dict[str, Any] | None = None
         self.subjects: dict[str, list[str]] = {}
         self._discovery: Discovery | None = None
+        self._layout: Layout | None = None
         self._loaded: dict[str, Subject] = {}
 
     @classmethod
@@ -366,12 +381,20 @@ class SegmentationDataModule(L.LightningDataModule):
     # ---- dataset-specific hooks -------------------------------------------------------------
 
     def discover(self, root: Path) -> Discovery:
-        """List the subjects under ``root`` (directory listing only, no file reads)."""
-        raise NotImplementedError
+        """List the subjects under ``root`` in its detected format (folder listings only).
 
-    def subject_files(self, folder: Path, labelled: bool) -> tuple[dict[str, Path], Path | None]:
-        """``(modality -> file in channel order, label file or None)`` of one subject folder."""
-        raise NotImplementedError
+        Raises:
+            DataError: ``root`` has no layout of this kind, or a malformed one.
+        """
+        root = Path(root)
+        if self._layout is not None and root == self._layout.root:
+            return self._layout.discover()
+        return detect(root, self.kind).discover()
+
+    def subject_files(self, handle: Any, labelled: bool) -> tuple[dict[str, Path], Path | None]:
+        """``(modality -> file in channel order, label file or None)`` of one subject: a handle
+        of :meth:`discover` or a case folder (:func:`tmerge.data.formats.case_files`)."""
+        return case_files(handle, labelled, self.kind)
 
     def make_splits(self, discovery: Discovery, source: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """``(full splits to record, {"train", "val", "test", "predict"} of this experiment)``."""
@@ -382,12 +405,31 @@ class SegmentationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def layout_hint(self) -> str:
-        """One line describing the expected folder layout, for error messages."""
-        raise NotImplementedError
+        """One line describing the expected folder layout (the root's format's, or every layout
+        this kind accepts while the root is not opened), for error messages."""
+        if self._layout is not None:
+            return self._layout.format.hint
+        return expected_layouts(self.kind)
 
     def preprocess_settings(self) -> PreprocessSettings:
-        """Settings of the cached preprocessing: volumes at least one patch wide."""
-        return PreprocessSettings(n4=self.config.n4, min_size=max(self.config.patch_sizes))
+        """Settings of the cached preprocessing: volumes at least one patch wide, the geometry of
+        the config, and the label mapping of the root's format (none where the root is not
+        there to tell it, e.g. a run's data predicted on another machine)."""
+        c = self.config
+        labels = None
+        if self._layout is not None or c.root is None or self.root.is_dir():
+            labels = self.layout.labels
+        return PreprocessSettings(
+            n4=c.n4,
+            min_size=max(c.patch_sizes),
+            spacing=None if c.spacing is None else tuple(float(v) for v in c.spacing),  # type: ignore[arg-type]
+            orientation=None if c.orientation is None else str(c.orientation).upper(),
+            labels=labels,
+        )
+
+    def subject_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """A loaded subject's ``meta`` as the module sees it (hook; the cached meta as is)."""
+        return meta
 
     # ---- paths ------------------------------------------------------------------------------
 
@@ -397,6 +439,23 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.config.root is None:
             return data_dir() / "default" / self.kind
         return Path(self.config.root).expanduser()
+
+    @property
+    def layout(self) -> Layout:
+        """The root opened in its format (:mod:`tmerge.data.formats`), detected once; the
+        embedded default's is known without looking.
+
+        Raises:
+            DataError: the root does not exist, has no layout of this kind or a malformed one.
+        """
+        if self._layout is None:
+            if self.config.root is None:
+                self._layout = open_default(self.root, self.kind)
+            elif not self.root.is_dir():
+                raise DataError(f"{self.root}: dataset folder not found; expected {self.layout_hint()}")
+            else:
+                self._layout = detect(self.root, self.kind)
+        return self._layout
 
     @property
     def cache_dir(self) -> Path:
@@ -520,20 +579,21 @@ class SegmentationDataModule(L.LightningDataModule):
                     " (the default data is generated by prepare_data())" if self.config.root is None else ""
                 )
                 raise DataError(f"{self.root}: dataset folder not found{hint}; expected {self.layout_hint()}")
-            discovery = self.discover(self.root)
+            discovery = self.layout.discover()
             self.splits, self.subjects = self.make_splits(discovery, str(self.root))
             self._discovery = discovery
         return self.subjects
 
     def _split_record(self) -> dict[str, Any]:
-        return {"kind": self.kind, "root": str(self.root), **self.subjects, "splits": self.splits}
+        record = {"kind": self.kind, "root": str(self.root), **self.layout.record}
+        return {**record, **self.subjects, "splits": self.splits}
 
     def _cache_args(self, subject: str) -> tuple[Any, ...]:
         """Arguments of :func:`preprocess_cached` / :func:`is_cached` for one subject."""
         assert self._discovery is not None
         labelled = subject in self._discovery.labelled
         folder = self._discovery.labelled[subject] if labelled else self._discovery.unlabelled[subject]
-        files, label_file = self.subject_files(folder, labelled)
+        files, label_file = self.subject_files(folder, labelled)  # a case folder or an IndexedCase
         source = str(self.root.resolve())
         return subject, files, label_file, self.kind, self.preprocess_settings(), self.cache_dir, source
 
@@ -546,5 +606,5 @@ class SegmentationDataModule(L.LightningDataModule):
             if name not in self._loaded:
                 result = preprocess_cached(*self._cache_args(name))
                 target = None if result.label is None else self.to_target(result.label)
-                self._loaded[name] = Subject(name, result.image, target, result.meta)
+                self._loaded[name] = Subject(name, result.image, target, self.subject_meta(result.meta))
         return [self._loaded[n] for n in names]

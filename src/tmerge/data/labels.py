@@ -3,14 +3,17 @@
 The HCP tasks (paper §4.2) segment 14 classes derived from FreeSurfer's ``aparc+aseg``; task 1
 uses classes 1–7 and task 2 classes 8–14. BraTS labels (0, 1 necrosis/non-enhancing core,
 2 oedema, 4 enhancing tumour) are trained as three nested, overlapping regions ET ⊂ TC ⊂ WT
-with one sigmoid output each, and written back as label maps 0/1/2/4.
+with one sigmoid output each, and written back as label maps 0/1/2/4. Other datasets' label
+values (BraTS 2023's 3 for enhancing, an nnU-Net dataset.json's) are mapped to these internal
+labels and back by a :class:`LabelMapping` (built by :mod:`tmerge.data.formats`).
 
 All functions here are pure and work on arrays of any spatial shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,57 +99,88 @@ def aseg_to_paper(aseg: np.ndarray) -> np.ndarray:
     return _ASEG_LUT[index]
 
 
-def resolve_labels(labels: str | Sequence[int]) -> tuple[int, ...]:
-    """Turn a label-set spec into paper class ids.
+def resolve_labels(labels: str | Sequence[int], classes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Turn a label-set spec into class values.
 
     Args:
         labels: A :data:`LABEL_SETS` name (``"1:7"``, ``"8:14"``, ``"all"``), an inclusive range
             ``"a:b"`` or ``"a-b"``, a comma list ``"2,9,14"``, or a sequence of ints.
+        classes: The dataset's foreground class values the spec selects from (``"all"`` is all
+            of them). ``None``: the paper's classes 1..14 (HCP).
 
     Raises:
-        ConfigError: the spec is malformed or a class is outside 1..14 or repeated.
+        ConfigError: the spec is malformed or a class is not among ``classes`` or repeated.
     """
-    expected = "a label set ('1:7', '8:14', 'all'), a range 'a-b', a list '2,9,14' or paper classes 1..14"
+    paper = classes is None
+    known = tuple(range(1, len(PAPER_CLASSES) + 1)) if paper else tuple(int(c) for c in classes)
+    if paper:
+        expected = "a label set ('1:7', '8:14', 'all'), a range 'a-b', a list '2,9,14' or paper classes 1..14"
+    else:
+        expected = f"'all', a range 'a-b' or a list 'a,b,…' of the dataset's classes {list(known)}"
     if isinstance(labels, str):
-        if labels in LABEL_SETS:
+        if labels == "all":
+            return known
+        if paper and labels in LABEL_SETS:
             return LABEL_SETS[labels]
         try:
             bounds = labels.replace("-", ":").split(":")
             if len(bounds) == 2:
-                classes = tuple(range(int(bounds[0]), int(bounds[1]) + 1))
+                chosen = tuple(range(int(bounds[0]), int(bounds[1]) + 1))
             else:
-                classes = tuple(int(x) for x in labels.split(","))
+                chosen = tuple(int(x) for x in labels.split(","))
         except ValueError:
             raise ConfigError(f"labels: got {labels!r}; expected {expected}") from None
     else:
-        classes = tuple(int(c) for c in labels)
-    bad = [c for c in classes if not 1 <= c <= len(PAPER_CLASSES)]
-    if bad or not classes or len(set(classes)) != len(classes):
+        chosen = tuple(int(c) for c in labels)
+    bad = [c for c in chosen if c not in known]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
         # YAML 1.1 (OmegaConf's command line) reads an unquoted 1:7 as the base-60 number 67.
         hint = " (an unquoted a:b on the command line is read as a base-60 number: write a-b)" if bad else ""
         raise ConfigError(f"labels: got {labels!r}; expected {expected}{hint}")
-    return classes
+    return chosen
 
 
-def select_labels(paper_map: np.ndarray, labels: str | Sequence[int]) -> np.ndarray:
-    """Keep the requested paper classes, renumbered 1..K in the order given; others become 0.
+def check_label_spec(labels: str | Sequence[int]) -> None:
+    """Check a label-set spec's syntax only (the classes it may name depend on the dataset).
+
+    Raises:
+        ConfigError: the spec is malformed.
+    """
+    if isinstance(labels, str) and labels in ("all", *LABEL_SETS):
+        return
+    resolve_labels(labels, classes=range(1, 1 << 16))
+
+
+def select_labels(
+    paper_map: np.ndarray, labels: str | Sequence[int], classes: Sequence[int] | None = None
+) -> np.ndarray:
+    """Keep the requested classes, renumbered 1..K in the order given; others become 0.
 
     Args:
-        paper_map: Paper class map (values 0..14) of any shape.
-        labels: A :data:`LABEL_SETS` name or a sequence of paper classes.
+        paper_map: Class map of any shape (HCP: paper classes 0..14; other datasets: their
+            class values, see ``classes``).
+        labels: A :data:`LABEL_SETS` name or a sequence of class values.
+        classes: The dataset's foreground class values (``None``: the paper's 1..14).
 
     Returns:
         ``uint8`` array of the same shape with values 0..K, K = number of selected classes.
     """
-    lut = np.zeros(len(PAPER_CLASSES) + 1, dtype=np.uint8)
-    for new, old in enumerate(resolve_labels(labels), start=1):
+    chosen = resolve_labels(labels, classes)
+    known = range(1, len(PAPER_CLASSES) + 1) if classes is None else classes
+    lut = np.zeros(max([*known, *chosen]) + 1, dtype=np.uint8)
+    for new, old in enumerate(chosen, start=1):
         lut[old] = new
-    return lut[np.asarray(paper_map)]
+    index = np.clip(np.asarray(paper_map), 0, lut.size - 1)
+    return lut[index]
 
 
-def class_names(labels: str | Sequence[int]) -> list[str]:
-    """Names of the selected foreground classes, in output-channel order (background excluded)."""
-    return [PAPER_CLASSES[c - 1] for c in resolve_labels(labels)]
+def class_names(labels: str | Sequence[int], names: Mapping[int, str] | None = None) -> list[str]:
+    """Names of the selected foreground classes, in output-channel order (background excluded).
+
+    ``names``: the dataset's class value → name (``None``: the paper's classes)."""
+    if names is None:
+        return [PAPER_CLASSES[c - 1] for c in resolve_labels(labels)]
+    return [names[c] for c in resolve_labels(labels, list(names))]
 
 
 def brats_regions(seg: np.ndarray) -> np.ndarray:
@@ -200,3 +234,99 @@ def check_aseg_labels(aseg: np.ndarray, path: str | Path) -> None:
     low = int(np.asarray(aseg).min()) if np.asarray(aseg).size else 0
     if low < 0:
         raise DataError(f"{path}: negative label value {low}; expected FreeSurfer aseg labels (>= 0)")
+
+
+def _values_text(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+@dataclass(frozen=True)
+class LabelMapping:
+    """A dataset's label convention and its map to the task's internal labels and back.
+
+    Internal labels are the tumour task's BraTS 2018 values 0/1/2/4 (trained as the regions of
+    :func:`brats_regions`) or, for a parcellation, the dataset's class values. Pure and
+    JSON-serialisable (:meth:`as_meta`), so it enters the preprocessing cache key and travels in
+    a subject's ``meta`` to the writer of its prediction.
+
+    Attributes:
+        name: The convention, for messages (e.g. ``"BraTS 2023"``, ``"nnU-Net …/dataset.json"``).
+        read: ``(dataset value, internal value)`` pairs; every other value in a label file is an
+            error.
+        write: ``(internal value, dataset value)`` pairs applied to written predictions; values
+            not listed are written as they are. Empty: predictions keep the internal values.
+    """
+
+    name: str
+    read: tuple[tuple[int, int], ...]
+    write: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for pairs in (self.read, self.write):
+            for a, b in pairs:
+                if not (0 <= int(a) and 0 <= int(b) <= 255):
+                    raise ValueError(f"label mapping {self.name}: pair ({a}, {b}) out of range")
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        """The dataset values a label file may hold, sorted."""
+        return tuple(sorted(int(a) for a, _ in self.read))
+
+    def to_internal(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
+        """Dataset label map → internal ``uint8`` labels of the same shape.
+
+        Raises:
+            DataError: naming ``path``, if a value is not one of the convention's.
+        """
+        raw = np.asarray(raw)
+        values = np.unique(raw)
+        bad = np.setdiff1d(values, np.asarray(self.values))
+        if bad.size:
+            shown = _values_text(bad[:10].tolist()) + (", ..." if bad.size > 10 else "")
+            raise DataError(
+                f"{path}: label values {{{shown}}} are not {self.name} labels; "
+                f"expected only {_values_text(self.values)}"
+            )
+        lut = np.zeros(max(self.values) + 1, dtype=np.uint8)
+        for a, b in self.read:
+            lut[int(a)] = int(b)
+        return lut[raw]
+
+    def to_dataset(self, labels: np.ndarray) -> np.ndarray:
+        """Internal labels (predictions) → the dataset's values, ``uint8``."""
+        labels = np.asarray(labels)
+        if not self.write:
+            return labels.astype(np.uint8)
+        lut = np.arange(256, dtype=np.uint8)
+        for a, b in self.write:
+            lut[int(a)] = int(b)
+        return lut[labels.astype(np.uint8)]
+
+    def as_meta(self) -> dict[str, object]:
+        """JSON form (for a subject's ``meta``); :meth:`from_meta` reads it back."""
+        return {
+            "name": self.name,
+            "read": [list(p) for p in self.read],
+            "write": [list(p) for p in self.write],
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, object]) -> LabelMapping:
+        """The mapping written by :meth:`as_meta`."""
+
+        def pairs(key: str) -> tuple[tuple[int, int], ...]:
+            return tuple((int(a), int(b)) for a, b in meta.get(key, ()))  # type: ignore[union-attr]
+
+        return cls(str(meta["name"]), pairs("read"), pairs("write"))
+
+
+#: BraTS 2023 (GLI): 1 NCR, 2 ED, 3 ET → the internal 1, 2, 4; predictions written with 3.
+BRATS2023_LABELS = LabelMapping("BraTS 2023", read=((0, 0), (1, 1), (2, 2), (3, 4)), write=((4, 3),))
+
+
+def dataset_labels(labels: np.ndarray, meta: Mapping[str, object] | None) -> np.ndarray:
+    """A predicted label map (internal labels) in the label convention of the subject's dataset,
+    as its ``meta["labels"]`` (a :meth:`LabelMapping.as_meta`) says; unchanged without one."""
+    if not meta or not meta.get("labels"):
+        return np.asarray(labels)
+    return LabelMapping.from_meta(meta["labels"]).to_dataset(labels)  # type: ignore[arg-type]

@@ -2,7 +2,10 @@
 
 Pipeline for one subject:
 
-1. load the modalities (and the label map) and check they share one voxel grid;
+1. load the modalities (and the label map, in the task's internal labels: see
+   :class:`~tmerge.data.labels.LabelMapping`) and check they share one voxel grid;
+   with ``orientation`` / ``spacing`` set, reorient and resample them (MONAI ``Orientation``,
+   ``Spacing``: images linearly, labels by nearest neighbour);
 2. brain mask = voxels where any modality is non-zero (the inputs are skull-stripped);
 3. N4 bias-field correction inside the mask (SimpleITK; BraTS only, as in the paper);
 4. histogram normalisation of each modality inside the mask (MONAI ``HistogramNormalize``),
@@ -11,8 +14,8 @@ Pipeline for one subject:
    a multiple of 16 that is at least the patch size (the network downsamples 4×, 2⁴ = 16, and
    random patches must fit).
 
-The crop box, padding, original shape and affine are kept in ``meta`` so :func:`uncrop` can put a
-prediction back into the original geometry.
+The crop box, padding, original shape and affine (and, when resampled, the resampled grid) are
+kept in ``meta`` so :func:`uncrop` can put a prediction back into the original geometry.
 
 The cache holds one ``.npz`` per subject under ``<cache_dir>/<settings-hash>/<subject>.npz``;
 each file stores the key of its inputs (path, size, mtime of every file) and settings, and is
@@ -33,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tmerge.data.labels import aseg_to_paper, check_aseg_labels, check_brats_labels
+from tmerge.data.labels import LabelMapping, aseg_to_paper, check_aseg_labels, check_brats_labels
 from tmerge.data.nifti import check_same_geometry, load_labels, load_volume
 from tmerge.errors import DataError
 from tmerge.io import atomic_path
@@ -60,6 +63,10 @@ class PreprocessSettings:
         histogram_bins: Bins of the histogram normalisation; 256 resolves the tissue peaks.
         multiple: Output sizes are multiples of this (2^4: the network downsamples 4 times).
         min_size: Smallest output size per axis: the training patch size, so patches fit.
+        spacing: Voxel size (mm per array axis) every case is resampled to; ``None``: none.
+        orientation: Axis codes every case is reoriented to (e.g. ``"RAS"``); ``None``: none.
+        labels: The dataset's label convention, mapped to the internal labels on reading;
+            ``None``: the kind's native one (BraTS 0/1/2/4 checked as they are, HCP aseg).
     """
 
     n4: bool = False
@@ -68,11 +75,30 @@ class PreprocessSettings:
     histogram_bins: int = 256
     multiple: int = 16
     min_size: int = 48
+    spacing: tuple[float, float, float] | None = None
+    orientation: str | None = None
+    labels: LabelMapping | None = None
+
+    @property
+    def resamples(self) -> bool:
+        """Whether cases are reoriented or resampled (their grid differs from their files')."""
+        return self.spacing is not None or self.orientation is not None
 
     def digest(self, **extra: Any) -> str:
-        """Short stable hash of the settings plus ``extra`` (e.g. kind and dataset root)."""
-        payload = {"version": _PIPELINE_VERSION, **dataclasses.asdict(self), **extra}
+        """Short stable hash of the settings plus ``extra`` (e.g. kind and dataset root).
+
+        Settings added after the first cache (spacing, orientation, labels) enter the hash only
+        when set, so the caches of the defaults keep their keys."""
+        settings = dataclasses.asdict(self)
+        for key in _OPTIONAL_KEYS:
+            if settings[key] is None:
+                del settings[key]
+        payload = {"version": _PIPELINE_VERSION, **settings, **extra}
         return _sha(json.dumps(payload, sort_keys=True, default=str))[:16]
+
+
+# Settings whose default (None) is left out of the cache key.
+_OPTIONAL_KEYS = ("spacing", "orientation", "labels")
 
 
 @dataclass
@@ -205,21 +231,135 @@ def uncrop(pred: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
 
     Returns:
         ``(..., X, Y, Z)`` array of ``meta["original_shape"]``, same dtype, 0 outside the crop box.
+        A resampled subject (``meta["grid_affine"]``) is resampled back onto its files' grid:
+        integer and boolean arrays by nearest neighbour, floating ones linearly.
     """
     pred = np.asarray(pred)
     if list(pred.shape[-3:]) != list(meta["shape"]):
         raise ValueError(f"expected an array ending in {tuple(meta['shape'])}, got {pred.shape}")
-    out = np.zeros((*pred.shape[:-3], *meta["original_shape"]), dtype=pred.dtype)
+    grid_shape = meta.get("grid_shape", meta["original_shape"])
+    out = np.zeros((*pred.shape[:-3], *grid_shape), dtype=pred.dtype)
     start, end, before = meta["crop_start"], meta["crop_end"], meta["pad_before"]
     src = tuple(slice(b, b + e - s) for s, e, b in zip(start, end, before, strict=True))
     dst = tuple(slice(s, e) for s, e in zip(start, end, strict=True))
     out[(..., *dst)] = pred[(..., *src)]
+    if "grid_affine" in meta:
+        out = resample_to(out, meta["grid_affine"], meta["affine"], meta["original_shape"])
     return out
 
 
-def _dataset_labels(raw: np.ndarray, path: Path, kind: Kind) -> np.ndarray:
-    """Check a raw label map and bring it to the cached form (uint8): BraTS labels as they are,
-    FreeSurfer aseg values mapped to the paper's classes."""
+def _meta_tensor(array: np.ndarray, affine: Any) -> Any:
+    """A channel-first float32 MONAI MetaTensor ``(N, X, Y, Z)`` with its affine."""
+    import torch
+    from monai.data import MetaTensor
+
+    return MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
+        affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)),
+    )
+
+
+def _nearest(array: np.ndarray) -> bool:
+    return array.dtype == bool or np.issubdtype(array.dtype, np.integer)
+
+
+def resample_to(array: np.ndarray, affine: Any, dst_affine: Any, dst_shape: Any) -> np.ndarray:
+    """Resample ``(..., X, Y, Z)`` from the grid of ``affine`` onto that of ``dst_affine`` and
+    ``dst_shape`` (MONAI ``SpatialResample``; 0 outside the source grid).
+
+    Integer and boolean arrays are resampled by nearest neighbour and keep their dtype; others
+    linearly, as float32 (then cast back to their dtype).
+    """
+    import torch
+    from monai.transforms import SpatialResample
+
+    array = np.asarray(array)
+    lead = array.shape[:-3]
+    flat = array.reshape(-1, *array.shape[-3:])
+    mode = "nearest" if _nearest(array) else "bilinear"
+    out = SpatialResample(mode=mode, padding_mode="zeros")(
+        _meta_tensor(flat, affine),
+        dst_affine=torch.as_tensor(np.asarray(dst_affine, dtype=np.float64)),
+        spatial_size=tuple(int(n) for n in dst_shape),
+    )
+    out = np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out)
+    if _nearest(array):
+        out = np.rint(out)
+    return out.astype(array.dtype).reshape(*lead, *out.shape[-3:])
+
+
+def resample_case(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    affine: np.ndarray,
+    spacing: tuple[float, float, float] | None,
+    orientation: str | None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Reorient (MONAI ``Orientation``) and resample (``Spacing``) one case.
+
+    Args:
+        image: ``(C, X, Y, Z)`` float32 modalities; resampled linearly.
+        label: ``(X, Y, Z)`` uint8 internal labels or ``None``; resampled by nearest neighbour.
+        affine: The files' ``(4, 4)`` affine.
+        spacing: Target voxel size per axis in mm, or ``None``.
+        orientation: Target axis codes (e.g. ``"RAS"``), or ``None``.
+
+    Returns:
+        ``(image, label, affine)`` on the new grid (``image`` float32, ``label`` uint8).
+    """
+    from monai.transforms import Orientation, Spacing
+
+    def apply(array: np.ndarray, mode: str) -> Any:
+        x = _meta_tensor(array, affine)
+        if orientation is not None:
+            x = Orientation(axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
+        if spacing is not None:
+            x = Spacing(pixdim=tuple(spacing), mode=mode, padding_mode="zeros")(x)
+        return x
+
+    img = apply(image, "bilinear")
+    new_affine = np.asarray(img.affine, dtype=np.float64)
+    image = np.asarray(img.as_tensor().numpy(), dtype=np.float32)
+    if label is not None:
+        lab = apply(label[None], "nearest")
+        if lab.shape[1:] != img.shape[1:] or not np.allclose(np.asarray(lab.affine), new_affine):
+            raise ValueError("labels and images were resampled onto different grids")
+        label = np.rint(lab.as_tensor().numpy()[0]).astype(np.uint8)
+    return image, label, new_affine
+
+
+def original_labels(grid_labels: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    """A label map on the preprocessed grid → the subject's label map in its files' geometry.
+
+    Without resampling this is :func:`uncrop` (the crop keeps every labelled voxel, so it is
+    exact). A resampled subject's true labels are read again from its label file
+    (``meta["label_file"]``) in the internal labels — resampling them twice would not be exact —
+    and, for a parcellation, renumbered to the selected classes ``meta["classes"]``
+    (:func:`tmerge.data.labels.select_labels`); without that file or selection, :func:`uncrop`.
+    """
+    from tmerge.data.labels import select_labels
+
+    path = meta.get("label_file")
+    parcellation = meta.get("kind") == "hcp"
+    if "grid_affine" not in meta or not path or (parcellation and meta.get("classes") is None):
+        return uncrop(grid_labels, meta)
+    raw, _ = load_labels(path)
+    mapping = LabelMapping.from_meta(meta["labels"]) if meta.get("labels") else None
+    internal = _dataset_labels(raw, Path(path), meta["kind"], mapping)
+    if parcellation:
+        classes = mapping.values[1:] if mapping is not None else None
+        internal = select_labels(internal, list(meta["classes"]), classes)
+    return internal.astype(np.asarray(grid_labels).dtype)
+
+
+def _dataset_labels(
+    raw: np.ndarray, path: Path, kind: Kind, labels: LabelMapping | None = None
+) -> np.ndarray:
+    """Check a raw label map and bring it to the cached form (uint8): through the dataset's
+    mapping where it has one, else BraTS labels as they are, FreeSurfer aseg values mapped to the
+    paper's classes."""
+    if labels is not None:
+        return labels.to_internal(raw, path)
     if kind == "brats":
         check_brats_labels(raw, path)
         return raw.astype(np.uint8)
@@ -240,7 +380,7 @@ def preprocess_subject(
         files: ``modality name -> NIfTI path``, in channel order.
         label_file: HCP ``aparc+aseg`` or BraTS ``_seg`` file, or ``None`` if unlabelled.
         kind: ``"hcp"`` (labels mapped to the paper's 14 classes) or ``"brats"`` (labels
-            checked to be 0/1/2/4).
+            checked to be 0/1/2/4), unless ``settings.labels`` gives the dataset's mapping.
         settings: Preprocessing settings.
         subject: Subject id for messages and ``meta``.
 
@@ -262,8 +402,18 @@ def preprocess_subject(
     if label_file is not None:
         raw, label_affine = load_labels(label_file)
         geometry[Path(label_file).name] = (raw.shape, label_affine)
-        label = _dataset_labels(raw, label_file, kind)
+        label = _dataset_labels(raw, label_file, kind, settings.labels)
     check_same_geometry(geometry, subject)
+    original_shape, original_affine = volumes[0].shape, affine
+    grid: dict[str, Any] = {}
+    if settings.resamples:
+        stacked, label, affine = resample_case(
+            np.stack(volumes), label, affine, settings.spacing, settings.orientation
+        )
+        volumes = list(stacked)
+        grid = {"grid_shape": [int(n) for n in stacked.shape[1:]], "grid_affine": affine.tolist()}
+        if label_file is not None:
+            grid["label_file"] = str(label_file)
 
     brain = np.any(np.stack(volumes) != 0, axis=0)
     if not brain.any():
@@ -286,10 +436,13 @@ def preprocess_subject(
         "subject": subject,
         "kind": kind,
         "modalities": list(files),
-        "original_shape": [int(n) for n in brain.shape],
-        "affine": affine.tolist(),
+        "original_shape": [int(n) for n in original_shape],
+        "affine": original_affine.tolist(),
         **box,
+        **grid,
     }
+    if settings.labels is not None:
+        meta["labels"] = settings.labels.as_meta()
     return Preprocessed(image=image, label=label, meta=meta)
 
 

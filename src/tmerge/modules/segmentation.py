@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,7 +23,7 @@ from torch import nn
 
 from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
 from tmerge.errors import ConfigError
-from tmerge.evaluate import N_PREVIEWS, evaluate_subject, preview, save_prediction, summarise
+from tmerge.evaluate import N_PREVIEWS, Prediction, evaluate_subject, preview, summarise
 from tmerge.fastpath import CompiledForward, enable_cudnn_benchmark
 from tmerge.metrics import PerClassMean, check_output_mode, dice_per_class
 
@@ -199,18 +198,15 @@ class SegmentationModule(L.LightningModule):
 
     Validation scores Dice on the preprocessed (cropped) grid, cheaply, every epoch. Testing
     scores each subject in its original geometry (:func:`tmerge.evaluate.evaluate_subject`: Dice
-    and HD95 in mm, full volume) and, when :attr:`export_dir` is set, writes its predicted label
-    map there as ``<subject>.nii.gz`` (original shape and affine); ``predict_step`` does the same
-    for unlabelled subjects. Each rank writes the subjects it predicted (one file per subject,
-    atomically), so the run folder must be shared between nodes, as for checkpoints.
+    and HD95 in mm, full volume); ``test_step`` and ``predict_step`` return each volume's label
+    map in its original geometry (:class:`~tmerge.evaluate.Prediction`), which a
+    :class:`~tmerge.callbacks.PredictionWriter` writes out.
 
     Attributes:
         test_records: After testing, one dict per test subject of all ranks, sorted by id:
             ``subject``, ``dice_<class>``, ``hd95_<class>``.
         test_previews: After testing, up to :data:`N_PREVIEWS` slices
             (:func:`tmerge.evaluate.preview`) for the dashboard.
-        export_dir: Folder for the predicted label maps of ``test``/``predict`` (``None``: none
-            written); the stage sets it.
         nonfinite: The :class:`~tmerge.callbacks.NonFiniteGuard` that stops training on a NaN/inf
             loss; :meth:`configure_callbacks` hands it to every trainer of this module.
     """
@@ -245,7 +241,6 @@ class SegmentationModule(L.LightningModule):
         self.val_dice = PerClassMean(len(self.class_names))
         self.test_records: list[dict[str, Any]] = []
         self.test_previews: list[dict[str, Any]] = []
-        self.export_dir: Path | None = None
         self._progress_start = time.perf_counter()
         # A NaN/inf loss stops training with the step and subjects named, without a host
         # synchronisation per step on accelerators. A callback the module brings along
@@ -312,29 +307,32 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_dice)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Score each whole volume of the batch in its original geometry (and export it)."""
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction]:
+        """Score each whole volume of the batch in its original geometry; return the predictions."""
         logits = self.infer(batch["image"])
         n = logits.shape[0]
         if "label" in batch:
             loss = self.loss_fn(logits, batch["label"])
             self.log("test/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+        predictions = []
         for i, (subject, meta, result) in enumerate(self._predict_volumes(batch, batch_idx, logits)):
             if result.scores:
                 self.test_records.append({"subject": subject, **result.scores})
             if len(self.test_previews) < N_PREVIEWS:
                 self.test_previews.append(preview(batch["image"][i], result, meta, subject))
+            predictions.append(Prediction(subject, result.labels, meta))
         self._log_progress("test", batch_idx, self.trainer.num_test_batches)
+        return predictions
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Predict (and, with :attr:`export_dir`, export) whole volumes; return their subject ids."""
-        subjects = [s for s, _, _ in self._predict_volumes(batch, batch_idx, self.infer(batch["image"]))]
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction]:
+        """Predict whole volumes in their original geometry."""
+        volumes = self._predict_volumes(batch, batch_idx, self.infer(batch["image"]))
+        predictions = [Prediction(s, result.labels, meta) for s, meta, result in volumes]
         self._log_progress("predict", batch_idx, self.trainer.num_predict_batches)
-        return subjects
+        return predictions
 
     def _predict_volumes(self, batch: dict[str, Any], batch_idx: int, logits: torch.Tensor) -> Any:
-        """Yield ``(subject, meta, SubjectResult)`` per volume, writing each label map to
-        :attr:`export_dir` if set."""
+        """Yield ``(subject, meta, SubjectResult)`` per volume."""
         n = logits.shape[0]
         subjects = batch.get("subject", [f"{batch_idx}_{i}" for i in range(n)])
         metas = batch.get("meta", [None] * n)
@@ -342,8 +340,6 @@ class SegmentationModule(L.LightningModule):
         for i, (subject, meta) in enumerate(zip(subjects, metas, strict=True)):
             target = None if labels is None else labels[i]
             result = evaluate_subject(logits[i], target, meta, self.output_mode, self.class_names)
-            if self.export_dir is not None:
-                save_prediction(self.export_dir, str(subject), result.labels, meta)
             yield str(subject), meta, result
 
     def _log_progress(self, what: str, batch_idx: int, totals: Sequence[int | float]) -> None:

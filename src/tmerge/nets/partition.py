@@ -4,8 +4,8 @@ Generic over any :class:`torch.nn.Module`:
 
 * parameters of normalisation layers (batch/instance/group/layer/RMS norm) are task-specific;
 * parameters of modules under one of the *head prefixes* (the model's ``head_prefixes`` class
-  attribute by default, e.g. ``("seg_heads",)`` for :class:`~tmerge.nets.Isensee2017`) are
-  task-specific;
+  attribute by default, e.g. ``("seg_heads",)`` for :class:`~tmerge.nets.Isensee2017`,
+  ``("output_block",)`` for :class:`~tmerge.nets.DynUNet`) are task-specific;
 * everything else is fused, and is grouped into *layers* by the module that owns it.
 """
 
@@ -131,5 +131,5 @@ def head_names(net: nn.Module, specific: Sequence[str]) -> list[str]:
     """The task-specific parameters that belong to the segmentation heads (re-created for every
     new task, unlike the instance norms, which a transfer may keep): those under the network's
     ``head_prefixes``."""
-    prefixes = tuple(getattr(net, "head_prefixes", ()))
+    prefixes = tuple(p.rstrip(".") + "." for p in getattr(net, "head_prefixes", ()))
     return [n for n in specific if prefixes and n.startswith(prefixes)]

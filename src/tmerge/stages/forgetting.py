@@ -63,7 +63,7 @@ class ForgettingConfig:
 def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The fused parameters P of M1, M2, IMM and T-IMM, keyed by the paper's row names."""
     root = runs_dir(cfg.runs_dir)
-    expected = {"base_filters": cfg.net.base_filters, "depth": cfg.net.depth}
+    expected = cfg.net.architecture()  # the network's name and sizes
     first = load_source(root, cfg.sources[0], expected=expected)
     template = cfg.net.build(first.meta.get("in_channels", 2), first.meta.get("n_classes", 8))
     fused, _ = partition(template)

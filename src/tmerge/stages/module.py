@@ -17,11 +17,10 @@ def architecture_meta(cfg: RunConfig, dm: Any) -> dict[str, Any]:
     """The network's architecture and task, as stored beside its weights (and checked against a
     target's before a source is merged or transferred)."""
     return {
-        "arch": "Isensee2017",
+        "arch": cfg.net.arch,
         "in_channels": dm.in_channels,
         "n_classes": dm.n_outputs,
-        "base_filters": cfg.net.base_filters,
-        "depth": cfg.net.depth,
+        **cfg.net.architecture(),  # name and sizes (base_filters, depth for isensee2017)
         "output_mode": dm.output_mode,
         "class_names": list(dm.class_names),
     }

@@ -10,6 +10,7 @@ on its folder, and a folder it created is removed again if it fails on the user'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,8 +68,16 @@ def start_run(run_dir: Path, cfg: Any, marker: str, *, force: bool) -> bool:
         shutil.rmtree(run_dir)
     elif saved.is_file():
         from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
-        old_hash = config_hash(OmegaConf.load(saved), ignore=IGNORED_KEYS)
+        old = OmegaConf.load(saved)
+        if dataclasses.is_dataclass(cfg):
+            # Keys added to the config since that run was made take their defaults, so a
+            # finished run of an older version is still recognised (and skipped) when nothing
+            # it was made with has changed; keys it has that the schema lost make it differ.
+            with contextlib.suppress(OmegaConfBaseException):
+                old = OmegaConf.merge(OmegaConf.structured(type(cfg)), old)
+        old_hash = config_hash(old, ignore=IGNORED_KEYS)
         if old_hash != cfg_hash:
             raise RunError(
                 f"{run_dir} holds a run made with a different config (see {saved}); "

@@ -3,9 +3,11 @@ fine-tuned weights, and the W&B model artifact. Formats: :mod:`tmerge.evaluate`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
@@ -13,9 +15,26 @@ from tmerge.artifacts import TARGET_TYPE, log_model
 from tmerge.data.brats import BraTSDataModule
 from tmerge.evaluate import write_scores
 from tmerge.io import write_json
+from tmerge.modules.segmentation import SegmentationModule
 from tmerge.runs import NET_FILE, PER_SUBJECT_FILE, STAGES_FILE, TARGET_MARKER, save_net
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.module import architecture_meta
+
+
+@dataclass
+class Tested:
+    """What testing the best model returned: per-subject scores (``subject``, ``dice_<c>``,
+    ``hd95_<c>``) of every rank, sorted by subject, and up to three preview slices."""
+
+    records: list[dict[str, Any]]
+    previews: list[dict[str, Any]]
+
+
+def test_subjects(trainer: L.Trainer, module: SegmentationModule, dm: Any, best_path: str) -> Tested:
+    """Test the best checkpoint (``best_path``; "" → the module as it is) on ``dm``'s test
+    subjects, each scored in its original geometry, and return the scores."""
+    trainer.test(module, datamodule=dm, ckpt_path=best_path or None, verbose=False, weights_only=True)
+    return Tested(list(module.test_records), list(module.test_previews))
 
 
 def write_results(

@@ -45,8 +45,9 @@ from tmerge.transfer import transfer_parameters
 log = logging.getLogger("tmerge")
 
 MARKER = SOURCE_MARKER
-#: Architecture keys that must agree between a model and the weights it is initialised from.
-ARCH_KEYS = ("in_channels", "base_filters", "depth")
+#: Keys that must agree between a model and the weights it is initialised from, beside the
+#: network's name and sizes (``NetConfig.architecture()``).
+ARCH_KEYS = ("in_channels",)
 
 
 @dataclass
@@ -204,4 +205,5 @@ def _load_init(root: Path, cfg: SourceStageConfig, meta: dict) -> Source:
             f"{run_name(cfg)} starts from the model of run {cfg.init_from!r}, but {path} does not exist; "
             f"train it first (e.g. `make {cfg.init_from}`)"
         )
-    return load_source(root, str(cfg.init_from), expected={k: meta[k] for k in ARCH_KEYS})
+    expected = {**{k: meta[k] for k in ARCH_KEYS}, **cfg.net.architecture()}
+    return load_source(root, str(cfg.init_from), expected=expected)

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
+from tmerge.callbacks import PredictionWriter
 from tmerge.config import to_container
 from tmerge.dashboard import log_test_results
 from tmerge.data.brats import BraTSDataModule
@@ -25,7 +26,6 @@ from tmerge.errors import ConfigError, RunError
 from tmerge.evaluate import label_names
 from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
-from tmerge.modules.segmentation import SegmentationModule
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.runner import fit
@@ -42,15 +42,13 @@ from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.inits import INITS, Initialisation, check_base, initialise, load_base
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
-from tmerge.stages.results import format_summary, write_results
+from tmerge.stages.results import format_summary, test_subjects, write_results
 from tmerge.stages.selection import select_candidate
 from tmerge.transfer import map_input_channels
 
 log = logging.getLogger("tmerge")
 
 ALIASES = {"portion": "data.portion", "epochs": "trainer.max_epochs"}
-#: Architecture keys that must agree between the sources and the target network.
-ARCH_KEYS = ("base_filters", "depth")
 
 
 def run_config(cfg: TargetStageConfig, init: str | None = None, seed: int | None = None) -> TargetStageConfig:
@@ -78,7 +76,8 @@ def load_sources(
         RunError: a source is missing, unfinished, of another architecture or with a bad Fisher,
             or the sources solve tasks of different label counts.
     """
-    root, expected = runs_dir(cfg.runs_dir), {"base_filters": cfg.net.base_filters, "depth": cfg.net.depth}
+    # The whole network must agree between the sources and the target: its name and sizes.
+    root, expected = runs_dir(cfg.runs_dir), cfg.net.architecture()
     sources = []
     for name in names:
         s = load_source(
@@ -176,44 +175,32 @@ def _run_stages(
 
     module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
     loggers = stage_loggers(run_dir, run, "finetune")
+    # Label maps in original geometry: the test subjects', and (portion 100, paper §4.4) the
+    # unlabelled validation set's under the BraTS submission naming <Brats18_ID>.nii.gz.
+    predictions = run_dir / PREDICTIONS_DIR
+    writer = PredictionWriter(test_dir=predictions, predict_dir=predictions / VALIDATION_DIR)
     trainer, result = fit(
         module,
         dm,
         run_dir=run_dir,
         trainer_cfg=cfg.trainer,
         loggers=loggers,
+        callbacks=[writer],
         name=f"p{cfg.data.portion}/{cfg.init} fine-tune",
     )
     stages["finetune"] = result.as_dict()
-    # Test in original geometry; label maps to predictions/ (see tmerge.evaluate).
-    module.export_dir = run_dir / PREDICTIONS_DIR
-    trainer.test(module, datamodule=dm, ckpt_path=result.best_path or None, verbose=False, weights_only=True)
-    _export_unlabelled(trainer, module, dm, run_dir, result.best_path)
+    tested = test_subjects(trainer, module, dm, result.best_path)
+    if dm.subjects.get("predict"):
+        log.info("predicting %d unlabelled subjects into %s", len(dm.subjects["predict"]), writer.predict_dir)
+        ckpt = result.best_path or None
+        trainer.predict(module, datamodule=dm, ckpt_path=ckpt, return_predictions=False, weights_only=True)
+    names = label_names(dm.output_mode, dm.class_names)
     log_test_results(
-        loggers,
-        module.test_records,
-        dm.class_names,
-        module.test_previews,
-        label_names(dm.output_mode, dm.class_names),
-        step=trainer.global_step,
+        loggers, tested.records, dm.class_names, tested.previews, names, step=trainer.global_step
     )
     if trainer.is_global_zero:
-        summary = write_results(run_dir, cfg, dm, module.net, module.test_records, stages, run)
+        summary = write_results(run_dir, cfg, dm, module.net, tested.records, stages, run)
         log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
-
-
-def _export_unlabelled(
-    trainer: L.Trainer, module: SegmentationModule, dm: BraTSDataModule, run_dir: Path, best_path: str
-) -> None:
-    """Predict the unlabelled validation set (the 100 % portion's, paper §4.4) into
-    ``predictions/validation/<Brats18_ID>.nii.gz``, the BraTS submission naming."""
-    if not dm.subjects.get("predict"):
-        return
-    module.export_dir = run_dir / PREDICTIONS_DIR / VALIDATION_DIR
-    log.info("predicting %d unlabelled subjects into %s", len(dm.subjects["predict"]), module.export_dir)
-    trainer.predict(
-        module, datamodule=dm, ckpt_path=best_path or None, return_predictions=False, weights_only=True
-    )
 
 
 def _logger_cfg(cfg: TargetStageConfig, tags: list[str]) -> LoggerConfig:
