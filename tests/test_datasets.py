@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -187,3 +188,11 @@ def test_nnunet_parcellation_source_trains_as_task1_and_feeds_timm(tiny_default,
     assert json.loads((run / "alphas.json").read_text())["sources"] == ["task1", "task2"]
     written = np.asarray(nib.load(next((run / "predictions").glob("*.nii.gz"))).dataobj)
     assert set(np.unique(written).tolist()) <= {0, 1, 2, 3}
+    # The same T-IMM from the same sources on every other layout: the same scores, case by case.
+    expected = _scores(run, roots["brats2023"][1])
+    for name in ("brats2018", "brats2021", "nnunet"):
+        layout_runs = tmp_path / f"runs-{name}"
+        for source in ("task1", "task2"):
+            shutil.copytree(runs / source, layout_runs / source)
+        assert main(["timm", *target_args(roots[name][0], layout_runs)]) == 0, name
+        assert _scores(layout_runs / "brats" / "p50" / "timm", roots[name][1]) == expected, name
