@@ -19,8 +19,9 @@ Five sections, each timed after ``warmup`` untimed steps (compilation, cuDNN aut
 Every section uses the project's own pieces: its loss and module as the stages build them
 (:mod:`tmerge.bench.workload`), Lightning's precision plugins, the CLI's config composition.
 Peak memory is measured for each: allocated CUDA memory on a GPU, the process's resident set
-(sampled) on CPU (:mod:`tmerge.bench.timing`). Results go to ``<out_dir>/results.json``
-(rewritten after each section, so an interrupted run keeps what it measured) and ``results.md``
+(sampled) on CPU (:mod:`tmerge.bench.timing`). Results go to ``<out_dir>`` as JSON
+(:data:`tmerge.bench.run.RESULTS_JSON`, rewritten after each section, so an interrupted run keeps
+what it measured) and Markdown
 (:mod:`tmerge.bench.table`); the table is also printed. docs/benchmarks.md has the keys, the
 measured numbers and the GPU recipe.
 

@@ -1,4 +1,4 @@
-"""One ``tmerge bench`` run: the sections in order, ``results.json`` after each, the table at the end."""
+"""One ``tmerge bench`` run: the sections in order, the results file after each, the table at the end."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ from tmerge.runner import quiet_lightning
 
 log = logging.getLogger("tmerge")
 
+#: The bench's outputs in ``out_dir``: every number (JSON) and the table (Markdown).
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
 #: Warnings of the bench's deliberately tiny fits (one epoch of a few steps, no validation,
 #: in-memory data): true, and beside the point of a timing.
 _EXPECTED_WARNINGS = (
@@ -36,7 +40,7 @@ _EXPECTED_WARNINGS = (
 
 
 def environment(r: Resolved) -> dict[str, Any]:
-    """Where the numbers were taken: ``results.json``'s ``environment``."""
+    """Where the numbers were taken: the results' ``environment``."""
     env: dict[str, Any] = {
         "device": torch.cuda.get_device_name(r.device)
         if r.device.type == "cuda"
@@ -55,7 +59,7 @@ def environment(r: Resolved) -> dict[str, Any]:
 
 
 def settings(cfg: BenchConfig, r: Resolved) -> dict[str, Any]:
-    """What was measured, resolved: ``results.json``'s ``settings``."""
+    """What was measured, resolved: the results' ``settings``."""
     return {
         "patch_size": r.patch,
         "batch_size": cfg.batch_size,
@@ -75,12 +79,12 @@ def settings(cfg: BenchConfig, r: Resolved) -> dict[str, Any]:
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Entry point of ``tmerge bench``: measure every section not in ``cfg.skip``.
 
-    Writes ``<out_dir>/results.json`` after each section (an interrupted run keeps what it
-    measured) and ``results.md`` (:func:`~tmerge.bench.table.format_table`) at the end, and
+    Writes ``<out_dir>/RESULTS_JSON`` after each section (an interrupted run keeps what it
+    measured) and ``RESULTS_MD`` (:func:`~tmerge.bench.table.format_table`) at the end, and
     prints the table.
 
     Returns:
-        The results also written to ``results.json``.
+        The results also written to ``RESULTS_JSON``.
 
     Raises:
         ConfigError: A setting the device or Lightning refuses (see :func:`resolve`).
@@ -112,11 +116,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             results[name]["section_s"] = time.perf_counter() - began
             log.info("bench: %s done (%.0f s)", name, results[name]["section_s"])
             results["total_s"] = time.perf_counter() - start
-            write_json(out / "results.json", results)
+            write_json(out / RESULTS_JSON, results)
     results["total_s"] = time.perf_counter() - start
-    write_json(out / "results.json", results)
+    write_json(out / RESULTS_JSON, results)
     table = format_table(results)
-    write_text(out / "results.md", table)
+    write_text(out / RESULTS_MD, table)
     print(table)
-    log.info("bench: %.0f s; results in %s", results["total_s"], out / "results.json")
+    log.info("bench: %.0f s; results in %s", results["total_s"], out / RESULTS_JSON)
     return results

@@ -1,4 +1,4 @@
-"""The five measurements of ``tmerge bench``, one method each, returning what ``results.json``
+"""The five measurements of ``tmerge bench``, one method each, returning what the results file
 holds under the section's name (keys documented in docs/benchmarks.md)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Markdown table of a bench run (``results.md``, also printed), from ``results.json``'s dict.
+"""The Markdown table of a bench run (also printed), from the results' dict.
 
 Each row compares a reference A with a candidate B; "B vs A" (speed-up, overhead, ratio) is
 computed here from the two times in the dict, so the table shows what the times say even for a
@@ -31,7 +31,7 @@ def faster(ratio: float) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table of ``results`` (as written to ``results.json``): a title, a line of
+    """A Markdown table of ``results`` (as written to the results file): a title, a line of
     settings, one row per measurement, then notes."""
     env, s = results["environment"], results["settings"]
     memory = "peak CUDA MiB" if env["device_type"] == "cuda" else "peak RSS MiB"

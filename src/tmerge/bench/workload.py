@@ -72,7 +72,7 @@ def bench_loss(cfg: BenchConfig, r: Resolved) -> nn.Module:
 
 
 def loss_label(cfg: BenchConfig, r: Resolved) -> str:
-    """How ``results.json`` names the loss."""
+    """How the results name the loss."""
     return f"the project's loss (loss.name={run_config(cfg, r).loss.name!r}, {OUTPUT_MODE} regions)"
 
 
