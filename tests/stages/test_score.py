@@ -60,3 +60,24 @@ def test_missing_labels_and_other_grids_are_one_clear_error(tmp_path, capsys):
     assert main(["score", f"predictions={preds}", f"labels={labels}"]) == 2
     assert "on another grid than its label map" in capsys.readouterr().err
     assert not (preds / "scores.csv").exists()
+
+
+def test_brats2023_convention_scores_alike_and_the_2018_one_refuses_its_values(tmp_path, capsys):
+    """The same maps with enhancing written as 3 (BraTS 2023, its `<case>/<case>-seg` naming)
+    score exactly as with 4; read as BraTS 2018 values, the 3 is one clear error."""
+    truth = volume((2, slice(2, 8), slice(2, 8), slice(2, 8)), (4, slice(4, 6), slice(4, 6), slice(4, 8)))
+    pred = volume((2, slice(2, 8), slice(2, 8), slice(2, 8)), (4, slice(4, 6), slice(4, 6), slice(4, 6)))
+    case = "BraTS-GLI-00000-000"
+    for name, convention, enhancing in (("2018", "brats2018", 4), ("2023", "brats2023", 3)):
+        root = tmp_path / name
+        save_labels(root / "pred" / f"{case}.nii.gz", np.where(pred == 4, enhancing, pred).astype(np.uint8), AFFINE)
+        seg = np.where(truth == 4, enhancing, truth).astype(np.uint8)
+        save_labels(root / "labels" / case / f"{case}-seg.nii.gz", seg, AFFINE)
+        args = [f"predictions={root / 'pred'}", f"labels={root / 'labels'}", f"convention={convention}"]
+        assert main(["score", *args]) == 0
+    read = [(tmp_path / n / "pred" / "scores.csv").read_text() for n in ("2018", "2023")]
+    assert read[0] == read[1] and "0.666" in read[0]  # ET Dice 16/24, as by hand above
+    assert main(["score", f"predictions={tmp_path / '2023' / 'pred'}", f"labels={tmp_path / '2023' / 'labels'}"]) == 2
+    err = capsys.readouterr().err
+    assert "label values {3} are not BraTS labels; expected only 0, 1, 2, 4" in err and "Traceback" not in err
+    assert main(["score", "predictions=x", "labels=y", "convention=msd"]) == 2

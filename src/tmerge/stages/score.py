@@ -7,8 +7,9 @@ region Dice 0 and HD95 the volume's diagonal (see :mod:`tmerge.evaluate`). This 
 ``predictions/validation/`` export of a ``portion=100`` run is graded when its labels exist.
 
 The true label map of a subject is looked for in ``labels`` as ``<subject>.nii.gz``,
-``<subject>_seg.nii.gz`` or, anywhere below, ``<subject>/<subject>_seg.nii.gz`` (the BraTS
-layout; ``.nii`` too). Writes ``<out>/scores.csv`` (the columns of a target run's per-subject
+``<subject>_seg.nii.gz`` (``-seg``: BraTS 2023) or, anywhere below, ``<subject>/<subject>_seg.nii.gz``
+(the BraTS layouts; ``.nii`` too). ``convention=brats2023`` reads both folders' values as BraTS
+2023's (3 = enhancing). Writes ``<out>/scores.csv`` (the columns of a target run's per-subject
 scores) and then ``<out>/scores_summary.json`` (means, as a target run's summary).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmerge.data.labels import REGIONS, check_brats_labels
+from tmerge.data.labels import BRATS2023_LABELS, REGIONS, LabelMapping, check_brats_labels
 from tmerge.data.nifti import load_labels
 from tmerge.data.preprocess import voxel_spacing
 from tmerge.errors import ConfigError, DataError
@@ -29,6 +30,8 @@ from tmerge.evaluate import score_label_maps, write_scores
 log = logging.getLogger("tmerge")
 
 NIFTI = (".nii.gz", ".nii")
+#: Label conventions → how a file's values become BraTS 2018's (None: they already are).
+CONVENTIONS: dict[str, LabelMapping | None] = {"brats2018": None, "brats2023": BRATS2023_LABELS}
 
 
 @dataclass
@@ -38,6 +41,13 @@ class ScoreConfig:
     predictions: str | None = None  # folder of <subject>.nii.gz label maps (0/1/2/4)
     labels: str | None = None  # folder holding the true label maps (see the module doc)
     out: str | None = None  # where scores.csv and scores_summary.json go; None: the predictions folder
+    # The label values of both folders: "brats2018" (0/1/2/4, also BraTS 2021) or "brats2023"
+    # (0/1/2/3, 3 = enhancing), as tmerge writes predictions for a dataset of that layout.
+    convention: str = "brats2018"
+
+    def __post_init__(self) -> None:
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"convention: expected one of {', '.join(CONVENTIONS)}, got {self.convention!r}")
 
 
 def _subject(path: Path) -> str | None:
@@ -47,13 +57,14 @@ def _subject(path: Path) -> str | None:
 def find_label(labels: Path, subject: str) -> Path | None:
     """The true label map of ``subject`` under ``labels`` (see the module doc), or None."""
     for ext in NIFTI:
-        for name in (f"{subject}{ext}", f"{subject}_seg{ext}"):
+        for name in (f"{subject}{ext}", f"{subject}_seg{ext}", f"{subject}-seg{ext}"):
             if (labels / name).is_file():
                 return labels / name
     for ext in NIFTI:
-        found = sorted(labels.rglob(f"{subject}/{subject}_seg{ext}"))
-        if found:
-            return found[0]
+        for sep in ("_", "-"):  # BraTS 2018/2021 name it <case>_seg, BraTS 2023 <case>-seg
+            found = sorted(labels.rglob(f"{subject}/{subject}{sep}seg{ext}"))
+            if found:
+                return found[0]
     return None
 
 
@@ -85,6 +96,9 @@ def run_score(cfg: ScoreConfig) -> Path:
     for i, (subject, path) in enumerate(files.items(), start=1):
         pred, pred_affine = load_labels(path)
         truth, affine = load_labels(truths[subject])
+        mapping = CONVENTIONS[cfg.convention]
+        if mapping is not None:  # names the file and the values it expected if one is not its
+            pred, truth = mapping.to_internal(pred, path), mapping.to_internal(truth, truths[subject])
         check_brats_labels(pred, path)
         check_brats_labels(truth, truths[subject])
         if pred.shape != truth.shape or not np.allclose(pred_affine, affine, atol=1e-4):
