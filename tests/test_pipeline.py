@@ -465,6 +465,17 @@ def test_predict_reproduces_the_runs_predictions_and_skips_a_bad_case(runs, tiny
     written = nib.load(tmp_path / "tta" / f"{test_cases[1]}.nii.gz")
     assert written.shape == nib.load(one).shape and np.array_equal(written.affine, nib.load(one).affine)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}
+    # The same case as a BraTS 2023 folder: the same map, in that layout's values (3 = enhancing).
+    case = "BraTS-GLI-00001-000"
+    (tmp_path / "brats2023" / case).mkdir(parents=True)
+    for old, new in {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}.items():
+        source = cases / test_cases[0] / f"{test_cases[0]}_{old}.nii.gz"
+        shutil.copyfile(source, tmp_path / "brats2023" / case / f"{case}-{new}.nii.gz")
+    assert main(["predict", f"run={run}", f"input={tmp_path / 'brats2023' / case}", f"output={tmp_path / 'p23'}"]) == 0
+    as_2023 = np.asarray(nib.load(tmp_path / "p23" / f"{case}.nii.gz").dataobj)
+    as_2018 = np.asarray(nib.load(run / "predictions" / f"{test_cases[0]}.nii.gz").dataobj)
+    assert (as_2018 == 4).any(), "the check below needs enhancing voxels"
+    assert np.array_equal(as_2023, np.where(as_2018 == 4, 3, as_2018)) and not (as_2023 == 4).any()
 
 
 def test_export_round_trip_gives_the_checkpoints_logits(runs, tiny_default, tmp_path):

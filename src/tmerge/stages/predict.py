@@ -14,6 +14,7 @@ skipped; the other cases go on, and the command exits with status 2 at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -122,6 +123,24 @@ def find_cases(dm: Any, given: Path) -> dict[str, Path]:
     return cases
 
 
+def input_convention(dm: Any, given: Path) -> tuple[bool, Any]:
+    """The label convention of the input's own layout, so that predictions come out in the
+    values of the dataset they are for: ``(True, mapping)`` where the input is a dataset root,
+    lies in one, or is a case folder whose name a layout claims (``mapping`` None: the task's
+    native values, e.g. BraTS 2018's 0/1/2/4); ``(False, None)`` where nothing tells."""
+    from tmerge.data import formats
+
+    folder = given.parent if given.is_file() else given
+    for root in (folder, folder.parent):
+        with contextlib.suppress(DataError):
+            return True, formats.detect(root, dm.kind).labels
+    for fmt in formats.formats_for(dm.kind):
+        if fmt.claims is not None and fmt.claims(folder.name):
+            with contextlib.suppress(DataError):
+                return True, fmt.open(folder.parent, dm.kind).labels
+    return False, None
+
+
 def _is_case(dm: Any, folder: Path) -> bool:
     try:
         dm.subject_files(folder, labelled=False)
@@ -170,6 +189,9 @@ def run_predict(cfg: PredictConfig) -> Path:
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     module.to(device)
     settings = dm.preprocess_settings()
+    known, labels = input_convention(dm, Path(str(cfg.input)).expanduser())
+    if known:  # else: the values of the dataset the run was trained on
+        settings = dataclasses.replace(settings, labels=labels)
     log.info("predict: %d case(s) with %s (%s%s) into %s", len(cases), run_dir, device, ", TTA" if cfg.tta else "", out)
     failed: list[str] = []
     for case, folder in tqdm(cases.items(), desc="tmerge predict", unit="case", file=sys.stderr):
