@@ -141,15 +141,22 @@ def build_none(ctx: InitContext) -> Initialised:
     return Initialised(ctx.net)
 
 
+def split_specific(net: nn.Module) -> tuple[list[str], set[str], list[str]]:
+    """``(P, heads, norms)`` of ``net``: its fused parameters, and S split into the heads (always
+    re-created for the target's classes) and the rest, the norms (``transfer.specific=keep``
+    takes those from the sources)."""
+    fused, specific = partition(net)
+    heads = set(head_names(net, specific))
+    return fused, heads, [n for n in specific if n not in heads]
+
+
 def build_transfer(ctx: InitContext) -> Initialised:
     """Every tensor of the (one) source whose shape matches, except S under
     ``transfer.specific=reinit`` (the heads in any case)."""
     cfg, net, source = ctx.cfg, ctx.net, ctx.sources[0]
-    _, specific = partition(net)
-    heads = set(head_names(net, specific))
-    norms = [n for n in specific if n not in heads]
+    _, heads, norms = split_specific(net)
     keep = cfg.transfer.specific == "keep"
-    report = transfer_parameters(net, source.state, exclude=heads if keep else set(specific))
+    report = transfer_parameters(net, source.state, exclude=heads if keep else heads | set(norms))
     log.info("%s: transfer from %s — %s", cfg.init, source.name, report.summary())
     return Initialised(net, specific_kept=[n for n in norms if n in report.copied])
 
@@ -159,9 +166,7 @@ def prepare_merge(ctx: InitContext, with_fisher: bool) -> Initialised:
     ε and, under ``transfer.specific=keep``, the instance norms as the mean of the sources' (the
     uniform α every merge starts from). P itself is left as built."""
     cfg, net, sources = ctx.cfg, ctx.net, ctx.sources
-    fused, specific = partition(net)
-    heads = set(head_names(net, specific))
-    norms = [n for n in specific if n not in heads]
+    fused, _, norms = split_specific(net)
     layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
     if mismatched:
         log.info(
