@@ -24,12 +24,15 @@ Only finished runs are used; missing and unfinished ones are shown as such, neve
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tmerge.errors import ConfigError, RunError
 from tmerge.io import write_text
 from tmerge.paths import runs_dir
+from tmerge.runs import TARGETS_DIR, target_roots
 
 log = logging.getLogger("tmerge")
 
@@ -89,12 +92,31 @@ def run_report(cfg: ReportConfig) -> Path:
         RunError: the runs folder does not exist.
         ConfigError: an invalid setting (see :func:`check_config`).
     """
+    from tmerge.report.runs import discover
+
+    check_config(cfg)
+    root = runs_dir(cfg.runs_dir)
+    if not root.is_dir():
+        raise RunError(
+            f"{root}: runs folder not found; train first (make task1 task2 timm) or set runs_dir / TMERGE_RUNS"
+        )
+    out = Path(cfg.out_dir) if cfg.out_dir else root / REPORT_DIR
+    others = [t for t in target_roots(root) if t != TARGETS_DIR]
+    for target in others:  # each other target's own report, in a folder of the main one
+        _report_target(cfg, discover(root, target), out / target, main=False)
+    return _report_target(cfg, discover(root), out, main=True, others=others)
+
+
+def _report_target(
+    cfg: ReportConfig, index: Any, out: Path, *, main: bool, others: Sequence[str] = ()
+) -> Path:
+    """One target's report into ``out``: Tables 2 and 3, the statistics and the figures; the
+    main (BraTS) one also Table 4, the examples and links to the ``others``' reports."""
     from tmerge.report import figures
     from tmerge.report.document import report_markdown
     from tmerge.report.examples import parcellation_rows, tumour_rows
     from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_markdown
     from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
-    from tmerge.report.runs import discover
     from tmerge.report.tables import (
         table2_csv,
         table2_markdown,
@@ -105,19 +127,13 @@ def run_report(cfg: ReportConfig) -> Path:
     )
     from tmerge.runs import ALPHAS_FILE, FORGETTING_DIR, FORGETTING_MD
 
-    check_config(cfg)
-    root = runs_dir(cfg.runs_dir)
-    if not root.is_dir():
-        raise RunError(
-            f"{root}: runs folder not found; train first (make task1 task2 timm) or set runs_dir / TMERGE_RUNS"
-        )
-    out = Path(cfg.out_dir) if cfg.out_dir else root / REPORT_DIR
-    index = discover(root)
+    root = index.root
     rows = table_rows(index, cfg.portions)
     inits = table_inits(index, [*cfg.inits, cfg.reference])
     log.info(
-        "report: %d BraTS run folders (%d finished), %d source runs, %d forgetting folders under %s",
+        "report: %d %s run folders (%d finished), %d source runs, %d forgetting folders under %s",
         len(index.targets),
+        index.target,
         len(index.usable()),
         len(index.sources),
         len(index.forgetting),
@@ -128,7 +144,8 @@ def run_report(cfg: ReportConfig) -> Path:
     write_text(out / TABLE2_MD, table2)
     write_text(out / TABLE2_CSV, table2_csv(index, rows, inits))
     write_text(out / TABLE3_MD, table3_markdown(index, rows, inits, cfg.reference))
-    write_text(out / FORGETTING_MD, table4_markdown(index.forgetting))
+    if main:
+        write_text(out / FORGETTING_MD, table4_markdown(index.forgetting))
 
     stats = dict(n_boot=cfg.bootstrap, seed=cfg.seed, min_pairs=cfg.min_pairs)
     comparisons = {
@@ -160,10 +177,12 @@ def run_report(cfg: ReportConfig) -> Path:
     if not paths and not notes[FIG5_TRAJECTORY]:
         notes[FIG5_TRAJECTORY] = [f"no finished {cfg.reference} run with {ALPHAS_FILE}"]
     figures.plot_alpha_trajectory(paths, out / FIG5_TRAJECTORY, empty="; ".join(notes[FIG5_TRAJECTORY]))
+    if not main:
+        index.forgetting = []  # the sources' forgetting belongs to the main report
     parcellation, p_notes = parcellation_rows(index.forgetting)
     if not index.forgetting:
         p_notes = [f"no {FORGETTING_DIR}/p<portion>/ folder (make forgetting PORTION=…)"]
-    tumours, t_notes = tumour_rows(index, rows, inits, cfg.reference)
+    tumours, t_notes = tumour_rows(index, rows, inits, cfg.reference) if main else ([], [f"{index.target}: tumour examples are BraTS'"])
     if not tumours and not t_notes:
         t_notes = ["no finished BraTS run"]
     figures.plot_examples(
@@ -180,6 +199,9 @@ def run_report(cfg: ReportConfig) -> Path:
     notes[FIG3_EXAMPLES] = [*p_notes, *t_notes]
 
     main_table = table2.split("\n## ", 2)[1] if "\n## " in table2 else ""
+    if others:
+        links = ", ".join(f"[{t}]({t}/{REPORT_MD})" for t in others)
+        notes["targets"] = [f"other targets' reports: {links}"]
     write_text(
         out / REPORT_MD,
         report_markdown(

@@ -35,6 +35,7 @@ from tmerge.runs import (
     SOURCE_MARKER,
     TARGETS_DIR,
     target_dir,
+    target_root,
 )
 
 #: Settings shown beside each BraTS run: (label, config key).
@@ -76,7 +77,7 @@ def missing_runs(index: RunIndex, rows: Sequence[Row], expected: Sequence[str]) 
     for row in rows:
         if row.group == SINGLE:
             out += [
-                target_dir(index.root, row.portion, i)
+                target_dir(index.root, row.portion, i, target=index.target)
                 for i in expected
                 if index.find(row.portion, i, None) is None
             ]
@@ -85,7 +86,7 @@ def missing_runs(index: RunIndex, rows: Sequence[Row], expected: Sequence[str]) 
         for seed in row.seeds:
             for init in ordered_inits([*expected, *ran]):
                 if index.find(row.portion, init, seed) is None:
-                    out.append(target_dir(index.root, row.portion, init, seed))
+                    out.append(target_dir(index.root, row.portion, init, seed, target=index.target))
     return out
 
 
@@ -241,9 +242,10 @@ def report_markdown(
         settings: the report's own settings, listed at the end.
     """
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    target = "BraTS" if index.target == TARGETS_DIR else f"target {index.target} ({', '.join(index.classes)})"
     parts = [
-        "# tmerge report\n",
-        f"Made {now} from the runs in `{index.root}`: {len(index.usable())} finished BraTS runs, "
+        "# tmerge report" + ("" if index.target == TARGETS_DIR else f" — {target}") + "\n",
+        f"Made {now} from the runs in `{index.root}`: {len(index.usable())} finished {target} runs, "
         f"{sum(s.finished for s in index.sources)} finished source runs, "
         f"{sum(f.table is not None for f in index.forgetting)} forgetting tables.\n",
         "## Tables\n",
@@ -254,6 +256,7 @@ def report_markdown(
         f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
         "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
         "ignored)\n",
+        *(f"{note}\n" for note in figure_notes.get("targets", [])),
         table2_main,
         "## Figures\n",
     ]
@@ -277,7 +280,7 @@ def report_markdown(
     parts.append(mixing_section(index))
     parts.append(sources_section(index))
     parts.append("## Runs\n")
-    parts.append("### BraTS runs\n")
+    parts.append(f"### {target} runs\n")
     if index.targets:
         parts.append(
             md_table(
@@ -286,7 +289,7 @@ def report_markdown(
             )
         )
     else:
-        parts.append(f"No run folder under `{index.root / TARGETS_DIR}`.\n")
+        parts.append(f"No run folder under `{target_root(index.root, index.target)}`.\n")
     missing = missing_runs(index, rows, expected)
     not_used = [r for r in index.targets if not r.usable]
     parts.append("### Missing and unfinished runs\n")

@@ -43,6 +43,7 @@ from tmerge.runs import (
     TARGET_MARKER,
     TARGETS_DIR,
     is_finished,
+    target_root,
 )
 
 log = logging.getLogger("tmerge")
@@ -136,6 +137,8 @@ class RunIndex:
 
     root: Path
     targets: list[TargetRun] = field(default_factory=list)
+    target: str = TARGETS_DIR  # whose runs: "brats" or another target's name (tmerge.runs.target_root)
+    classes: tuple[str, ...] = REGIONS  # the scored classes / regions of its per-subject files
     sources: list[SourceRun] = field(default_factory=list)
     forgetting: list[ForgettingRun] = field(default_factory=list)
 
@@ -173,11 +176,24 @@ def _number(text: str | None) -> float:
     return float(text)
 
 
-def read_per_subject(path: Path) -> dict[str, dict[str, float]]:
+def csv_classes(path: Path) -> tuple[str, ...] | None:
+    """The scored classes of a per-subject CSV, from its header (``dice_<c>`` columns, in order);
+    None if the file cannot be read."""
+    try:
+        header = path.read_text().splitlines()[0].split(",")
+    except (OSError, IndexError):
+        return None
+    return tuple(c.removeprefix("dice_") for c in header if c.startswith("dice_") and c != "dice_mean")
+
+
+def read_per_subject(
+    path: Path, columns: tuple[str, ...] = SCORE_COLUMNS
+) -> dict[str, dict[str, float]]:
     """Read a run's per-subject CSV (:data:`tmerge.runs.PER_SUBJECT_FILE`).
 
     Returns:
-        ``subject -> column -> value``; columns are :data:`SCORE_COLUMNS`.
+        ``subject -> column -> value``; ``columns``: :data:`SCORE_COLUMNS` (BraTS) or another
+        target's :func:`tmerge.evaluate.score_columns`.
 
     Raises:
         RunError: missing file, a header without the expected columns, a non-numeric value or a
@@ -188,9 +204,9 @@ def read_per_subject(path: Path) -> dict[str, dict[str, float]]:
     except FileNotFoundError:
         raise RunError(f"{path}: file not found") from None
     reader = csv.DictReader(text.splitlines())
-    if not {"subject", *SCORE_COLUMNS} <= set(reader.fieldnames or []):
+    if not {"subject", *columns} <= set(reader.fieldnames or []):
         raise RunError(
-            f"{path}: expected columns subject,{','.join(SCORE_COLUMNS)}, got {','.join(reader.fieldnames or [])}"
+            f"{path}: expected columns subject,{','.join(columns)}, got {','.join(reader.fieldnames or [])}"
         )
     rows: dict[str, dict[str, float]] = {}
     for line, row in enumerate(reader, start=2):
@@ -198,7 +214,7 @@ def read_per_subject(path: Path) -> dict[str, dict[str, float]]:
         if subject in rows:
             raise RunError(f"{path}: subject {subject} appears twice (line {line})")
         try:
-            rows[subject] = {c: _number(row[c]) for c in SCORE_COLUMNS}
+            rows[subject] = {c: _number(row[c]) for c in columns}
         except ValueError as exc:
             raise RunError(f"{path}: line {line}: not a number ({exc})") from None
     return rows
@@ -244,8 +260,11 @@ def config_value(config: dict[str, Any] | None, key: str) -> Any:
 _SUMMARY_TOLERANCE = 1e-6
 
 
-def read_target(path: Path, portion: int, init: str, seed: int | None) -> TargetRun:
-    """Read one BraTS run folder; an unfinished or unreadable run is returned marked as such."""
+def read_target(
+    path: Path, portion: int, init: str, seed: int | None, columns: tuple[str, ...] = SCORE_COLUMNS
+) -> TargetRun:
+    """Read one target run folder (``columns``: its per-subject columns); an unfinished or
+    unreadable run is returned marked as such."""
     run = TargetRun(path=path, portion=portion, init=init, seed=seed)
     run.config = read_config(path / CONFIG_FILE)
     run.info = _read_optional_json(path / RUN_FILE, run)
@@ -254,7 +273,7 @@ def read_target(path: Path, portion: int, init: str, seed: int | None) -> Target
         return run
     try:
         run.summary = json.loads((path / TARGET_MARKER).read_text())
-        run.per_subject = read_per_subject(path / PER_SUBJECT_FILE)
+        run.per_subject = read_per_subject(path / PER_SUBJECT_FILE, columns)
     except (OSError, json.JSONDecodeError) as exc:
         run.problem = f"{TARGET_MARKER} unreadable ({exc})"
     except RunError as exc:
@@ -301,10 +320,25 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
 
 
-def discover(root: Path) -> RunIndex:
-    """Every BraTS, source and forgetting run folder under ``root``."""
-    index = RunIndex(root=root)
-    for pdir in _subdirs(root / TARGETS_DIR):
+def _target_classes(base: Path, target: str) -> tuple[str, ...]:
+    """A target's scored classes: BraTS' regions, else those of its first finished run's CSV."""
+    if target == TARGETS_DIR:
+        return REGIONS
+    for marker in sorted(base.rglob(TARGET_MARKER)):
+        found = csv_classes(marker.parent / PER_SUBJECT_FILE)
+        if found:
+            return found
+    return ()
+
+
+def discover(root: Path, target: str = TARGETS_DIR) -> RunIndex:
+    """Every run folder of ``target`` (BraTS by default; :func:`tmerge.runs.target_root`), and
+    every source and forgetting run folder under ``root``."""
+    base = target_root(root, target)
+    classes = _target_classes(base, target)
+    columns = tuple(score_columns(classes)) if classes else SCORE_COLUMNS
+    index = RunIndex(root=root, target=target, classes=classes or REGIONS)
+    for pdir in _subdirs(base):
         portion = _portion(pdir.name)
         if portion is None:
             log.info("report: %s is not a p<portion> folder; skipped", pdir)
@@ -315,7 +349,7 @@ def discover(root: Path) -> RunIndex:
             for folder, s in folders:
                 # A run writes its config first; a folder without it is no run (and shows as missing).
                 if (folder / CONFIG_FILE).is_file() or is_finished(folder, TARGET_MARKER):
-                    index.targets.append(read_target(folder, portion, folder.name, s))
+                    index.targets.append(read_target(folder, portion, folder.name, s, columns))
     index.targets.sort(key=lambda r: (r.portion, r.seed is not None, r.seed or 0, init_sort_key(r.init)))
     for folder in _subdirs(root):
         if folder.name in NOT_SOURCES or folder.name.startswith("."):
