@@ -17,6 +17,7 @@ OUTPUTS = (
     "table3.md",
     "table4.md",
     "stats.md",
+    "stats.csv",
     "fig3_examples.png",
     "fig4_paired.png",
     "fig5_alphas.png",

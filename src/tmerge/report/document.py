@@ -17,6 +17,7 @@ from tmerge.report import (
     FIG4_PAIRED,
     FIG5_ALPHAS,
     FIG5_TRAJECTORY,
+    STATS_CSV,
     STATS_MD,
     TABLE2_CSV,
     TABLE2_MD,
@@ -253,7 +254,11 @@ def report_markdown(
         f"- [Table 4]({FORGETTING_MD}) — forgetting of the source tasks\n"
         f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
         "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
-        "ignored)\n",
+        f"ignored) ([CSV]({STATS_CSV})). Beside every interval stands its minimal detectable "
+        "difference (MDE): the smallest true difference its seeds (or subjects) would detect with "
+        f"80 % power in a two-sided test at {1 - float(settings.get('level', 0.95)):.0%}. An interval that contains 0 rules out only "
+        "differences larger than its MDE; the seed-aware table also says how many seeds would "
+        "bring the interval and the MDE down to the size of the difference in question.\n",
         table2_main,
         "## Figures\n",
     ]
