@@ -14,6 +14,8 @@ from tmerge.report import ReportConfig, run_report
 OUTPUTS = (
     "table2.md",
     "table2.csv",
+    "endpoints.md",
+    "endpoints.csv",
     "table3.md",
     "table4.md",
     "stats.md",

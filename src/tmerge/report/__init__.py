@@ -6,6 +6,8 @@ the forgetting stage's name, :data:`tmerge.runs.FORGETTING_MD`):
 
 =================== =========================================================================
 ``table2.md/.csv``  test Dice (ET, TC, WT, mean) and HD95 per initialisation and portion
+``endpoints.md/.csv`` the primary endpoint (Dice of the classes present in each subject's truth)
+                    and the endpoints that are not coins, per initialisation and portion
 ``table3.md``       epochs and validation scores of T-IMM's adaption and fine-tune stages
 Table 4             forgetting: P of M1, M2, IMM, T-IMM with each source task's S
 ``stats.md/.csv``   T-IMM − other across seeds (hierarchical bootstrap CI) and per subject
@@ -41,6 +43,8 @@ REPORT_MD = "report.md"
 TABLE2_MD = "table2.md"
 TABLE2_CSV = "table2.csv"
 TABLE3_MD = "table3.md"
+ENDPOINTS_MD = "endpoints.md"
+ENDPOINTS_CSV = "endpoints.csv"
 STATS_MD = "stats.md"
 STATS_CSV = "stats.csv"
 FIG3_EXAMPLES = "fig3_examples.png"
@@ -97,6 +101,7 @@ def run_report(cfg: ReportConfig) -> Path:
     """
     from tmerge.report import figures
     from tmerge.report.document import report_markdown
+    from tmerge.report.endpoints import endpoints_csv, endpoints_markdown
     from tmerge.report.examples import parcellation_rows, tumour_rows
     from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_csv, stats_markdown
     from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
@@ -133,6 +138,8 @@ def run_report(cfg: ReportConfig) -> Path:
     table2 = table2_markdown(index, rows, inits)
     write_text(out / TABLE2_MD, table2)
     write_text(out / TABLE2_CSV, table2_csv(index, rows, inits))
+    write_text(out / ENDPOINTS_MD, endpoints_markdown(index, rows, inits))
+    write_text(out / ENDPOINTS_CSV, endpoints_csv(index, rows, inits))
     write_text(out / TABLE3_MD, table3_markdown(index, rows, inits, cfg.reference))
     write_text(out / FORGETTING_MD, table4_markdown(index.forgetting))
 

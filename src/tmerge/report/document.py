@@ -13,6 +13,8 @@ from typing import Any
 
 from tmerge.errors import RunError
 from tmerge.report import (
+    ENDPOINTS_CSV,
+    ENDPOINTS_MD,
     FIG3_EXAMPLES,
     FIG4_PAIRED,
     FIG5_ALPHAS,
@@ -250,6 +252,10 @@ def report_markdown(
         "## Tables\n",
         f"- [Table 2]({TABLE2_MD}) — test Dice (ET, TC, WT, mean) and HD95 per initialisation and "
         f"portion ([CSV]({TABLE2_CSV}))\n"
+        f"- [Endpoints]({ENDPOINTS_MD}) — the primary endpoint (per subject the mean Dice of the "
+        "classes present in its truth: TC, WT and ET where present), each class over all "
+        "subjects, a class some subjects lack over those that have it, and the share of those "
+        f"without it predicted empty ([CSV]({ENDPOINTS_CSV}))\n"
         f"- [Table 3]({TABLE3_MD}) — epochs and validation scores of the adaption and fine-tune stages\n"
         f"- [Table 4]({FORGETTING_MD}) — forgetting of the source tasks\n"
         f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
