@@ -71,6 +71,11 @@ SELECTION_FILE = "selection.json"
 SELECTION_DIR = "selection"
 ADAPTION_DIR = "adaption"
 PER_SUBJECT_FILE = "test_per_subject.csv"
+#: Per test subject, the voxels of each class in the truth and the prediction:
+#: ``subject,truth_<c>…,pred_<c>…`` (:func:`tmerge.report.endpoints.regions_csv`); optional.
+REGIONS_FILE = "test_regions.csv"
+#: Test scores after log-spaced epochs (:class:`tmerge.callbacks.LearningCurve`); optional.
+CURVE_FILE = "curve.json"
 #: A target run is finished when this exists (written last).
 TARGET_MARKER = "test_summary.json"
 #: Label maps of the test subjects, in their original geometry.

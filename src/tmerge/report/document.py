@@ -13,10 +13,13 @@ from typing import Any
 
 from tmerge.errors import RunError
 from tmerge.report import (
+    ENDPOINTS_CSV,
+    ENDPOINTS_MD,
     FIG3_EXAMPLES,
     FIG4_PAIRED,
     FIG5_ALPHAS,
     FIG5_TRAJECTORY,
+    STATS_CSV,
     STATS_MD,
     TABLE2_CSV,
     TABLE2_MD,
@@ -251,11 +254,19 @@ def report_markdown(
         "## Tables\n",
         f"- [Table 2]({TABLE2_MD}) — test Dice (ET, TC, WT, mean) and HD95 per initialisation and "
         f"portion ([CSV]({TABLE2_CSV}))\n"
+        f"- [Endpoints]({ENDPOINTS_MD}) — the primary endpoint (per subject the mean Dice of the "
+        "classes present in its truth: TC, WT and ET where present), each class over all "
+        "subjects, a class some subjects lack over those that have it, and the share of those "
+        f"without it predicted empty ([CSV]({ENDPOINTS_CSV}))\n"
         f"- [Table 3]({TABLE3_MD}) — epochs and validation scores of the adaption and fine-tune stages\n"
         f"- [Table 4]({FORGETTING_MD}) — forgetting of the source tasks\n"
         f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
         "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
-        "ignored)\n",
+        f"ignored) ([CSV]({STATS_CSV})). Beside every interval stands its minimal detectable "
+        "difference (MDE): the smallest true difference its seeds (or subjects) would detect with "
+        f"80 % power in a two-sided test at {1 - float(settings.get('level', 0.95)):.0%}. An interval that contains 0 rules out only "
+        "differences larger than its MDE; the seed-aware table also says how many seeds would "
+        "bring the interval and the MDE down to the size of the difference in question.\n",
         *(f"{note}\n" for note in figure_notes.get("targets", [])),
         table2_main,
         "## Figures\n",

@@ -10,7 +10,10 @@ The layout and every file name are those of :mod:`tmerge.runs`:
 * forgetting tables and example slices (:func:`tmerge.runs.forgetting_dir`).
 
 The per-subject CSV must have the columns of :func:`tmerge.evaluate.score_columns`; a file in
-another format makes its run unusable, with the file and the expected columns named.
+another format makes its run unusable, with the file and the expected columns named. The voxel
+counts beside it (:data:`tmerge.runs.REGIONS_FILE`, ``subject,truth_<c>…,pred_<c>…``) are
+optional: runs written before it existed have none, and an unreadable one is warned about and
+left out, the run staying usable.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from tmerge.runs import (
     FORGETTING_TABLE,
     NOT_SOURCES,
     PER_SUBJECT_FILE,
+    REGIONS_FILE,
     RUN_FILE,
     SOURCE_MARKER,
     STAGES_FILE,
@@ -73,7 +77,9 @@ class TargetRun:
     """One BraTS run folder and what could be read from it.
 
     ``per_subject`` maps subject ID → column (``SCORE_COLUMNS``) → value; it is empty unless the
-    run is finished. ``problem`` says why a run folder that looks finished could not be used.
+    run is finished. ``regions`` maps subject ID → ``truth_<c>``/``pred_<c>`` → voxel count, from
+    :data:`tmerge.runs.REGIONS_FILE`; None where the run has no such file (or an unusable one).
+    ``problem`` says why a run folder that looks finished could not be used.
     """
 
     path: Path
@@ -84,6 +90,7 @@ class TargetRun:
     problem: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     per_subject: dict[str, dict[str, float]] = field(default_factory=dict)
+    regions: dict[str, dict[str, float]] | None = None
     stages: dict[str, Any] | None = None
     alphas: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
@@ -106,6 +113,13 @@ class TargetRun:
     def subject_values(self, column: str) -> dict[str, float]:
         """``subject -> value`` of one per-subject column."""
         return {s: row[column] for s, row in self.per_subject.items()}
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per subject, sorted by ID: ``subject``, the per-subject scores and, where
+        ``regions`` was read, the voxel counts (the records of
+        :func:`tmerge.report.endpoints.endpoints`)."""
+        regions = self.regions or {}
+        return [{"subject": s, **self.per_subject[s], **regions.get(s, {})} for s in sorted(self.per_subject)]
 
 
 @dataclass
@@ -220,6 +234,68 @@ def read_per_subject(
     return rows
 
 
+def read_regions(path: Path) -> dict[str, dict[str, float]]:
+    """Read a run's voxel counts (:data:`tmerge.runs.REGIONS_FILE`).
+
+    Returns:
+        ``subject -> {"truth_<c>": count, "pred_<c>": count}`` for the classes c of its header.
+
+    Raises:
+        RunError: missing file, a header without ``subject`` or whose ``truth_<c>`` and
+            ``pred_<c>`` columns do not pair up, a count that is not a number ≥ 0, a repeated
+            subject.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunError(f"{path}: file not found") from None
+    reader = csv.DictReader(text.splitlines())
+    fields = list(reader.fieldnames or [])
+    truth = [f[len("truth_") :] for f in fields if f.startswith("truth_")]
+    pred = [f[len("pred_") :] for f in fields if f.startswith("pred_")]
+    if "subject" not in fields or not truth or truth != pred:
+        raise RunError(
+            f"{path}: expected columns subject,truth_<c>…,pred_<c>… for the same classes, got {','.join(fields)}"
+        )
+    columns = [*(f"truth_{c}" for c in truth), *(f"pred_{c}" for c in pred)]
+    rows: dict[str, dict[str, float]] = {}
+    for line, row in enumerate(reader, start=2):
+        subject = row["subject"]
+        if subject in rows:
+            raise RunError(f"{path}: subject {subject} appears twice (line {line})")
+        try:
+            values = {c: _number(row[c]) for c in columns}
+        except ValueError as exc:
+            raise RunError(f"{path}: line {line}: not a number ({exc})") from None
+        bad = [c for c, v in values.items() if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise RunError(f"{path}: line {line}: {bad[0]} must be a voxel count >= 0, got {values[bad[0]]}")
+        rows[subject] = values
+    return rows
+
+
+def _read_regions(run: TargetRun) -> None:
+    """Set ``run.regions`` from its optional counts file; a file that cannot be used is a warning."""
+    path = run.path / REGIONS_FILE
+    if not path.is_file():
+        return
+    try:
+        regions = read_regions(path)
+    except RunError as exc:
+        run.warnings.append(f"{REGIONS_FILE} not used: {exc}")
+        return
+    classes = {k[len("dice_") :] for k in SCORE_COLUMNS if k.startswith("dice_") and k != "dice_mean"}
+    counted = {k[len("truth_") :] for row in regions.values() for k in row if k.startswith("truth_")}
+    if set(regions) != set(run.per_subject) or not classes <= counted:
+        run.warnings.append(
+            f"{REGIONS_FILE} not used: its subjects or classes ({len(regions)} subjects, "
+            f"{','.join(sorted(counted))}) are not those of {PER_SUBJECT_FILE} ({len(run.per_subject)} "
+            f"subjects, {','.join(sorted(classes))})"
+        )
+        return
+    run.regions = regions
+
+
 def _read_optional_json(path: Path, run: TargetRun | None = None) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -284,6 +360,7 @@ def read_target(
     run.alphas = _read_optional_json(path / ALPHAS_FILE, run)
     if run.problem is None:
         _check_summary(run)
+        _read_regions(run)
     else:
         log.warning("report: %s is not used: %s", path, run.problem)
     return run
