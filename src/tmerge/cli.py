@@ -95,6 +95,12 @@ COMMANDS: dict[str, Command] = {
         "run_sweep",
         "brats",
     ),
+    "noise-source": Command(
+        "the negative control's source: a finished source run with its fused layers replaced by seeded noise",
+        "tmerge.stages.control",
+        "NoiseSourceConfig",
+        "run_noise_source",
+    ),
     "merge": Command(
         "merge any models whose state dicts match, by a recipe: tmerge merge RECIPE.yaml [key=value …]",
         "tmerge.stages.merge",

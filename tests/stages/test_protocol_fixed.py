@@ -120,3 +120,26 @@ def test_curve_points_leave_the_training_unchanged(runs, tiny_default, never_val
     assert (mine / "test_per_subject.csv").read_text() == (theirs / "test_per_subject.csv").read_text()
     a, b = best_state_dict(mine / "model.ckpt"), best_state_dict(theirs / "model.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_negative_control_merges_a_noise_source(runs, tiny_default, never_validates):
+    """`tmerge noise-source` makes a finished source run whose P is seeded noise with task1's
+    Fisher; T-IMM merges it as a third source."""
+    from safetensors.torch import load_file
+
+    assert main(["noise-source", "from=task1", "name=noise", "seed=3", f"runs_dir={runs}"]) == 0
+    trained, noise = load_file(runs / "task1" / "net.safetensors"), load_file(runs / "noise" / "net.safetensors")
+    fisher = load_file(runs / "noise" / "fisher.safetensors")
+    assert (runs / "noise" / "fisher.safetensors").read_bytes() == (runs / "task1" / "fisher.safetensors").read_bytes()
+    for name, t in trained.items():
+        if name in fisher:  # P: noise of the trained tensor's scale
+            assert not torch.equal(noise[name], t)
+            assert float(noise[name].std()) == pytest.approx(float(t.std()), rel=0.5)
+        else:  # S kept
+            assert torch.equal(noise[name], t)
+    assert main(["noise-source", "from=task1", "name=noise", f"runs_dir={runs}"]) == 2  # exists
+    args = [a.replace("portion=50", "portion=25") for a in fixed_args(tiny_default, runs)]
+    assert main(["timm", "sources=[task1,task2,noise]", *args]) == 0
+    alphas = json.loads((runs / "brats" / "p25" / "timm" / "alphas.json").read_text())
+    assert alphas["sources"] == ["task1", "task2", "noise"]
+    assert all(len(a) == 3 and abs(sum(a) - 1) < 1e-5 for a in alphas["alphas"].values())
