@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from tmerge.data.brats import BraTSDataConfig
 from tmerge.errors import ConfigError
+from tmerge.evaluate import MetricsConfig
 from tmerge.loggers import LoggerConfig
 from tmerge.modules.segmentation import LossConfig, OptimConfig
 from tmerge.nets.config import NetConfig
@@ -171,3 +172,6 @@ class TargetStageConfig(RunConfig):
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)
     merge: VectorMergeConfig = field(default_factory=VectorMergeConfig)
+    # How the test scores are computed: HD95 pooled (BraTS/medpy) or directed (MONAI), empty
+    # regions by the brats2018 or the brats2023 rules (tmerge.evaluate.MetricsConfig).
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -52,7 +52,7 @@ def write_results(
     write_json(run_dir / STAGES_FILE, stages)
     meta = target_meta(cfg, dm, list(stages["sources"]))
     save_net(run_dir / NET_FILE, net, meta)
-    summary = write_test_results(run_dir, records, dm.class_names)
+    summary = write_test_results(run_dir, records, dm.class_names, cfg.metrics.convention)
     files = {f: run_dir / f for f in (NET_FILE, STAGES_FILE, TARGET_MARKER)}
     log_model(
         run,
@@ -76,7 +76,7 @@ def target_meta(cfg: TargetStageConfig, dm: BraTSDataModule, sources: list[str])
 
 
 def write_test_results(
-    run_dir: Path, records: list[dict[str, Any]], class_names: list[str]
+    run_dir: Path, records: list[dict[str, Any]], class_names: list[str], convention: str = "brats2018"
 ) -> dict[str, Any]:
     """Write the per-subject scores and, last, the summary (the run's finished marker).
 
@@ -84,20 +84,10 @@ def write_test_results(
         run_dir: The run folder.
         records: Per-subject scores ``subject``, ``dice_<c>``, ``hd95_<c>`` (any order).
         class_names: The scored classes (``ET``, ``TC``, ``WT``).
+        convention: The run's ``metrics.convention`` (``brats2023`` adds ``n_empty``).
 
     Returns:
         The summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}`` (formats:
         :mod:`tmerge.evaluate`).
     """
-    return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names)
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """One line of a test summary: Dice per class and mean, HD95 per class, n."""
-
-    def num(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
-    dice = ", ".join(f"{k} {num(v, '.3f')}" for k, v in summary["dice"].items())
-    hd95 = ", ".join(f"{k} {num(v, '.1f')}" for k, v in summary["hd95"].items())
-    return f"Dice {dice}; HD95 {hd95} mm (n={summary['n']})"
+    return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names, convention)

@@ -23,7 +23,7 @@ from tmerge.config import to_container
 from tmerge.dashboard import log_test_results
 from tmerge.data.brats import BraTSDataModule
 from tmerge.errors import ConfigError, RunError
-from tmerge.evaluate import label_names
+from tmerge.evaluate import format_summary, label_names
 from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
 from tmerge.nets import layer_groups, partition
@@ -42,7 +42,7 @@ from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.inits import INITS, Initialisation, check_base, initialise, load_base
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
-from tmerge.stages.results import format_summary, test_subjects, write_results
+from tmerge.stages.results import test_subjects, write_results
 from tmerge.stages.selection import select_candidate
 from tmerge.transfer import map_input_channels
 
@@ -173,7 +173,7 @@ def _run_stages(
     if init.adapt is not None:
         net, stages["adaption"] = init.adapt(cfg, dm, net, sources, start, run_dir, run)
 
-    module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
+    module = segmentation_module(net, dm, cfg, cfg.data.patch_size, metrics=cfg.metrics)
     loggers = stage_loggers(run_dir, run, "finetune")
     # Label maps in original geometry: the test subjects', and (portion 100, paper §4.4) the
     # unlabelled validation set's under the BraTS submission naming <Brats18_ID>.nii.gz.
