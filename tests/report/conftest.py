@@ -94,10 +94,12 @@ class FakeRuns:
         predictions: bool = False,
         run_json: bool = True,
         trajectory: bool = False,
+        metrics: dict[str, str] | None = None,
     ) -> Path:
         """A BraTS run folder; ``finished=False`` leaves out the marker (``test_summary.json``).
         ``timm`` and ``mean-timm`` get an ``alphas.json``, with a ``trajectory`` if asked (the
-        older format has none)."""
+        older format has none). ``metrics``: the config's ``metrics`` section (None: none, as
+        before those keys existed)."""
         base = self.root / "brats" / f"p{portion}"
         path = base / init if seed is None else base / f"seed{seed}" / init
         path.mkdir(parents=True)
@@ -109,6 +111,8 @@ class FakeRuns:
             "adaption": {"max_epochs": 6},
             "data": {"root": str(self.data_root), "portion": portion, "patch_size": 48},
         }
+        if metrics is not None:
+            config["metrics"] = metrics
         (path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
         if run_json:
             (path / "run.json").write_text(json.dumps({"commit": "0123456789abcdef", "seed": seed or 0}))
