@@ -96,6 +96,7 @@ def run_report(cfg: ReportConfig) -> Path:
     from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
     from tmerge.report.runs import discover
     from tmerge.report.tables import (
+        scoring_header,
         table2_csv,
         table2_markdown,
         table3_markdown,
@@ -144,7 +145,15 @@ def run_report(cfg: ReportConfig) -> Path:
     }
     write_text(
         out / STATS_MD,
-        stats_markdown(comparisons, inits, cfg.reference, **stats, level=cfg.level, seed_aware=seed_aware),
+        stats_markdown(
+            comparisons,
+            inits,
+            cfg.reference,
+            **stats,
+            level=cfg.level,
+            seed_aware=seed_aware,
+            scoring=scoring_header("dice_mean", index.usable()),
+        ),
     )
 
     notes: dict[str, list[str]] = {}
