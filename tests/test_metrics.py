@@ -304,3 +304,14 @@ def test_brats2023_convention_drops_both_empty_and_penalises_no_overlap() -> Non
     pooled, _ = _brute_force_hd95(a[0, 0].numpy() > 0, b[0, 0].numpy() > 0, spacing)
     assert both(a, b, "brats2018")[1] == pytest.approx(pooled, abs=1e-4)
     assert both(a, c, "brats2023") == both(a, c, "brats2018")
+
+
+def test_hd95_of_distance_lists_beyond_torch_quantiles_size_limit() -> None:
+    """Two ragged masks can have more border voxels in all than ``torch.quantile`` takes (2²⁴):
+    95 % zeros and 5 % + 2 ones, pooled, put the 95th percentile among the ones."""
+    n = 2**23 + 10
+    ones = int(0.05 * 2 * n) + 2
+    pooled = torch.zeros(2 * n)
+    pooled[:ones] = 1.0
+    assert hd95_of_distances(pooled[:n], pooled[n:], "pooled") == 1.0
+    assert hd95_of_distances(pooled[:n], pooled[n:], "directed") == 1.0  # the first half holds all ones

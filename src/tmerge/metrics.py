@@ -218,8 +218,21 @@ def hd95_of_distances(
         )
     a, b = pred_to_truth.float().flatten(), truth_to_pred.float().flatten()
     if definition == "pooled":
-        return float(torch.quantile(torch.cat([a, b]), 0.95))
-    return float(torch.maximum(torch.quantile(a, 0.95), torch.quantile(b, 0.95)))
+        return _percentile95(torch.cat([a, b]))
+    return max(_percentile95(a), _percentile95(b))
+
+
+#: The most elements ``torch.quantile`` takes.
+_QUANTILE_LIMIT = 2**24
+
+
+def _percentile95(x: torch.Tensor) -> float:
+    """The 95th percentile of a 1-D float32 tensor, interpolating linearly: ``torch.quantile``
+    (MONAI's) up to its size limit, numpy beyond (both directions of two large, ragged masks can
+    hold more border voxels than it takes)."""
+    if x.numel() <= _QUANTILE_LIMIT:
+        return float(torch.quantile(x, 0.95))
+    return float(np.float32(np.percentile(x.numpy(), 95)))
 
 
 def hd95_masks(
