@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from tmerge.data.labels import REGIONS, brats_regions, dataset_labels, regions_to_brats
+from tmerge.data.labels import BRATS_SCHEME, REGIONS, LabelScheme, dataset_labels
 from tmerge.data.nifti import save_labels
 from tmerge.data.preprocess import original_labels, uncrop, voxel_spacing
 from tmerge.errors import ConfigError
@@ -63,7 +63,7 @@ from tmerge.metrics import (
 N_PREVIEWS = 3
 
 #: Names of the BraTS label values in exported maps and dashboard overlays.
-BRATS_LABEL_NAMES: dict[int, str] = {1: "necrosis/non-enhancing", 2: "oedema", 4: "enhancing"}
+BRATS_LABEL_NAMES: dict[int, str] = dict(BRATS_SCHEME.names)
 
 
 @dataclass
@@ -120,43 +120,45 @@ class SubjectResult:
     spacing: tuple[float, ...]
 
 
-def _check_classes(mode: str, class_names: Sequence[str]) -> None:
-    if check_output_mode(mode) == "sigmoid" and tuple(class_names) != REGIONS:
-        raise ValueError(f"sigmoid outputs are the BraTS regions {REGIONS}, got classes {list(class_names)}")
+Scheme = LabelScheme | str
 
 
-def label_map(onehot: np.ndarray, mode: str) -> np.ndarray:
+def as_scheme(scheme: Scheme, class_names: Sequence[str] | None = None) -> LabelScheme:
+    """A :class:`~tmerge.data.labels.LabelScheme`, given as one or as an output mode with its
+    class names (``"softmax"``: plain classes; ``"sigmoid"``: the BraTS regions)."""
+    if isinstance(scheme, LabelScheme):
+        return scheme
+    if class_names is None:
+        raise ValueError(f"output mode {scheme!r} needs its class names")
+    return LabelScheme.of(check_output_mode(scheme), class_names)
+
+
+def label_map(onehot: np.ndarray, scheme: Scheme, class_names: Sequence[str] | None = None) -> np.ndarray:
     """Hard prediction ``(C, D, H, W)`` (one-/multi-hot) → label map ``(D, H, W)`` uint8.
 
-    sigmoid: regions ET, TC, WT → BraTS labels 0/1/2/4; softmax: the class index (0 background).
-    """
+    Regions are painted the largest first, the innermost winning (BraTS: ET, TC, WT → 0/1/2/4);
+    plain classes: the class index (0 background)."""
     onehot = np.asarray(onehot)
-    if check_output_mode(mode) == "sigmoid":
-        return regions_to_brats(onehot > 0)
-    return np.argmax(onehot, axis=0).astype(np.uint8)
+    if isinstance(scheme, str) and class_names is None:  # the built-in conventions by mode
+        class_names = REGIONS if scheme == "sigmoid" else [str(k) for k in range(1, onehot.shape[0])]
+    return as_scheme(scheme, class_names).label_map(onehot)
 
 
-def target_label_map(target: np.ndarray, mode: str) -> np.ndarray:
+def target_label_map(
+    target: np.ndarray, scheme: Scheme, class_names: Sequence[str] | None = None
+) -> np.ndarray:
     """Training target ``(L, D, H, W)`` (region masks, or ``L = 1`` class indices) → label map."""
     target = np.asarray(target)
-    if check_output_mode(mode) == "sigmoid":
-        return regions_to_brats(target > 0.5)
-    return target.reshape(target.shape[-3:]).astype(np.uint8)
-
-
-def class_masks(labels: np.ndarray, mode: str, n_classes: int) -> np.ndarray:
-    """Label map ``(...)`` → ``(K, ...)`` bool masks of the scored classes (BraTS: ET, TC, WT;
-    softmax: classes 1..K)."""
-    if check_output_mode(mode) == "sigmoid":
-        return brats_regions(labels)
-    return np.stack([labels == k for k in range(1, n_classes + 1)])
+    if isinstance(scheme, str) and class_names is None:
+        class_names = REGIONS if scheme == "sigmoid" else ["1"]
+    return as_scheme(scheme, class_names).target_label_map(target)
 
 
 def score_label_maps(
     pred: np.ndarray,
     truth: np.ndarray,
-    mode: str,
-    class_names: Sequence[str],
+    scheme: Scheme,
+    class_names: Sequence[str] | None = None,
     spacing: Sequence[float] | None = None,
     metrics: MetricsConfig | None = None,
 ) -> dict[str, float]:
@@ -164,25 +166,27 @@ def score_label_maps(
 
     Args:
         pred, truth: ``(X, Y, Z)`` label maps on the same grid.
-        mode: ``"sigmoid"`` (BraTS labels, scored as ET/TC/WT) or ``"softmax"`` (class indices).
-        class_names: Names of the scored classes, in order.
+        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode
+            (``"sigmoid"``: BraTS labels scored as ET/TC/WT; ``"softmax"``: class indices) with
+            ``class_names``.
+        class_names: Names of the scored classes, in order (with an output mode).
         spacing: Voxel size per axis in mm (``None``: 1).
         metrics: HD95 definition and empty-region convention (``None``: the defaults).
 
     Returns:
         ``{"dice_<c>": …, …, "hd95_<c>": …, …}``.
     """
-    _check_classes(mode, class_names)
+    scheme = as_scheme(scheme, class_names)
     if np.shape(pred) != np.shape(truth):
         raise ValueError(f"prediction {np.shape(pred)} and truth {np.shape(truth)} differ in shape")
-    p = class_masks(pred, mode, len(class_names))[None]
-    t = class_masks(truth, mode, len(class_names))[None]
+    p = scheme.masks(pred)[None]
+    t = scheme.masks(truth)[None]
     metrics = metrics or MetricsConfig()
     dice = dice_masks(p, t, metrics.convention)[0].tolist()
     hd95 = hd95_masks(p, t, spacing, definition=metrics.hd95, convention=metrics.convention)[0].tolist()
     return {
-        **{f"dice_{c}": float(v) for c, v in zip(class_names, dice, strict=True)},
-        **{f"hd95_{c}": float(v) for c, v in zip(class_names, hd95, strict=True)},
+        **{f"dice_{c}": float(v) for c, v in zip(scheme.classes, dice, strict=True)},
+        **{f"hd95_{c}": float(v) for c, v in zip(scheme.classes, hd95, strict=True)},
     }
 
 
@@ -190,8 +194,8 @@ def evaluate_subject(
     logits: torch.Tensor,
     target: torch.Tensor | np.ndarray | None,
     meta: Mapping[str, Any] | None,
-    mode: str,
-    class_names: Sequence[str],
+    scheme: Scheme,
+    class_names: Sequence[str] | None = None,
     metrics: MetricsConfig | None = None,
 ) -> SubjectResult:
     """Label map of one subject in its original geometry and, with a target, its scores there.
@@ -203,23 +207,24 @@ def evaluate_subject(
             original grid *is* the original label map.
         meta: The subject's preprocessing geometry (``original_shape``, ``affine``, crop box; see
             :func:`tmerge.data.preprocess.uncrop`); ``None`` scores on the given grid, spacing 1.
-        mode: ``"sigmoid"`` or ``"softmax"``.
-        class_names: Names of the scored classes.
+        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode with
+            ``class_names`` (see :func:`as_scheme`).
+        class_names: Names of the scored classes (with an output mode).
         metrics: HD95 definition and empty-region convention (``None``: the defaults).
 
     Returns:
         The :class:`SubjectResult`.
     """
-    _check_classes(mode, class_names)
-    onehot = logits_to_onehot(logits.detach()[None].float(), mode)[0].cpu().numpy()
-    labels = label_map(onehot, mode)
-    truth = None if target is None else target_label_map(_numpy(target), mode)
+    scheme = as_scheme(scheme, class_names)
+    onehot = logits_to_onehot(logits.detach()[None].float(), scheme.mode)[0].cpu().numpy()
+    labels = scheme.label_map(onehot)
+    truth = None if target is None else scheme.target_label_map(_numpy(target))
     spacing: tuple[float, ...] = (1.0,) * labels.ndim
     if meta is not None:
         labels = uncrop(labels, meta)
         truth = None if truth is None else original_labels(truth, meta)
         spacing = voxel_spacing(np.asarray(meta["affine"]))
-    scores = {} if truth is None else score_label_maps(labels, truth, mode, class_names, spacing, metrics)
+    scores = {} if truth is None else score_label_maps(labels, truth, scheme, spacing=spacing, metrics=metrics)
     return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing)
 
 
@@ -240,11 +245,9 @@ def save_prediction(
     return save_labels(prediction_file(folder, subject), dataset_labels(labels, meta), affine)
 
 
-def label_names(mode: str, class_names: Sequence[str]) -> dict[int, str]:
+def label_names(scheme: Scheme, class_names: Sequence[str] | None = None) -> dict[int, str]:
     """Label value → name for the values of a predicted label map (background included)."""
-    if check_output_mode(mode) == "sigmoid":
-        return {0: "background", **BRATS_LABEL_NAMES}
-    return {0: "background", **{k: name for k, name in enumerate(class_names, start=1)}}
+    return as_scheme(scheme, class_names).label_names()
 
 
 def preview(

@@ -14,9 +14,12 @@ from tmerge.report import ReportConfig, run_report
 OUTPUTS = (
     "table2.md",
     "table2.csv",
+    "endpoints.md",
+    "endpoints.csv",
     "table3.md",
     "table4.md",
     "stats.md",
+    "stats.csv",
     "fig3_examples.png",
     "fig4_paired.png",
     "fig5_alphas.png",

@@ -22,6 +22,7 @@ from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
+from tmerge.data.labels import LabelScheme
 from tmerge.errors import ConfigError
 from tmerge.evaluate import N_PREVIEWS, MetricsConfig, Prediction, evaluate_subject, preview, summarise
 from tmerge.fastpath import CompiledForward, enable_cudnn_benchmark
@@ -187,6 +188,9 @@ class SegmentationModule(L.LightningModule):
         loss: loss and inference settings.
         group_lrs: parameter-name prefix → its own learning rate (no weight decay), e.g.
             ``{"net.mixing.": 0.05}`` for the adaption stage's δ (see :func:`param_groups`).
+        scheme: how label maps are made and scored (:class:`~tmerge.data.labels.LabelScheme`,
+            e.g. a dataset's own regions); None: the output mode's built-in one (softmax classes,
+            or the BraTS regions).
         metrics: how the test scores are computed (HD95 definition, empty-region convention;
             :class:`~tmerge.evaluate.MetricsConfig`); None: the defaults.
 
@@ -225,6 +229,7 @@ class SegmentationModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         group_lrs: Mapping[str, float] | None = None,
+        scheme: LabelScheme | None = None,
         metrics: MetricsConfig | None = None,
     ) -> None:
         super().__init__()
@@ -238,6 +243,13 @@ class SegmentationModule(L.LightningModule):
         self._fast_net: CompiledForward | None = None  # set in configure_model
         self.output_mode = check_output_mode(output_mode)
         self.class_names = list(class_names)
+        # How label maps are made and scored; None: the built-in scheme of the output mode.
+        self.scheme = scheme or LabelScheme.of(self.output_mode, self.class_names)
+        if (self.scheme.mode, list(self.scheme.classes)) != (self.output_mode, self.class_names):
+            raise ValueError(
+                f"scheme {self.scheme.mode} {list(self.scheme.classes)} does not fit output_mode "
+                f"{self.output_mode!r} and class_names {self.class_names}"
+            )
         self.patch_size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
         self.optim = optim or OptimConfig()
         self.loss_cfg = loss or LossConfig()
@@ -343,9 +355,7 @@ class SegmentationModule(L.LightningModule):
         labels = batch.get("label")
         for i, (subject, meta) in enumerate(zip(subjects, metas, strict=True)):
             target = None if labels is None else labels[i]
-            result = evaluate_subject(
-                logits[i], target, meta, self.output_mode, self.class_names, self.metrics
-            )
+            result = evaluate_subject(logits[i], target, meta, self.scheme, metrics=self.metrics)
             yield str(subject), meta, result
 
     def _log_progress(self, what: str, batch_idx: int, totals: Sequence[int | float]) -> None:

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 from tmerge.data.labels import REGIONS
 from tmerge.report.runs import SINGLE, SWEEP, ForgettingRun, RunIndex, TargetRun, ordered_inits
-from tmerge.runs import FORGETTING_DIR, FORGETTING_TABLE, PER_SUBJECT_FILE, STAGES_FILE, TARGETS_DIR
+from tmerge.runs import (
+    FORGETTING_DIR,
+    FORGETTING_TABLE,
+    OTHER_TARGETS_DIR,
+    PER_SUBJECT_FILE,
+    STAGES_FILE,
+    TARGETS_DIR,
+)
 
 MISSING = "—"
 
@@ -142,12 +149,23 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 # ---- Table 2 -------------------------------------------------------------------------------
 
-#: (section title, per-subject column, digits) of Table 2's sub-tables.
-TABLE2_METRICS: tuple[tuple[str, str, int], ...] = (
-    ("Dice, mean of ET, TC and WT (the paper's Table 2)", "dice_mean", 3),
-    *((f"Dice {r}", f"dice_{r}", 3) for r in REGIONS),
-    *((f"HD95 {r} (mm)", f"hd95_{r}", 1) for r in REGIONS),
-)
+def table2_metrics(classes: Sequence[str] = REGIONS) -> tuple[tuple[str, str, int], ...]:
+    """(section title, per-subject column, digits) of Table 2's sub-tables for a target's
+    scored ``classes`` (BraTS: the regions ET, TC, WT)."""
+    mean = (
+        "Dice, mean of ET, TC and WT (the paper's Table 2)"
+        if tuple(classes) == REGIONS
+        else f"Dice, mean of {', '.join(classes)}"
+    )
+    return (
+        (mean, "dice_mean", 3),
+        *((f"Dice {r}", f"dice_{r}", 3) for r in classes),
+        *((f"HD95 {r} (mm)", f"hd95_{r}", 1) for r in classes),
+    )
+
+
+#: Table 2's sub-tables for BraTS.
+TABLE2_METRICS: tuple[tuple[str, str, int], ...] = table2_metrics(REGIONS)
 
 #: How each HD95 definition is named in the tables' headers (:mod:`tmerge.metrics`).
 HD95_NAMES = {"pooled": "pooled (BraTS, medpy)", "directed": "directed max (MONAI)"}
@@ -187,11 +205,13 @@ SCORING_NOTE = (
 
 def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
     """Table 2 in Markdown: one sub-table per metric, rows = portions, columns = initialisations."""
+    folder = TARGETS_DIR if index.target == TARGETS_DIR else f"{OTHER_TARGETS_DIR}/{index.target}"
+    title = "" if index.target == TARGETS_DIR else f" — target {index.target}"
     parts = [
-        "# Table 2 — test scores per initialisation and portion\n",
+        f"# Table 2 — test scores per initialisation and portion{title}\n",
         f'Mean over the test subjects of each run\'s `{PER_SUBJECT_FILE}`. Rows "p %" are the '
-        f'single-seed runs (`{TARGETS_DIR}/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
-        f"(`{TARGETS_DIR}/p<portion>/seed<k>/<init>/`): each cell is the mean ± sample standard deviation "
+        f'single-seed runs (`{folder}/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
+        f"(`{folder}/p<portion>/seed<k>/<init>/`): each cell is the mean ± sample standard deviation "
         "(ddof = 1) over seeds of the per-seed test means, with "
         '"(k/n seeds)" where only k of the n seeds finished. The sd is the spread between '
         "training runs (training randomness and the draw of train/val subjects), not a standard "
@@ -207,7 +227,7 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
         SCORING_NOTE + "\n",
     ]
     used = index.usable()
-    for title, column, digits in TABLE2_METRICS:
+    for title, column, digits in table2_metrics(index.classes):
         body = []
         for row in rows:
             cells = {init: row_runs(index, row, init) for init in inits}
@@ -235,7 +255,7 @@ def table2_csv(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> st
     for row in rows:
         for init in inits:
             runs = row_runs(index, row, init)
-            for _, column, _ in TABLE2_METRICS:
+            for _, column, _ in table2_metrics(index.classes):
                 cell = metric_cell(runs, column)
                 writer.writerow(
                     [

@@ -20,7 +20,7 @@ from torch import nn
 
 from tmerge.callbacks import AlphaTrajectory
 from tmerge.dashboard import log_alphas
-from tmerge.data.brats import BraTSDataModule
+from tmerge.data.target import TargetDataModule
 from tmerge.errors import RunError
 from tmerge.io import read_json, write_json
 from tmerge.loggers import stage_loggers
@@ -38,7 +38,7 @@ log = logging.getLogger("tmerge")
 
 def adapt(
     cfg: TargetStageConfig,
-    dm: BraTSDataModule,
+    dm: TargetDataModule,
     net: nn.Module,
     sources: list[Source],
     start: Initialised,

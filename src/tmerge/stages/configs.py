@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tmerge.data.brats import BraTSDataConfig
+from tmerge.data.target import TargetDataConfig
 from tmerge.errors import ConfigError
 from tmerge.evaluate import MetricsConfig
 from tmerge.loggers import LoggerConfig
@@ -177,7 +177,7 @@ class TargetStageConfig(RunConfig):
     # t1ce, t2, flair). None: a first layer of another shape is re-initialised and trained with
     # S (what the original code effectively did); with a map it stays in P and is merged.
     channel_map: list[int] | None = None
-    data: BraTSDataConfig = field(default_factory=BraTSDataConfig)
+    data: TargetDataConfig = field(default_factory=TargetDataConfig)
     adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)

@@ -24,6 +24,7 @@ def architecture_meta(cfg: RunConfig, dm: Any) -> dict[str, Any]:
         **cfg.net.architecture(),  # name and sizes (base_filters, depth for isensee2017)
         "output_mode": dm.output_mode,
         "class_names": list(dm.class_names),
+        "channels": list(dm.modalities),
     }
 
 
@@ -48,5 +49,6 @@ def segmentation_module(
         channels_last=cfg.net.channels_last,
         compile=resolve_compile(cfg.trainer.compile, cfg.trainer.accelerator),
         group_lrs=group_lrs,
+        scheme=getattr(dm, "scheme", None),
         metrics=metrics,
     )

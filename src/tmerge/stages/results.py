@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from tmerge.artifacts import TARGET_TYPE, log_model
-from tmerge.data.brats import BraTSDataModule
+from tmerge.data.target import TargetDataModule
 from tmerge.evaluate import write_scores
 from tmerge.io import write_json
 from tmerge.modules.segmentation import SegmentationModule
@@ -40,7 +40,7 @@ def test_subjects(trainer: L.Trainer, module: SegmentationModule, dm: Any, best_
 def write_results(
     run_dir: Path,
     cfg: TargetStageConfig,
-    dm: BraTSDataModule,
+    dm: TargetDataModule,
     net: nn.Module,
     records: list[dict[str, Any]],
     stages: dict[str, Any],
@@ -56,7 +56,7 @@ def write_results(
     files = {f: run_dir / f for f in (NET_FILE, STAGES_FILE, TARGET_MARKER)}
     log_model(
         run,
-        f"brats-p{cfg.data.portion}-{cfg.init}-seed{cfg.seed}",
+        f"{dm.name}-p{cfg.data.portion}-{cfg.init}-seed{cfg.seed}",
         TARGET_TYPE,
         files,
         {**meta, "test": summary},
@@ -64,7 +64,7 @@ def write_results(
     return summary
 
 
-def target_meta(cfg: TargetStageConfig, dm: BraTSDataModule, sources: list[str]) -> dict[str, Any]:
+def target_meta(cfg: TargetStageConfig, dm: TargetDataModule, sources: list[str]) -> dict[str, Any]:
     """What travels with a target run's weights: the architecture and how they were made."""
     return {
         **architecture_meta(cfg, dm),
