@@ -256,7 +256,7 @@ def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
     metrics = trainer.test(module, dataloaders=loader, verbose=False)[0]
 
     [record] = module.test_records
-    assert set(record) == {"subject", *(f"{k}_{r}" for k in ("dice", "hd95") for r in REGIONS)}
+    assert set(record) == {"subject", *(f"{k}_{r}" for k in ("dice", "hd95", "truth", "pred") for r in REGIONS)}
     written = tmp_path / "predictions" / "Brats18_TEST_0001_1.nii.gz"
     img = nib.load(str(written))
     assert img.shape == SHAPE and np.allclose(img.affine, nib.load(str(files["t1"])).affine)
@@ -268,7 +268,13 @@ def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
         REGIONS,
         voxel_spacing(img.affine),
     )
-    assert record == pytest.approx({"subject": record["subject"], **expected})
+    truth_map = nib.load(str(label_file)).get_fdata().astype(np.uint8)
+    pred_map = np.asarray(img.dataobj)
+    counts = {
+        **{f"truth_{r}": int(m.sum()) for r, m in zip(REGIONS, brats_regions(truth_map), strict=True)},
+        **{f"pred_{r}": int(m.sum()) for r, m in zip(REGIONS, brats_regions(pred_map), strict=True)},
+    }
+    assert record == pytest.approx({"subject": record["subject"], **expected, **counts})
     assert metrics["test/dice"] == pytest.approx(np.mean([expected[f"dice_{r}"] for r in REGIONS]))
     assert metrics["test/hd95_WT"] == pytest.approx(expected["hd95_WT"])
     assert len(module.test_previews) == 1

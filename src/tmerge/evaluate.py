@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +55,7 @@ from tmerge.metrics import (
     dice_masks,
     hd95_masks,
     logits_to_onehot,
+    voxel_counts,
 )
 
 #: Sub-folder of a run with the exported label maps; unlabelled subjects go to its ``validation/``.
@@ -111,6 +112,8 @@ class SubjectResult:
         labels: ``(X, Y, Z)`` uint8 predicted label map (BraTS 0/1/2/4, or class indices).
         truth: ``(X, Y, Z)`` uint8 true label map, or ``None`` for unlabelled subjects.
         scores: ``{"dice_<c>": …, "hd95_<c>": …}`` per scored class (empty without truth).
+        counts: ``{"truth_<c>": …, "pred_<c>": …}`` voxels of each class (empty without truth):
+            which subjects lack a class, for the report's endpoints.
         spacing: Voxel size in mm per axis (1 without ``meta``).
     """
 
@@ -118,6 +121,7 @@ class SubjectResult:
     truth: np.ndarray | None
     scores: dict[str, float]
     spacing: tuple[float, ...]
+    counts: dict[str, int] = field(default_factory=dict)  # truth_<c>, pred_<c>: voxels per class
 
 
 Scheme = LabelScheme | str
@@ -224,8 +228,11 @@ def evaluate_subject(
         labels = uncrop(labels, meta)
         truth = None if truth is None else original_labels(truth, meta)
         spacing = voxel_spacing(np.asarray(meta["affine"]))
-    scores = {} if truth is None else score_label_maps(labels, truth, scheme, spacing=spacing, metrics=metrics)
-    return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing)
+    scores, counts = {}, {}
+    if truth is not None:
+        scores = score_label_maps(labels, truth, scheme, spacing=spacing, metrics=metrics)
+        counts = voxel_counts(scheme.masks(labels), scheme.masks(truth), scheme.classes)
+    return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing, counts=counts)
 
 
 def prediction_file(folder: str | Path, subject: str) -> Path:

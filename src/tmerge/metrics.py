@@ -313,3 +313,30 @@ class PerClassMean(Metric):
     def compute(self) -> torch.Tensor:
         """``(K,)`` mean score per class (NaN before any update)."""
         return (self.total / self.count).float()
+
+
+def voxel_counts(pred: np.ndarray, truth: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
+    """``{"truth_<c>": …, "pred_<c>": …}``: the voxels of each class in the truth and the prediction.
+
+    Args:
+        pred, truth: ``(K, ...)`` masks of the K scored classes (non-zero = in the class), e.g.
+            a :class:`~tmerge.data.labels.LabelScheme`'s ``masks`` of the label maps.
+        classes: the K class names, in the masks' order.
+
+    Raises:
+        ValueError: masks of different shapes, or not K of them.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape or pred.shape[:1] != (len(classes),):
+        raise ValueError(
+            f"voxel_counts: expected two ({len(classes)}, ...) masks, got {pred.shape} and {truth.shape}"
+        )
+    k = len(classes)
+    t = np.count_nonzero(truth.reshape(k, -1), axis=1)
+    p = np.count_nonzero(pred.reshape(k, -1), axis=1)
+    return {
+        **{f"truth_{c}": int(v) for c, v in zip(classes, t, strict=True)},
+        **{f"pred_{c}": int(v) for c, v in zip(classes, p, strict=True)},
+    }
+
+

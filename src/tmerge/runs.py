@@ -70,6 +70,7 @@ ALPHAS_FILE = "alphas.json"
 SELECTION_FILE = "selection.json"
 SELECTION_DIR = "selection"
 ADAPTION_DIR = "adaption"
+WARMUP_DIR = "warmup"  # the fixed protocol's S warm-up (P frozen)
 PER_SUBJECT_FILE = "test_per_subject.csv"
 #: Per test subject, the voxels of each class in the truth and the prediction:
 #: ``subject,truth_<c>…,pred_<c>…`` (:func:`tmerge.report.endpoints.regions_csv`); optional.

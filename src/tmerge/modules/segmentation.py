@@ -333,7 +333,7 @@ class SegmentationModule(L.LightningModule):
         predictions = []
         for i, (subject, meta, result) in enumerate(self._predict_volumes(batch, batch_idx, logits)):
             if result.scores:
-                self.test_records.append({"subject": subject, **result.scores})
+                self.test_records.append({"subject": subject, **result.scores, **result.counts})
             if len(self.test_previews) < N_PREVIEWS:
                 self.test_previews.append(preview(batch["image"][i], result, meta, subject))
             predictions.append(Prediction(subject, result.labels, meta))

@@ -49,8 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from tmerge.metrics import voxel_counts  # noqa: F401 - re-exported: the counts the endpoints read
 from tmerge.report.runs import RunIndex, TargetRun
 from tmerge.report.tables import MISSING, Cell, Row, md_table, row_runs, scoring_header, seed_count
 from tmerge.runs import PER_SUBJECT_FILE, REGIONS_FILE, TARGETS_DIR
@@ -207,31 +206,6 @@ def endpoint_title(name: str) -> str:
 
 
 # ---- writing the voxel counts (for the stages) --------------------------------------------------
-
-
-def voxel_counts(pred: np.ndarray, truth: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
-    """``{"truth_<c>": …, "pred_<c>": …}``: the voxels of each class in the truth and the prediction.
-
-    Args:
-        pred, truth: ``(K, ...)`` masks of the K scored classes (non-zero = in the class), e.g.
-            :func:`tmerge.evaluate.class_masks` of the label maps.
-        classes: the K class names, in the masks' order.
-
-    Raises:
-        ValueError: masks of different shapes, or not K of them.
-    """
-    pred, truth = np.asarray(pred), np.asarray(truth)
-    if pred.shape != truth.shape or pred.shape[:1] != (len(classes),):
-        raise ValueError(
-            f"voxel_counts: expected two ({len(classes)}, ...) masks, got {pred.shape} and {truth.shape}"
-        )
-    k = len(classes)
-    t = np.count_nonzero(truth.reshape(k, -1), axis=1)
-    p = np.count_nonzero(pred.reshape(k, -1), axis=1)
-    return {
-        **{f"truth_{c}": int(v) for c, v in zip(classes, t, strict=True)},
-        **{f"pred_{c}": int(v) for c, v in zip(classes, p, strict=True)},
-    }
 
 
 def regions_columns(classes: Sequence[str]) -> list[str]:

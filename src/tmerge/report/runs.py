@@ -299,7 +299,8 @@ def _read_regions(run: TargetRun) -> None:
     except RunError as exc:
         run.warnings.append(f"{REGIONS_FILE} not used: {exc}")
         return
-    classes = {k[len("dice_") :] for k in SCORE_COLUMNS if k.startswith("dice_") and k != "dice_mean"}
+    columns = next(iter(run.per_subject.values()), {})
+    classes = {k[len("dice_") :] for k in columns if k.startswith("dice_") and k != "dice_mean"}
     counted = {k[len("truth_") :] for row in regions.values() for k in row if k.startswith("truth_")}
     if set(regions) != set(run.per_subject) or not classes <= counted:
         run.warnings.append(

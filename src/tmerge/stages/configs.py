@@ -5,6 +5,7 @@ values and names the key it refuses."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from tmerge.data.target import TargetDataConfig
@@ -154,6 +155,34 @@ class VectorMergeConfig:
             raise ConfigError(str(exc)) from None
 
 
+#: The run protocols of a target run (docs/protocol.md).
+PROTOCOLS = ("paper", "fixed")
+
+
+@dataclass
+class FixedProtocolConfig:
+    """The fixed protocol (``protocol=fixed``): equal budgets, no selection on validation.
+
+    Every initialisation first trains S and the input layer with P frozen for ``warmup_epochs``
+    (T-IMM and mean-T-IMM: their adaption, δ included, for the same epochs; the others: the
+    adaption without δ), then fine-tunes everything for ``epochs`` under the annealed (poly)
+    learning rate, and is tested with its final weights. The validation split is never read.
+    The test subjects are scored after epochs 1, 2, 4, … and the last of the fine-tune (the
+    learning curve, :data:`~tmerge.runs.CURVE_FILE`), with the random state restored around
+    each pass, so the training is the one without curve points.
+    """
+
+    epochs: int = 15  # fine-tune epochs: none plateaus around epoch 15 at 4 % (docs/protocol.md)
+    warmup_epochs: int = 5  # S warm-up (T-IMM: adaption) epochs, the same for every init
+    curve: bool = True  # learning-curve points on the test subjects
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.warmup_epochs < 0:
+            raise ConfigError(
+                f"fixed.epochs/warmup_epochs: expected >= 1 and >= 0, got {self.epochs}/{self.warmup_epochs}"
+            )
+
+
 @dataclass
 class TargetStageConfig(RunConfig):
     """Config of a BraTS run (``tmerge timm``, ``tmerge imm``, ``tmerge target init=…``, sweeps)."""
@@ -178,6 +207,10 @@ class TargetStageConfig(RunConfig):
     # S (what the original code effectively did); with a map it stays in P and is merged.
     channel_map: list[int] | None = None
     data: TargetDataConfig = field(default_factory=TargetDataConfig)
+    # "paper": early stopping and the best-validation checkpoint (the paper's); "fixed": a fixed
+    # budget, an annealed lr, the final weights and equal S warm-up for every init (`fixed.*`).
+    protocol: str = "paper"
+    fixed: FixedProtocolConfig = field(default_factory=FixedProtocolConfig)
     adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)
@@ -185,3 +218,19 @@ class TargetStageConfig(RunConfig):
     # How the test scores are computed: HD95 pooled (BraTS/medpy) or directed (MONAI), empty
     # regions by the brats2018 or the brats2023 rules (tmerge.evaluate.MetricsConfig).
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+
+    def stage_optim(self, lr: float | None = None) -> OptimConfig:
+        """The optimiser settings of a stage at ``lr`` (None: ``optim.lr``): under the fixed
+        protocol the learning rate is annealed over the budget (poly) — nothing validates, so no
+        plateau can be watched."""
+        optim = self.optim if lr is None else dataclasses.replace(self.optim, lr=lr)
+        return dataclasses.replace(optim, schedule="poly") if self.protocol == "fixed" else optim
+
+    @property
+    def select(self) -> str:
+        """How the fits choose their weights: ``"best"`` (paper) or ``"last"`` (fixed)."""
+        return "last" if self.protocol == "fixed" else "best"

@@ -3,6 +3,7 @@ fine-tuned weights, and the W&B model artifact. Formats: :mod:`tmerge.evaluate`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from torch import nn
 
 from tmerge.artifacts import TARGET_TYPE, log_model
 from tmerge.data.target import TargetDataModule
-from tmerge.evaluate import write_scores
-from tmerge.io import write_json
+from tmerge.evaluate import evaluate_subject, summarise, write_scores
+from tmerge.io import write_json, write_text
 from tmerge.modules.segmentation import SegmentationModule
-from tmerge.runs import NET_FILE, PER_SUBJECT_FILE, STAGES_FILE, TARGET_MARKER, save_net
+from tmerge.report.endpoints import regions_csv
+from tmerge.runs import NET_FILE, PER_SUBJECT_FILE, REGIONS_FILE, STAGES_FILE, TARGET_MARKER, save_net
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.module import architecture_meta
 
@@ -52,6 +54,7 @@ def write_results(
     write_json(run_dir / STAGES_FILE, stages)
     meta = target_meta(cfg, dm, list(stages["sources"]))
     save_net(run_dir / NET_FILE, net, meta)
+    write_text(run_dir / REGIONS_FILE, regions_csv(records, dm.class_names))  # voxels per class, for the endpoints
     summary = write_test_results(run_dir, records, dm.class_names, cfg.metrics.convention)
     files = {f: run_dir / f for f in (NET_FILE, STAGES_FILE, TARGET_MARKER)}
     log_model(
@@ -91,3 +94,25 @@ def write_test_results(
         :mod:`tmerge.evaluate`).
     """
     return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names, convention)
+
+
+def curve_score(dm: TargetDataModule) -> Callable[[L.Trainer, L.LightningModule], dict[str, float]]:
+    """The learning curve's score (:class:`~tmerge.callbacks.LearningCurve`): the module as it is
+    now on every test subject, scored as the test is (original geometry, the module's
+    ``metrics``; Dice per class and the mean of the per-subject means, :func:`tmerge.evaluate.summarise`)."""
+
+    def score(trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+        assert isinstance(module, SegmentationModule)
+        module.eval()  # no dropout; LearningCurve restores the train/eval flags afterwards
+        records = []
+        for batch in dm.test_dataloader():
+            logits = module.infer(batch["image"].to(module.device))
+            for i, subject in enumerate(batch["subject"]):
+                result = evaluate_subject(
+                    logits[i], batch["label"][i], batch["meta"][i], module.scheme, metrics=module.metrics
+                )
+                records.append({"subject": subject, **result.scores})
+        summary = summarise(records, module.class_names, module.metrics.convention)
+        return {f"dice_{c}": v for c, v in summary["dice"].items() if v is not None}
+
+    return score

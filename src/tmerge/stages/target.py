@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
-from tmerge.callbacks import PredictionWriter
+from tmerge.callbacks import LearningCurve, PredictionWriter
 from tmerge.config import to_container
 from tmerge.dashboard import log_test_results
 from tmerge.data.formats import match_channels
@@ -39,11 +39,12 @@ from tmerge.runs import (
     load_source,
     target_dir,
 )
+from tmerge.stages.adaption import warm_up
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.inits import INITS, Initialisation, check_base, initialise, load_base
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
-from tmerge.stages.results import test_subjects, write_results
+from tmerge.stages.results import curve_score, test_subjects, write_results
 from tmerge.stages.selection import select_candidate
 from tmerge.transfer import map_input_channels
 
@@ -187,6 +188,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
             return run_dir
         stages: dict[str, Any] = {
             "init": cfg.init,
+            "protocol": cfg.protocol,
             "sources": names,
             "specific": cfg.transfer.specific,
             "fisher_normalize": cfg.fisher.normalize if init.fisher else None,
@@ -223,23 +225,32 @@ def _run_stages(
         net = cfg.net.build(dm.in_channels, dm.n_outputs)
     start = initialise(cfg, init, net, sources, base, params)
     net = start.net
+    fixed = cfg.protocol == "fixed"
     if init.adapt is not None:
         net, stages["adaption"] = init.adapt(cfg, dm, net, sources, start, run_dir, run)
+    elif fixed and cfg.fixed.warmup_epochs:  # the same steps for every init before fine-tuning
+        net, stages["warmup"] = warm_up(cfg, dm, net, run_dir, run)
 
-    module = segmentation_module(net, dm, cfg, cfg.data.patch_size, metrics=cfg.metrics)
+    module = segmentation_module(
+        net, dm, cfg, cfg.data.patch_size, optim=cfg.stage_optim(), metrics=cfg.metrics
+    )
     loggers = stage_loggers(run_dir, run, "finetune")
     # Label maps in original geometry: the test subjects', and (portion 100, paper §4.4) the
     # unlabelled validation set's under the BraTS submission naming <Brats18_ID>.nii.gz.
     predictions = run_dir / PREDICTIONS_DIR
     writer = PredictionWriter(test_dir=predictions, predict_dir=predictions / VALIDATION_DIR)
+    extra: list[Any] = [writer]
+    if fixed and cfg.fixed.curve:
+        extra.append(LearningCurve(curve_score(dm), run_dir))
     trainer, result = fit(
         module,
         dm,
         run_dir=run_dir,
         trainer_cfg=cfg.trainer,
         loggers=loggers,
-        callbacks=[writer],
+        callbacks=extra,
         name=f"p{cfg.data.portion}/{cfg.init} fine-tune",
+        **({"max_epochs": cfg.fixed.epochs, "select": "last"} if fixed else {}),
     )
     stages["finetune"] = result.as_dict()
     tested = test_subjects(trainer, module, dm, result.best_path)
@@ -256,7 +267,7 @@ def _run_stages(
         log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
 
 
-def _logger_cfg(cfg: TargetStageConfig, tags: list[str], target: str) -> LoggerConfig:
+def _logger_cfg(cfg: TargetStageConfig, tags: list[str], target: str = BRATS_TARGET) -> LoggerConfig:
     """W&B runs of one target and portion share a group (``brats-p4``, ``<target>-p100``)."""
     wandb = dataclasses.replace(
         cfg.logger.wandb,
