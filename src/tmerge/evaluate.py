@@ -12,7 +12,10 @@ true label map on that full grid, with distances in mm from the image's affine:
 * parcellation (``"softmax"``): the arg-max class, scored per foreground class.
 
 Scores per subject and class: Dice and HD95 (:func:`tmerge.metrics.dice_masks`,
-:func:`tmerge.metrics.hd95_masks`; empty masks as in BraTS, see :mod:`tmerge.metrics`).
+:func:`tmerge.metrics.hd95_masks`), as :class:`MetricsConfig` (``metrics.*``) says: HD95 pooled
+over both directions as the BraTS organisers compute it (default) or MONAI's directed maximum,
+and the empty-region rules of BraTS 2018–2021 (default) or of the current BraTS package
+(:mod:`tmerge.metrics` states both).
 
 Files (written by the stages, formats fixed because reports read them):
 
@@ -20,7 +23,8 @@ Files (written by the stages, formats fixed because reports read them):
   ``subject,dice_ET,dice_TC,dice_WT,dice_mean,hd95_ET,hd95_TC,hd95_WT``), one row per test subject,
   sorted by subject (:func:`per_subject_rows`);
 * the summary (:data:`~tmerge.runs.TARGET_MARKER`) — ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
-  (:func:`summarise`);
+  (:func:`summarise`); under ``metrics.convention=brats2023`` NaN scores (both masks empty) are
+  left out of the means and counted in an added ``"n_empty": {<c>…}``;
 * ``predictions/<subject>.nii.gz`` — the label map (``uint8``) with the subject's original shape
   and affine, in its dataset's label convention (BraTS 2018/2021 0/1/2/4, BraTS 2023 0/1/2/3,
   nnU-Net the dataset.json values; :mod:`tmerge.data.formats`); for the unlabelled BraTS
@@ -31,6 +35,7 @@ Files (written by the stages, formats fixed because reports read them):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +47,16 @@ import torch
 from tmerge.data.labels import BRATS_SCHEME, REGIONS, LabelScheme, dataset_labels
 from tmerge.data.nifti import save_labels
 from tmerge.data.preprocess import original_labels, uncrop, voxel_spacing
-from tmerge.metrics import check_output_mode, dice_masks, hd95_masks, logits_to_onehot, voxel_counts
+from tmerge.errors import ConfigError
+from tmerge.metrics import (
+    EMPTY_CONVENTIONS,
+    HD95_DEFINITIONS,
+    check_output_mode,
+    dice_masks,
+    hd95_masks,
+    logits_to_onehot,
+    voxel_counts,
+)
 
 #: Sub-folder of a run with the exported label maps; unlabelled subjects go to its ``validation/``.
 
@@ -51,6 +65,33 @@ N_PREVIEWS = 3
 
 #: Names of the BraTS label values in exported maps and dashboard overlays.
 BRATS_LABEL_NAMES: dict[int, str] = dict(BRATS_SCHEME.names)
+
+
+@dataclass
+class MetricsConfig:
+    """How the test scores are computed (``metrics.*`` of a target run and of ``tmerge score``).
+
+    ``hd95``: ``"pooled"``, the 95th percentile of the border distances of both directions
+    together, as the BraTS organisers (medpy) compute it; ``"directed"``, the larger of the two
+    directions' 95th percentiles, MONAI's (tmerge's HD95 before the pooled default).
+    ``convention``: the empty-region rules, ``"brats2018"`` (BraTS 2018–2021: both empty → Dice
+    1, HD95 0; one empty → Dice 0, HD95 the image's diagonal) or ``"brats2023"`` (the current
+    BraTS package: both empty → NaN, left out of the means and counted; no overlap → Dice 0,
+    HD95 373.13 mm). Details: :mod:`tmerge.metrics`.
+    """
+
+    hd95: str = "pooled"
+    convention: str = "brats2018"
+
+    def __post_init__(self) -> None:
+        if self.hd95 not in HD95_DEFINITIONS:
+            raise ConfigError(
+                f"metrics.hd95: expected one of {', '.join(HD95_DEFINITIONS)}, got {self.hd95!r}"
+            )
+        if self.convention not in EMPTY_CONVENTIONS:
+            raise ConfigError(
+                f"metrics.convention: expected one of {', '.join(EMPTY_CONVENTIONS)}, got {self.convention!r}"
+            )
 
 
 class Prediction(NamedTuple):
@@ -123,6 +164,7 @@ def score_label_maps(
     scheme: Scheme,
     class_names: Sequence[str] | None = None,
     spacing: Sequence[float] | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> dict[str, float]:
     """Dice and HD95 of a predicted against a true label map, per scored class.
 
@@ -133,6 +175,7 @@ def score_label_maps(
             ``class_names``.
         class_names: Names of the scored classes, in order (with an output mode).
         spacing: Voxel size per axis in mm (``None``: 1).
+        metrics: HD95 definition and empty-region convention (``None``: the defaults).
 
     Returns:
         ``{"dice_<c>": …, …, "hd95_<c>": …, …}``.
@@ -142,8 +185,9 @@ def score_label_maps(
         raise ValueError(f"prediction {np.shape(pred)} and truth {np.shape(truth)} differ in shape")
     p = scheme.masks(pred)[None]
     t = scheme.masks(truth)[None]
-    dice = dice_masks(p, t)[0].tolist()
-    hd95 = hd95_masks(p, t, spacing)[0].tolist()
+    metrics = metrics or MetricsConfig()
+    dice = dice_masks(p, t, metrics.convention)[0].tolist()
+    hd95 = hd95_masks(p, t, spacing, definition=metrics.hd95, convention=metrics.convention)[0].tolist()
     return {
         **{f"dice_{c}": float(v) for c, v in zip(scheme.classes, dice, strict=True)},
         **{f"hd95_{c}": float(v) for c, v in zip(scheme.classes, hd95, strict=True)},
@@ -156,6 +200,7 @@ def evaluate_subject(
     meta: Mapping[str, Any] | None,
     scheme: Scheme,
     class_names: Sequence[str] | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> SubjectResult:
     """Label map of one subject in its original geometry and, with a target, its scores there.
 
@@ -169,6 +214,7 @@ def evaluate_subject(
         scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode with
             ``class_names`` (see :func:`as_scheme`).
         class_names: Names of the scored classes (with an output mode).
+        metrics: HD95 definition and empty-region convention (``None``: the defaults).
 
     Returns:
         The :class:`SubjectResult`.
@@ -184,7 +230,7 @@ def evaluate_subject(
         spacing = voxel_spacing(np.asarray(meta["affine"]))
     scores, counts = {}, {}
     if truth is not None:
-        scores = score_label_maps(labels, truth, scheme, spacing=spacing)
+        scores = score_label_maps(labels, truth, scheme, spacing=spacing, metrics=metrics)
         counts = voxel_counts(scheme.masks(labels), scheme.masks(truth), scheme.classes)
     return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing, counts=counts)
 
@@ -256,35 +302,62 @@ def score_columns(class_names: Sequence[str]) -> list[str]:
 def per_subject_rows(
     records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject."""
+    """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject.
+    ``dice_mean`` is the mean over the classes whose Dice is not NaN (NaN if none is)."""
     rows = []
     for rec in sorted(records, key=lambda r: str(r["subject"])):
         dice = [float(rec[f"dice_{c}"]) for c in class_names]
+        scored = [d for d in dice if not math.isnan(d)]  # brats2023 leaves both-empty classes out
         rows.append(
             {
                 "subject": str(rec["subject"]),
                 **{f"dice_{c}": d for c, d in zip(class_names, dice, strict=True)},
-                "dice_mean": sum(dice) / len(dice),
+                "dice_mean": sum(scored) / len(scored) if scored else math.nan,
                 **{f"hd95_{c}": float(rec[f"hd95_{c}"]) for c in class_names},
             }
         )
     return rows
 
 
-def summarise(records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+def summarise(
+    records: Sequence[Mapping[str, Any]], class_names: Sequence[str], convention: str = "brats2018"
+) -> dict[str, Any]:
     """The test summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
-    (``None`` for no subject). ``dice.mean`` is the mean over subjects of the per-subject mean."""
+    (``None`` for no subject). ``dice.mean`` is the mean over subjects of the per-subject mean.
+
+    NaN scores (under ``convention="brats2023"``, a class empty in both maps) are left out of
+    each mean, and for that convention ``"n_empty": {<c>: k}`` counts the subjects left out per
+    class. Under ``"brats2018"`` no score is NaN and the summary has no ``n_empty``.
+    """
     rows = per_subject_rows(records, class_names)
     n = len(rows)
 
     def mean(key: str) -> float | None:
-        return sum(r[key] for r in rows) / n if n else None
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        return sum(values) / len(values) if values else None
 
-    return {
+    summary: dict[str, Any] = {
         "n": n,
         "dice": {**{c: mean(f"dice_{c}") for c in class_names}, "mean": mean("dice_mean")},
         "hd95": {c: mean(f"hd95_{c}") for c in class_names},
     }
+    if convention == "brats2023":
+        summary["n_empty"] = {c: sum(math.isnan(r[f"dice_{c}"]) for r in rows) for c in class_names}
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line of a test summary: Dice per class and mean, HD95 per class, n (and, under the
+    brats2023 convention, the subjects left out per class as empty in both maps)."""
+
+    def num(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    dice = ", ".join(f"{k} {num(v, '.3f')}" for k, v in summary["dice"].items())
+    hd95 = ", ".join(f"{k} {num(v, '.1f')}" for k, v in summary["hd95"].items())
+    empty = summary.get("n_empty")
+    dropped = f"; empty in both, left out: {', '.join(f'{k} {v}' for k, v in empty.items())}" if empty else ""
+    return f"Dice {dice}; HD95 {hd95} mm (n={summary['n']}{dropped})"
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -292,10 +365,15 @@ def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def write_scores(
-    csv_path: Path, summary_path: Path, records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+    csv_path: Path,
+    summary_path: Path,
+    records: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    convention: str = "brats2018",
 ) -> dict[str, Any]:
     """Write the per-subject scores (``subject`` + :func:`score_columns`, sorted by subject) as CSV
-    and then their :func:`summarise` as JSON, each atomically; return the summary."""
+    and then their :func:`summarise` (under ``convention``) as JSON, each atomically; return the
+    summary."""
     import csv
     import io
 
@@ -306,7 +384,6 @@ def write_scores(
     writer.writeheader()
     writer.writerows(per_subject_rows(records, class_names))
     write_text(csv_path, buf.getvalue())
-    summary = summarise(records, class_names)
+    summary = summarise(records, class_names, convention)
     write_json(summary_path, summary)
     return summary
-

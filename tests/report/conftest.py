@@ -96,11 +96,13 @@ class FakeRuns:
         trajectory: bool = False,
         scores: dict[str, dict[str, float]] | None = None,
         regions: dict[str, dict[str, int]] | None = None,
+        metrics: dict[str, str] | None = None,
     ) -> Path:
         """A BraTS run folder; ``finished=False`` leaves out the marker (``test_summary.json``).
         ``timm`` and ``mean-timm`` get an ``alphas.json``, with a ``trajectory`` if asked (the
         older format has none). ``scores`` replaces the fake per-subject scores; ``regions``
-        (subject → ``truth_<c>``/``pred_<c>`` → count) is written as ``test_regions.csv``."""
+        (subject → ``truth_<c>``/``pred_<c>`` → count) is written as ``test_regions.csv``.
+        ``metrics``: the config's ``metrics`` section (None: none, as before those keys existed)."""
         base = self.root / "brats" / f"p{portion}"
         path = base / init if seed is None else base / f"seed{seed}" / init
         path.mkdir(parents=True)
@@ -112,6 +114,8 @@ class FakeRuns:
             "adaption": {"max_epochs": 6},
             "data": {"root": str(self.data_root), "portion": portion, "patch_size": 48},
         }
+        if metrics is not None:
+            config["metrics"] = metrics
         (path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
         if run_json:
             (path / "run.json").write_text(json.dumps({"commit": "0123456789abcdef", "seed": seed or 0}))

@@ -240,3 +240,16 @@ def test_the_report_writes_and_links_the_endpoint_tables(runs):
     assert (out / "endpoints.csv").read_text().startswith("portion,runs,seeds,init,endpoint,")
     report = (out / "report.md").read_text()
     assert "](endpoints.md)" in report and "](endpoints.csv)" in report
+
+
+def test_brats2023_nan_dice_is_left_out_of_every_mean_and_of_n():
+    """Under metrics.convention=brats2023, s2's ET (empty in truth and prediction) is NaN: the
+    means leave it out — dice_ET over s1, s3, s4: (0.8 + 0 + 0)/3; the paper's mean over s2's
+    scored TC and WT: (0.6 + 0.8)/2 = 0.7 — and n counts what was averaged."""
+    nan_s2 = [dict(r) for r in SUBJECTS]
+    nan_s2[1]["dice_ET"] = float("nan")
+    v = values(endpoints(nan_s2))
+    assert v["dice_ET"] == (pytest.approx(0.8 / 3), 3)
+    assert v[PAPER_ENDPOINT] == (pytest.approx((0.8 + 0.7 + 1.4 / 3 + 1 / 3) / 4), 4)
+    assert v[PRIMARY_ENDPOINT] == values(endpoints(SUBJECTS))[PRIMARY_ENDPOINT]  # ET absent from s2
+    assert v["dice_TC"] == (pytest.approx(0.6), 4)

@@ -129,6 +129,7 @@ def _report_target(
     from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_csv, stats_markdown
     from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
     from tmerge.report.tables import (
+        scoring_header,
         table2_csv,
         table2_markdown,
         table3_markdown,
@@ -176,7 +177,14 @@ def _report_target(
     write_text(
         out / STATS_MD,
         stats_markdown(
-            comparisons, inits, cfg.reference, **stats, level=cfg.level, seed_aware=seed_aware, target=target
+            comparisons,
+            inits,
+            cfg.reference,
+            **stats,
+            level=cfg.level,
+            seed_aware=seed_aware,
+            target=target,
+            scoring=scoring_header("dice_mean", index.usable()),
         ),
     )
     write_text(out / STATS_CSV, stats_csv(comparisons, seed_aware, target))

@@ -137,10 +137,16 @@ METHOD_INFO: dict[str, tuple[str, str, str, str, str]] = {
     "mean-timm": ("average, α learned per layer (layer-wise AdaMerging)", "", "", "yes", "yes"),
     "timm": ("eq. 2, α learned per layer (T-IMM)", "yes", "", "yes", "yes"),
     "task-arithmetic": ("θ₀ + λ Σ τ_t", "", "yes", "grid", ""),
-    "ties": ("trim, sign election, disjoint mean of τ_t", "", "yes", "grid", ""),
+    "ties": (
+        "trim to k % (per tensor, or the whole model: `merge.trim`), sign election, disjoint mean of τ_t",
+        "",
+        "yes",
+        "grid",
+        "",
+    ),
     "dare": ("random drop and rescale of τ_t, then sum", "", "yes", "grid", ""),
-    "dare-ties": ("DARE, then TIES", "", "yes", "grid", ""),
-    "slerp": ("spherical interpolation per tensor", "", "", "grid", ""),
+    "dare-ties": ("DARE, then tmerge's TIES (trim, sign election, disjoint mean)", "", "yes", "grid", ""),
+    "slerp": ("spherical interpolation per tensor (linear where |cos| > 0.9995)", "", "", "grid", ""),
 }
 
 

@@ -28,6 +28,11 @@ The last two appear for a class only when some subject lacks it (otherwise they 
 them (runs written before :data:`tmerge.runs.REGIONS_FILE` existed) give only ``dice_mean`` and
 ``dice_<c>``.
 
+Under ``metrics.convention=brats2023`` a class empty in both maps has Dice NaN, not a coin:
+every mean here leaves NaN out (and its ``n`` counts the values kept), so the paper's endpoint is
+then the mean over subjects of each subject's mean over its scored classes, as in
+``test_summary.json``. Under the default brats2018 rules no Dice is NaN.
+
 A record is a mapping with, for every class c: ``dice_<c>`` (Dice, BraTS convention),
 ``truth_<c>`` and ``pred_<c>`` (voxels of c in the truth and in the prediction, ≥ 0); other keys
 (``subject``, ``hd95_<c>``, ``dice_mean``) are ignored. Every function here is pure.
@@ -46,7 +51,7 @@ from typing import Any
 
 from tmerge.metrics import voxel_counts  # noqa: F401 - re-exported: the counts the endpoints read
 from tmerge.report.runs import RunIndex, TargetRun
-from tmerge.report.tables import MISSING, Cell, Row, md_table, row_runs, seed_count
+from tmerge.report.tables import MISSING, Cell, Row, md_table, row_runs, scoring_header, seed_count
 from tmerge.runs import PER_SUBJECT_FILE, REGIONS_FILE, TARGETS_DIR
 
 #: The endpoint that decides: per subject the mean Dice of the classes present in its truth,
@@ -86,7 +91,13 @@ def _count(record: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def _scored(values: Sequence[float]) -> list[float]:
+    """``values`` without NaN (a class empty in both maps under the brats2023 rules)."""
+    return [v for v in values if not math.isnan(v)]
+
+
 def _mean(values: Sequence[float]) -> float | None:
+    values = _scored(values)
     return math.fsum(values) / len(values) if values else None
 
 
@@ -97,8 +108,10 @@ def present_mean(record: Mapping[str, Any], classes: Sequence[str]) -> float | N
 
 
 def paper_mean(records: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> float | None:
-    """The paper's endpoint: mean over records of the mean ``dice_<c>`` over every class."""
-    return _mean([math.fsum(_dice(r, c) for c in classes) / len(classes) for r in records])
+    """The paper's endpoint: mean over records of the mean ``dice_<c>`` over every class (over
+    the scored classes where some are NaN)."""
+    per_subject = [_mean([_dice(r, c) for c in classes]) for r in records]
+    return _mean([math.nan if m is None else m for m in per_subject])
 
 
 def mean_over_all(records: Sequence[Mapping[str, Any]], c: str) -> float | None:
@@ -155,16 +168,17 @@ def endpoints(
     classes = tuple(record_classes(records[0]) if classes is None else classes)
     if not classes:
         raise ValueError("endpoints: no classes (no dice_<c> in the records)")
-    n = len(records)
     counted = has_counts(records, classes)
     out: dict[str, Endpoint] = {}
     if counted:
         scores = [present_mean(r, classes) for r in records]
         kept = [s for s in scores if s is not None]
         out[PRIMARY_ENDPOINT] = Endpoint(PRIMARY_ENDPOINT, _mean(kept), len(kept))
-    out[PAPER_ENDPOINT] = Endpoint(PAPER_ENDPOINT, paper_mean(records, classes), n)
+    scored = [r for r in records if _scored([_dice(r, c) for c in classes])]
+    out[PAPER_ENDPOINT] = Endpoint(PAPER_ENDPOINT, paper_mean(records, classes), len(scored))
     for c in classes:
-        out[f"dice_{c}"] = Endpoint(f"dice_{c}", mean_over_all(records, c), n)
+        n_c = len(_scored([_dice(r, c) for r in records]))
+        out[f"dice_{c}"] = Endpoint(f"dice_{c}", mean_over_all(records, c), n_c)
         if not counted:
             continue
         share, n_empty = kept_empty(records, c)
@@ -278,6 +292,8 @@ def endpoints_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str
         "truth and the prediction). Sweep rows: mean ± sd over seeds of the per-seed values "
         '("(k/n seeds)" where only k of the n seeds have the value); n: subjects the endpoint '
         f"averages over in each run. {MISSING}: no finished run, or no `{REGIONS_FILE}`.\n",
+        f"Dice scored with {scoring_header('dice_mean', index.usable())} (brats2023: a class empty "
+        "in both maps is NaN and left out of every mean, not a coin).\n",
     ]
     if without:
         listed = ", ".join(f"`{_rel(r, index)}`" for r in without)

@@ -440,10 +440,14 @@ def stats_markdown(
     level: float = 0.95,
     seed_aware: Mapping[Row, Sequence[SeedComparison]] | None = None,
     target: float = TARGET_DIFFERENCE,
+    scoring: str | None = None,
 ) -> str:
     """The statistics page: the seed-aware comparison of each sweep row (when ``seed_aware`` is given),
-    then the per-subject tests, one table per row of Table 2, one line per comparison."""
+    then the per-subject tests, one table per row of Table 2, one line per comparison. ``scoring``:
+    how the compared Dice were scored (e.g. "empty regions: brats2018"), said under the title."""
     parts = [f"# Paired statistics — {reference} against each other initialisation\n"]
+    if scoring:
+        parts.append(f"Dice scored with {scoring} (Table 2 says what the rules mean).\n")
     if seed_aware is not None:
         others = [r for r in comparisons if r not in seed_aware]
         parts.append(

@@ -55,6 +55,10 @@ log = logging.getLogger("tmerge")
 #: Per-subject CSV columns (after ``subject``): Dice and HD95 of the tumour regions.
 SCORE_COLUMNS: tuple[str, ...] = tuple(score_columns(REGIONS))
 
+#: The scoring of runs whose config predates ``metrics.*``: MONAI's directed HD95, brats2018 rules.
+LEGACY_SCORING = ("directed", "brats2018")
+UNKNOWN_SCORING = ("unknown", "unknown")
+
 SINGLE = "single"  # target_dir(runs, portion, init)
 SWEEP = "sweep"  # target_dir(runs, portion, init, seed)
 
@@ -120,6 +124,17 @@ class TargetRun:
         :func:`tmerge.report.endpoints.endpoints`)."""
         regions = self.regions or {}
         return [{"subject": s, **self.per_subject[s], **regions.get(s, {})} for s in sorted(self.per_subject)]
+
+    def scoring(self) -> tuple[str, str]:
+        """``(HD95 definition, empty-region convention)`` of the run's test scores, from its
+        ``metrics.*`` config. A config without ``metrics`` was written before those keys existed,
+        when HD95 was MONAI's directed one under the brats2018 rules (:data:`LEGACY_SCORING`);
+        without a config: ``("unknown", "unknown")``."""
+        if self.config is None:
+            return UNKNOWN_SCORING
+        hd95 = config_value(self.config, "metrics.hd95")
+        convention = config_value(self.config, "metrics.convention")
+        return (str(hd95 or LEGACY_SCORING[0]), str(convention or LEGACY_SCORING[1]))
 
 
 @dataclass

@@ -15,6 +15,7 @@ import csv
 import io
 import math
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -166,6 +167,41 @@ def table2_metrics(classes: Sequence[str] = REGIONS) -> tuple[tuple[str, str, in
 #: Table 2's sub-tables for BraTS.
 TABLE2_METRICS: tuple[tuple[str, str, int], ...] = table2_metrics(REGIONS)
 
+#: How each HD95 definition is named in the tables' headers (:mod:`tmerge.metrics`).
+HD95_NAMES = {"pooled": "pooled (BraTS, medpy)", "directed": "directed max (MONAI)"}
+
+
+def scoring_name(runs: Iterable[TargetRun], part: int) -> str:
+    """The HD95 definition (``part=0``) or the empty-region convention (``part=1``) of ``runs``'
+    test scores (:meth:`~tmerge.report.runs.TargetRun.scoring`): one name, or ``mixed (…)`` with
+    the number of runs of each when they differ."""
+    counts = Counter(r.scoring()[part] for r in runs)
+    names = {k: HD95_NAMES.get(k, k) if part == 0 else k for k in counts}
+    if not counts:
+        return MISSING
+    if len(counts) == 1:
+        return names[next(iter(counts))]
+    runs_of = {k: f"{n} run" + ("s" if n != 1 else "") for k, n in counts.items()}
+    return "mixed (" + ", ".join(f"{names[k]}: {runs_of[k]}" for k in sorted(counts)) + ")"
+
+
+def scoring_header(column: str, runs: Iterable[TargetRun]) -> str:
+    """What a Table 2 column's numbers depend on besides the runs: the empty-region convention
+    for Dice, and the HD95 definition too for HD95."""
+    runs = list(runs)
+    convention = f"empty regions: {scoring_name(runs, 1)}"
+    return f"HD95 {scoring_name(runs, 0)}; {convention}" if column.startswith("hd95") else convention
+
+
+SCORING_NOTE = (
+    "HD95 *pooled* is the 95th percentile of the border-to-border distances of both directions "
+    "together, as the BraTS organisers (medpy) compute it; *directed max* is the larger of the two "
+    "directions' 95th percentiles (MONAI), tmerge's HD95 for runs made before `metrics.hd95` "
+    "existed. Empty regions *brats2018*: empty in both maps → Dice 1, HD95 0; in one → Dice 0, HD95 "
+    "the image's diagonal. *brats2023*: empty in both → left out (counted in \"(k n/a)\"); no "
+    "overlap → Dice 0, HD95 373.13 mm. Each run's `metrics.*` config says which it used."
+)
+
 
 def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
     """Table 2 in Markdown: one sub-table per metric, rows = portions, columns = initialisations."""
@@ -181,13 +217,16 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
         "training runs (training randomness and the draw of train/val subjects), not a standard "
         "error, and with a handful of seeds it is itself rough. n: test subjects per run; "
         "seeds: how many seeds the row holds. "
-        f"{MISSING}: no finished run. HD95 is averaged over the subjects where it is finite; "
-        '"(k n/a)" counts the values left out (an empty prediction or ground truth). '
+        f"{MISSING}: no finished run. Scores are averaged over the subjects where they are "
+        'finite; "(k n/a)" counts the values left out (a region empty in both maps under the '
+        "brats2023 rules). "
         "At 100 % the 40 held-out subjects are also the validation set that selects the "
         'checkpoint (as in the paper, which reported the online leaderboard instead): its rows are '
         'labelled "(validation)" and are not test scores; grade the exported unlabelled set with '
         "`tmerge score` where its labels exist.\n",
+        SCORING_NOTE + "\n",
     ]
+    used = index.usable()
     for title, column, digits in table2_metrics(index.classes):
         body = []
         for row in rows:
@@ -201,7 +240,8 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
                     *(metric_cell(cells[i], column).format(digits, row.group, len(row.seeds)) for i in inits),
                 ]
             )
-        parts.append(f"## {title}\n\n" + md_table(["portion", "n", "seeds", *inits], body))
+        header = f"## {title} — {scoring_header(column, used)}\n\n"
+        parts.append(header + md_table(["portion", "n", "seeds", *inits], body))
     return "\n".join(parts)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from tmerge.data.target import TargetDataConfig
 from tmerge.errors import ConfigError
+from tmerge.evaluate import MetricsConfig
 from tmerge.loggers import LoggerConfig
 from tmerge.modules.segmentation import LossConfig, OptimConfig
 from tmerge.nets.config import NetConfig
@@ -125,6 +126,12 @@ class VectorMergeConfig:
     p: list[float] = field(default_factory=lambda: [0.5])  # DARE: drop probability (Yu et al.)
     t: list[float] = field(default_factory=lambda: [0.5])  # SLERP: 0 = first source, 1 = second
     seed: int = 0  # DARE's drop masks
+    # TIES' (and dare-ties') trim scope: "tensor" ranks each tensor's magnitudes on its own
+    # (mergekit), "model" all merged tensors together (Yadav et al.'s code, fusion-bench). One
+    # value, not a grid: it chooses which algorithm "ties" is, not a strength to tune, and a grid
+    # would let validation pick between two methods under one name. Like `seed`, every candidate
+    # of the grid gets it (and selection.json records it).
+    trim: str = "tensor"
 
     def __post_init__(self) -> None:
         from tmerge.merge.methods import check_value
@@ -142,6 +149,10 @@ class VectorMergeConfig:
                     raise ConfigError(str(exc)) from None
         if self.seed < 0:
             raise ConfigError(f"merge.seed: expected an integer >= 0, got {self.seed}")
+        try:
+            check_value("trim", self.trim, "merge.trim")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 #: The run protocols of a target run (docs/protocol.md).
@@ -204,6 +215,9 @@ class TargetStageConfig(RunConfig):
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)
     merge: VectorMergeConfig = field(default_factory=VectorMergeConfig)
+    # How the test scores are computed: HD95 pooled (BraTS/medpy) or directed (MONAI), empty
+    # regions by the brats2018 or the brats2023 rules (tmerge.evaluate.MetricsConfig).
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

@@ -234,10 +234,12 @@ def vector_builder(method: str) -> Callable[[InitContext], Initialised]:
 
 def vector_candidates(cfg: TargetStageConfig, method: str) -> list[dict[str, Any]]:
     """The hyper-parameter candidates of a task-vector method: the product of the ``merge.*``
-    lists it uses (λ, k, p, t), each with ``merge.seed`` for DARE."""
+    lists it uses (λ, k, p, t), each with ``merge.seed`` for DARE and ``merge.trim`` for TIES
+    (single values, not grids)."""
     grid: list[dict[str, Any]] = [{}]
     for key in METHODS[method].params:
-        values = [cfg.merge.seed] if key == "seed" else list(getattr(cfg.merge, key))
+        single = key in ("seed", "trim")
+        values = [getattr(cfg.merge, key)] if single else list(getattr(cfg.merge, key))
         grid = [{**g, key: v} for g in grid for v in values]
     return grid
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from tmerge.evaluate import MetricsConfig
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule
 from tmerge.runner import resolve_compile
 from tmerge.stages.configs import RunConfig
@@ -34,8 +35,10 @@ def segmentation_module(
     patch_size: int,
     optim: OptimConfig | None = None,
     group_lrs: Mapping[str, float] | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> SegmentationModule:
-    """The stage's LightningModule for ``net`` on ``dm``'s task, from the run config."""
+    """The stage's LightningModule for ``net`` on ``dm``'s task, from the run config (``metrics``:
+    how its test scores are computed, a target run's ``cfg.metrics``; None: the defaults)."""
     return SegmentationModule(
         net,
         output_mode=dm.output_mode,
@@ -47,4 +50,5 @@ def segmentation_module(
         compile=resolve_compile(cfg.trainer.compile, cfg.trainer.accelerator),
         group_lrs=group_lrs,
         scheme=getattr(dm, "scheme", None),
+        metrics=metrics,
     )

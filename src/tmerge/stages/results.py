@@ -55,7 +55,7 @@ def write_results(
     meta = target_meta(cfg, dm, list(stages["sources"]))
     save_net(run_dir / NET_FILE, net, meta)
     write_text(run_dir / REGIONS_FILE, regions_csv(records, dm.class_names))  # voxels per class, for the endpoints
-    summary = write_test_results(run_dir, records, dm.class_names)
+    summary = write_test_results(run_dir, records, dm.class_names, cfg.metrics.convention)
     files = {f: run_dir / f for f in (NET_FILE, STAGES_FILE, TARGET_MARKER)}
     log_model(
         run,
@@ -79,7 +79,7 @@ def target_meta(cfg: TargetStageConfig, dm: TargetDataModule, sources: list[str]
 
 
 def write_test_results(
-    run_dir: Path, records: list[dict[str, Any]], class_names: list[str]
+    run_dir: Path, records: list[dict[str, Any]], class_names: list[str], convention: str = "brats2018"
 ) -> dict[str, Any]:
     """Write the per-subject scores and, last, the summary (the run's finished marker).
 
@@ -87,29 +87,19 @@ def write_test_results(
         run_dir: The run folder.
         records: Per-subject scores ``subject``, ``dice_<c>``, ``hd95_<c>`` (any order).
         class_names: The scored classes (``ET``, ``TC``, ``WT``).
+        convention: The run's ``metrics.convention`` (``brats2023`` adds ``n_empty``).
 
     Returns:
         The summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}`` (formats:
         :mod:`tmerge.evaluate`).
     """
-    return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names)
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """One line of a test summary: Dice per class and mean, HD95 per class, n."""
-
-    def num(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
-    dice = ", ".join(f"{k} {num(v, '.3f')}" for k, v in summary["dice"].items())
-    hd95 = ", ".join(f"{k} {num(v, '.1f')}" for k, v in summary["hd95"].items())
-    return f"Dice {dice}; HD95 {hd95} mm (n={summary['n']})"
+    return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names, convention)
 
 
 def curve_score(dm: TargetDataModule) -> Callable[[L.Trainer, L.LightningModule], dict[str, float]]:
     """The learning curve's score (:class:`~tmerge.callbacks.LearningCurve`): the module as it is
-    now on every test subject, scored as the test is (original geometry; Dice per class and the
-    mean of the per-subject means, :func:`tmerge.evaluate.summarise`)."""
+    now on every test subject, scored as the test is (original geometry, the module's
+    ``metrics``; Dice per class and the mean of the per-subject means, :func:`tmerge.evaluate.summarise`)."""
 
     def score(trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
         assert isinstance(module, SegmentationModule)
@@ -118,9 +108,11 @@ def curve_score(dm: TargetDataModule) -> Callable[[L.Trainer, L.LightningModule]
         for batch in dm.test_dataloader():
             logits = module.infer(batch["image"].to(module.device))
             for i, subject in enumerate(batch["subject"]):
-                result = evaluate_subject(logits[i], batch["label"][i], batch["meta"][i], module.scheme)
+                result = evaluate_subject(
+                    logits[i], batch["label"][i], batch["meta"][i], module.scheme, metrics=module.metrics
+                )
                 records.append({"subject": subject, **result.scores})
-        summary = summarise(records, module.class_names)
+        summary = summarise(records, module.class_names, module.metrics.convention)
         return {f"dice_{c}": v for c, v in summary["dice"].items() if v is not None}
 
     return score

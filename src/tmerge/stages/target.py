@@ -24,7 +24,7 @@ from tmerge.dashboard import log_test_results
 from tmerge.data.formats import match_channels
 from tmerge.data.target import BRATS_TARGET, TargetDataModule
 from tmerge.errors import ConfigError, RunError
-from tmerge.evaluate import label_names
+from tmerge.evaluate import format_summary, label_names
 from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
 from tmerge.nets import input_names, layer_groups, partition
@@ -44,7 +44,7 @@ from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.inits import INITS, Initialisation, check_base, initialise, load_base
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
-from tmerge.stages.results import curve_score, format_summary, test_subjects, write_results
+from tmerge.stages.results import curve_score, test_subjects, write_results
 from tmerge.stages.selection import select_candidate
 from tmerge.transfer import map_input_channels
 
@@ -231,7 +231,9 @@ def _run_stages(
     elif fixed and cfg.fixed.warmup_epochs:  # the same steps for every init before fine-tuning
         net, stages["warmup"] = warm_up(cfg, dm, net, run_dir, run)
 
-    module = segmentation_module(net, dm, cfg, cfg.data.patch_size, optim=cfg.stage_optim())
+    module = segmentation_module(
+        net, dm, cfg, cfg.data.patch_size, optim=cfg.stage_optim(), metrics=cfg.metrics
+    )
     loggers = stage_loggers(run_dir, run, "finetune")
     # Label maps in original geometry: the test subjects', and (portion 100, paper §4.4) the
     # unlabelled validation set's under the BraTS submission naming <Brats18_ID>.nii.gz.
