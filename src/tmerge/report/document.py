@@ -13,12 +13,14 @@ from typing import Any
 
 from tmerge.errors import RunError
 from tmerge.report import (
+    CURVES_MD,
     ENDPOINTS_CSV,
     ENDPOINTS_MD,
     FIG3_EXAMPLES,
     FIG4_PAIRED,
     FIG5_ALPHAS,
     FIG5_TRAJECTORY,
+    FIG_CURVES,
     STATS_CSV,
     STATS_MD,
     TABLE2_CSV,
@@ -265,6 +267,8 @@ def report_markdown(
         "subjects, a class some subjects lack over those that have it, and the share of those "
         f"without it predicted empty ([CSV]({ENDPOINTS_CSV}))\n"
         f"- [Table 3]({TABLE3_MD}) — epochs and validation scores of the adaption and fine-tune stages\n"
+        f"- [Learning curves]({CURVES_MD}) ([figure]({FIG_CURVES})) — fixed-protocol runs: test Dice after "
+        "fine-tune epochs 1, 2, 4, … and the last; start, area under the curve and end per init\n"
         f"- [Table 4]({FORGETTING_MD}) — forgetting of the source tasks\n"
         f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
         "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
