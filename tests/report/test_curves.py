@@ -23,7 +23,7 @@ def test_curve_table_over_seeds(fake):
     curves = {0: [0.1, 0.3, 0.5], 1: [0.3, 0.5, 0.7]}
     for seed, scores in curves.items():
         run = fake.target(4, "none", seed=seed)
-        points = [{"epoch": e, "global_step": e, "scores": {"dice_mean": s}} for e, s in zip([1, 2, 4], scores)]
+        points = [{"epoch": e, "global_step": e, "scores": {"dice_mean": s}} for e, s in zip([1, 2, 4], scores, strict=True)]
         (run / "curve.json").write_text(json.dumps({"max_epochs": 4, "points": points}))
     fake.target(4, "timm", seed=0)  # a paper-protocol run: no curve
     index = discover(fake.root)
