@@ -32,3 +32,13 @@ def test_curve_table_over_seeds(fake):
     line = next(ln for ln in text.splitlines() if "| none |" in ln)
     assert "| 2 | 0.200 ± 0.141 | 0.433 ± 0.141 | 0.600 ± 0.141 |" in line
     assert "| timm |" not in text
+
+
+def test_per_source_alphas_read_the_negative_control():
+    from tmerge.report.diagnostics import per_source_alphas
+
+    alphas = {"sources": ["task1", "task2", "noise"], "alphas": {"a": [0.5, 0.4, 0.1], "b": [0.2, 0.7, 0.1], "c": [0.3, 0.3, 0.4]}}
+    found = per_source_alphas(alphas)
+    assert found["noise"] == (pytest.approx(0.2), pytest.approx(1 / 3))
+    assert found["task2"][1] == pytest.approx(1 / 3) and found["task1"][0] == pytest.approx(1 / 3)
+    assert per_source_alphas({"sources": ["a"], "alphas": {"x": [0.5, 0.5]}}) is None

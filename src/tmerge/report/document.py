@@ -27,7 +27,13 @@ from tmerge.report import (
     TABLE2_MD,
     TABLE3_MD,
 )
-from tmerge.report.diagnostics import ALPHA_INITS, alpha_runs, distance_summary, summarise_alphas
+from tmerge.report.diagnostics import (
+    ALPHA_INITS,
+    alpha_runs,
+    distance_summary,
+    per_source_alphas,
+    summarise_alphas,
+)
 from tmerge.report.runs import SINGLE, RunIndex, TargetRun, config_value, init_sort_key, ordered_inits
 from tmerge.report.tables import MISSING, Row, md_table
 from tmerge.runs import (
@@ -185,6 +191,20 @@ def mixing_section(index: RunIndex) -> str:
             [_alpha_line(r, index.root) for r in runs],
         )
     )
+    per_source = [(r, per_source_alphas(r.alphas)) for r in runs if isinstance(r.alphas, dict)]
+    lines = [
+        [str(r.portion), "—" if r.seed is None else str(r.seed), r.init, name, f"{mean:.3f}", f"{top:.0%}"]
+        for r, found in per_source
+        if found
+        for name, (mean, top) in found.items()
+    ]
+    if lines:
+        parts.append(
+            "Per source: the mean α over the merged layers and the share of layers where the source "
+            "has the largest α. In the negative control (`sources=[task1,task2,noise]`, "
+            "`tmerge noise-source`) the noise source should have the smallest of both.\n"
+        )
+        parts.append(md_table(["portion", "seed", "init", "source", "mean α", "largest in"], lines))
     return "\n".join(parts)
 
 
