@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,23 @@ def _restore_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def untouched(module: torch.nn.Module) -> Iterator[None]:
+    """Run a scoring pass that leaves no trace on a training: under ``torch.no_grad()``, with
+    every global generator (:func:`_capture_rng`) and every submodule's train/eval flag
+    restored afterwards."""
+    rng = _capture_rng()
+    modes = {name: m.training for name, m in module.named_modules()}
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        _restore_rng(rng)
+        for name, m in module.named_modules():
+            if name in modes:
+                m.training = modes[name]
 
 
 class LearningCurve(Callback):
@@ -114,16 +132,8 @@ class LearningCurve(Callback):
         return {p["epoch"] for p in self.points}
 
     def _add(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
-        rng = _capture_rng()
-        modes = {name: m.training for name, m in pl_module.named_modules()}
-        try:
-            with torch.no_grad():
-                scores = self.score(trainer, pl_module)
-        finally:
-            _restore_rng(rng)
-            for name, m in pl_module.named_modules():
-                if name in modes:
-                    m.training = modes[name]
+        with untouched(pl_module):
+            scores = self.score(trainer, pl_module)
         if not isinstance(scores, Mapping):
             raise TypeError(f"LearningCurve: score returned {scores!r} at epoch {epoch}, not a mapping")
         try:

@@ -47,6 +47,7 @@ TABLE2_MD = "table2.md"
 TABLE2_CSV = "table2.csv"
 TABLE3_MD = "table3.md"
 CURVES_MD = "curves.md"
+PREMISE_MD = "premise.md"
 FIG_CURVES = "fig_curves.png"
 ENDPOINTS_MD = "endpoints.md"
 ENDPOINTS_CSV = "endpoints.csv"
@@ -131,6 +132,7 @@ def _report_target(
     from tmerge.report.examples import parcellation_rows, tumour_rows
     from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_csv, stats_markdown
     from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
+    from tmerge.report.premise import premise_markdown
     from tmerge.report.tables import (
         scoring_header,
         table2_csv,
@@ -161,6 +163,7 @@ def _report_target(
     write_text(out / ENDPOINTS_MD, endpoints_markdown(index, rows, inits))
     write_text(out / ENDPOINTS_CSV, endpoints_csv(index, rows, inits))
     write_text(out / TABLE3_MD, table3_markdown(index, rows, inits, cfg.reference))
+    write_text(out / PREMISE_MD, premise_markdown(index, rows, inits))  # before any comparison
     write_text(out / CURVES_MD, curves_markdown(index, rows, inits))  # fixed protocol: start, area, end
     plot_curves(index, rows, inits, out / FIG_CURVES)
     if main:

@@ -21,6 +21,7 @@ from tmerge.report import (
     FIG5_ALPHAS,
     FIG5_TRAJECTORY,
     FIG_CURVES,
+    PREMISE_MD,
     STATS_CSV,
     STATS_MD,
     TABLE2_CSV,
@@ -280,6 +281,9 @@ def report_markdown(
         f"{sum(s.finished for s in index.sources)} finished source runs, "
         f"{sum(f.table is not None for f in index.forgetting)} forgetting tables.\n",
         "## Tables\n",
+        f"- [Premise checks]({PREMISE_MD}) — first: can this target reward transfer at all? The "
+        "frozen-feature probe (each init's P against random P), no transfer at each portion, and "
+        "whether the sources converged\n",
         f"- [Table 2]({TABLE2_MD}) — test Dice (ET, TC, WT, mean) and HD95 per initialisation and "
         f"portion ([CSV]({TABLE2_CSV}))\n"
         f"- [Endpoints]({ENDPOINTS_MD}) — the primary endpoint (per subject the mean Dice of the "

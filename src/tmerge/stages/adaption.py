@@ -13,11 +13,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from tmerge.callbacks import AlphaTrajectory
+from tmerge.callbacks.learning_curve import untouched
 from tmerge.dashboard import log_alphas
 from tmerge.data.target import TargetDataModule
 from tmerge.errors import RunError
@@ -76,7 +78,17 @@ def warm_up(
         module.load_state_dict(best_state_dict(result.best_path, prefix=""))
     for param in net.parameters():
         param.requires_grad_(True)
-    return net, {**result.as_dict(), "frozen": len(frozen)}
+    return net, {**result.as_dict(), "frozen": len(frozen), "test": probe_scores(dm, module)}
+
+
+def probe_scores(dm: TargetDataModule, module: L.LightningModule) -> dict[str, float]:
+    """The test scores of a network whose P was frozen (the end of a warm-up or an adaption):
+    the frozen-feature probe of the premise checks — what the initialisation's P alone is worth
+    on the target. A scoring pass that leaves the training untouched (random state restored)."""
+    from tmerge.stages.results import curve_score
+
+    with untouched(module):
+        return curve_score(dm)(None, module)  # type: ignore[arg-type]
 
 
 def adapt(
@@ -157,6 +169,8 @@ def adapt(
         )
     log_alphas(loggers, alphas, names, step=trainer.global_step, trajectory=epochs)  # paper Fig. 5
     summary = {**result.as_dict(), "val_dice": scores.get("val/dice"), "val_loss": scores.get("val/loss")}
+    if cfg.protocol == "fixed":  # the merged P's probe, as every other init's warm-up records it
+        summary["test"] = probe_scores(dm, module)
     first = [a[0] for a in alphas.values()]
     log.info(
         "%s: %d epochs (best %s), val Dice %.3f, val loss %.4f; α of %s per layer %.2f–%.2f (mean %.2f): %s",
