@@ -201,6 +201,10 @@ class TargetStageConfig(RunConfig):
     # are swept, runs/brats/p<portion>/<init> for one; true → always seed<k>/ (one run per
     # process, as a W&B agent or a SLURM array task runs them: experiments/sweeps, …/slurm).
     seed_folder: bool | None = None
+    # The run folder's last part; None: the init's name. A variant of an init beside the init
+    # itself, e.g. the negative control `init=timm sources=[task1,task2,noise] run_name=timm-noise`
+    # (the report shows it as a column of its own).
+    run_name: str | None = None
     # How the sources' input channels feed the target's: entry i is the source channel whose
     # filters the target's channel i reuses, e.g. [0, 0, 1, 1] for HCP (T1, T2) → BraTS (t1,
     # t1ce, t2, flair). None: a first layer of another shape is re-initialised and trained with
@@ -220,6 +224,8 @@ class TargetStageConfig(RunConfig):
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
+            raise ConfigError(f"run_name: expected null or a folder name, got {self.run_name!r}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tmerge.errors import ConfigError, RunError
-from tmerge.io import write_json, write_safetensors
+from tmerge.io import read_json, write_json, write_safetensors
 from tmerge.paths import runs_dir
 from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, SOURCE_MARKER, load_source
 
@@ -67,8 +67,13 @@ def run_noise_source(cfg: NoiseSourceConfig) -> Path:
     root = runs_dir(cfg.runs_dir)
     source = load_source(root, cfg.source, with_fisher=True)
     out = root / cfg.name
+    marker = out / SOURCE_MARKER
     if out.exists() and not cfg.force:
-        raise RunError(f"{out} exists; pass force=true to replace it")
+        made = read_json(marker) if marker.is_file() else {}
+        if made.get("control") == "noise" and (made.get("source"), made.get("seed")) == (cfg.source, cfg.seed):
+            log.info("noise-source: %s is there (from %s, seed %d); pass force=true to remake it", out, cfg.source, cfg.seed)
+            return out
+        raise RunError(f"{out} exists and is not the noise of {cfg.source} with seed {cfg.seed}; pass force=true to replace it")
     assert source.fisher is not None
     fused = [n for n in source.state if n in source.fisher]  # P: what the Fisher covers
     state = noise_like(source.state, fused, cfg.seed)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 
+from tmerge.errors import ConfigError
 from tmerge.evaluate import format_summary
 from tmerge.runs import TARGET_MARKER
 from tmerge.stages.configs import TargetStageConfig
@@ -22,6 +23,11 @@ def run_sweep(cfg: TargetStageConfig) -> None:
 
     Logs a line when each run starts (``run k/N``) and one summary line when it has finished.
     """
+    if cfg.run_name is not None and len(cfg.inits) > 1:
+        raise ConfigError(
+            f"run_name: {cfg.run_name!r} names one run folder, but the sweep has {len(cfg.inits)} inits "
+            f"{list(cfg.inits)}; give one init or drop run_name"
+        )
     runs = [(seed, init) for seed in cfg.seeds for init in cfg.inits]
     for k, (seed, init) in enumerate(runs, start=1):
         log.info("sweep p%s: run %d/%d — seed %d, %s", cfg.data.portion, k, len(runs), seed, init)
