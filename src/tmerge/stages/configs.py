@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tmerge.config import check_count, check_number
 from tmerge.data.brats import BraTSDataConfig
 from tmerge.errors import ConfigError
 from tmerge.loggers import LoggerConfig
@@ -99,12 +100,10 @@ class AdaptionConfig:
 
     def __post_init__(self) -> None:
         for key in ("lr", "delta_lr", "eps"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"adaption.{key}: expected a positive number, got {getattr(self, key)!r}")
-        if self.max_epochs < 1 or self.patience < 1:
-            raise ConfigError(
-                f"adaption.max_epochs/patience: expected positive counts, got {self.max_epochs}/{self.patience}"
-            )
+            check_number(f"adaption.{key}", getattr(self, key))
+        check_count("adaption.max_epochs", self.max_epochs, 1)
+        # >= 1: the runner reads patience 0 as "the trainer's patience".
+        check_count("adaption.patience", self.patience, 1)
 
 
 @dataclass

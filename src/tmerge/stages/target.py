@@ -28,7 +28,7 @@ from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
 from tmerge.nets import layer_groups, partition
 from tmerge.paths import runs_dir
-from tmerge.runner import fit
+from tmerge.runner import check_trainer, fit
 from tmerge.runs import (
     INIT_FILE,
     PREDICTIONS_DIR,
@@ -110,6 +110,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     if cfg.init not in INITS:
         raise ConfigError(f"init: expected one of {', '.join(INITS)}, got {cfg.init!r}")
     init = INITS[cfg.init]
+    check_trainer(cfg.trainer)  # this machine runs the trainer settings (accelerator, devices, …)
     per_seed = cfg.seed_folder if cfg.seed_folder is not None else len(cfg.seeds) > 1
     run_dir = target_dir(runs_dir(cfg.runs_dir), cfg.data.portion, cfg.init, cfg.seed if per_seed else None)
     cfg = run_config(cfg)
