@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,9 @@ from tmerge.data.common import Subject, VolumeDataset, collate_volumes
 from tmerge.data.labels import REGIONS, brats_regions
 from tmerge.data.preprocess import PreprocessSettings, preprocess_subject, uncrop, voxel_spacing
 from tmerge.evaluate import (
+    MetricsConfig,
     evaluate_subject,
+    format_summary,
     label_map,
     per_subject_rows,
     prediction_file,
@@ -31,7 +34,7 @@ from tmerge.evaluate import (
 )
 from tmerge.metrics import max_distance
 from tmerge.modules.segmentation import SegmentationModule
-from tmerge.stages.results import format_summary, write_test_results
+from tmerge.stages.results import write_test_results
 
 # An anisotropic, oblique, off-origin geometry, so nothing can pass by assuming 1 mm, a cube or
 # the identity.
@@ -210,6 +213,30 @@ def test_result_files_have_the_fixed_formats(tmp_path):
     assert format_summary(summary).startswith("Dice ET 0.500, TC 0.500, WT 0.500, mean 0.500; HD95 ET 186.6")
 
 
+def test_brats2023_summary_leaves_nan_out_of_the_means_and_counts_it(tmp_path):
+    """Under metrics.convention=brats2023 a region empty in both maps is NaN: each mean is over the
+    other subjects (by hand below), the per-subject Dice mean over the scored regions, and the
+    summary counts the left-out subjects per region in ``n_empty``; brats2018 has no such key."""
+    nan = math.nan
+    records = [
+        {"subject": "a", "dice_ET": nan, "dice_TC": 0.5, "dice_WT": 1.0, "hd95_ET": nan, "hd95_TC": 4.0, "hd95_WT": 0.0},
+        {"subject": "b", "dice_ET": 0.8, "dice_TC": nan, "dice_WT": 0.6, "hd95_ET": 2.0, "hd95_TC": nan, "hd95_WT": 6.0},
+    ]  # fmt: skip
+    summary = write_test_results(tmp_path, records, list(REGIONS), "brats2023")
+    assert summary == {
+        "n": 2,
+        "dice": {"ET": 0.8, "TC": 0.5, "WT": pytest.approx(0.8), "mean": pytest.approx((0.75 + 0.7) / 2)},
+        "hd95": {"ET": 2.0, "TC": 4.0, "WT": 3.0},
+        "n_empty": {"ET": 1, "TC": 1, "WT": 0},
+    }
+    rows = list(csv.DictReader((tmp_path / "test_per_subject.csv").open()))
+    assert rows[0]["dice_ET"] == "nan" and float(rows[0]["dice_mean"]) == pytest.approx(0.75)
+    assert "empty in both, left out: ET 1, TC 1, WT 0" in format_summary(summary)
+    all_empty = [{**records[0], "dice_ET": nan, "dice_TC": nan, "dice_WT": nan}]
+    assert summarise(all_empty, list(REGIONS), "brats2023")["dice"] == dict.fromkeys((*REGIONS, "mean"))
+    assert "n_empty" not in summarise(records[:0], list(REGIONS))
+
+
 class _Threshold(torch.nn.Module):
     """A stand-in network: region logits from the last input channel (no training needed)."""
 
@@ -229,7 +256,7 @@ def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
     metrics = trainer.test(module, dataloaders=loader, verbose=False)[0]
 
     [record] = module.test_records
-    assert set(record) == {"subject", *(f"{k}_{r}" for k in ("dice", "hd95") for r in REGIONS)}
+    assert set(record) == {"subject", *(f"{k}_{r}" for k in ("dice", "hd95", "truth", "pred") for r in REGIONS)}
     written = tmp_path / "predictions" / "Brats18_TEST_0001_1.nii.gz"
     img = nib.load(str(written))
     assert img.shape == SHAPE and np.allclose(img.affine, nib.load(str(files["t1"])).affine)
@@ -241,7 +268,13 @@ def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
         REGIONS,
         voxel_spacing(img.affine),
     )
-    assert record == pytest.approx({"subject": record["subject"], **expected})
+    truth_map = nib.load(str(label_file)).get_fdata().astype(np.uint8)
+    pred_map = np.asarray(img.dataobj)
+    counts = {
+        **{f"truth_{r}": int(m.sum()) for r, m in zip(REGIONS, brats_regions(truth_map), strict=True)},
+        **{f"pred_{r}": int(m.sum()) for r, m in zip(REGIONS, brats_regions(pred_map), strict=True)},
+    }
+    assert record == pytest.approx({"subject": record["subject"], **expected, **counts})
     assert metrics["test/dice"] == pytest.approx(np.mean([expected[f"dice_{r}"] for r in REGIONS]))
     assert metrics["test/hd95_WT"] == pytest.approx(expected["hd95_WT"])
     assert len(module.test_previews) == 1
@@ -253,3 +286,56 @@ def test_module_tests_in_original_geometry_and_exports(subject, tmp_path):
     assert predicted.subject == "Brats18_TEST_0002_1" and predicted.labels.shape == SHAPE
     again = nib.load(str(tmp_path / "predictions" / "validation" / "Brats18_TEST_0002_1.nii.gz"))
     assert again.shape == SHAPE and np.array_equal(np.asarray(again.dataobj), np.asarray(img.dataobj))
+
+
+class _Nothing(torch.nn.Module):
+    """A stand-in network that predicts no tumour anywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 3, *x.shape[2:]), -10.0)
+
+
+def test_module_scores_by_its_metrics_config(subject):
+    """metrics.convention=brats2023 through the module: a region empty in truth and prediction
+    is NaN and not logged, a missed one scores Dice 0 and HD95 373.13 mm (not this small image's
+    diagonal, as brats2018 gives)."""
+    pre, _, _ = subject
+    regions = brats_regions(pre.label).astype(np.uint8)
+    regions[0] = 0  # no enhancing tumour in this subject
+    item = Subject("Brats18_TEST_0003_1", pre.image, regions, pre.meta)
+    loader = DataLoader(VolumeDataset([item], torch.float32), batch_size=1, collate_fn=collate_volumes)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = {}
+    for convention in ("brats2018", "brats2023"):
+        module = SegmentationModule(
+            _Nothing(),
+            output_mode="sigmoid",
+            class_names=list(REGIONS),
+            patch_size=16,
+            metrics=MetricsConfig(convention=convention),
+        )
+        logged[convention] = trainer.test(module, dataloaders=loader, verbose=False)[0]
+        [record] = module.test_records
+        if convention == "brats2023":
+            assert math.isnan(record["dice_ET"]) and math.isnan(record["hd95_ET"])
+            assert record["hd95_WT"] == pytest.approx(373.1287, abs=1e-3)
+    diagonal = max_distance(SHAPE, SPACING)
+    assert logged["brats2018"]["test/dice_ET"] == 1.0
+    assert logged["brats2018"]["test/hd95_WT"] == pytest.approx(diagonal)
+    assert "test/dice_ET" not in logged["brats2023"] and "test/hd95_ET" not in logged["brats2023"]
+    assert logged["brats2023"]["test/dice"] == 0.0  # TC and WT missed; ET left out
+    assert logged["brats2023"]["test/hd95"] == pytest.approx(373.1287, abs=1e-3)
+
+
+def test_metrics_config_is_checked_and_composed_into_a_target_run() -> None:
+    from tmerge.config import compose
+    from tmerge.errors import ConfigError
+    from tmerge.stages.configs import TargetStageConfig
+
+    assert TargetStageConfig().metrics == MetricsConfig(hd95="pooled", convention="brats2018")
+    cfg = compose(TargetStageConfig, overrides=["metrics.hd95=directed", "metrics.convention=brats2023"])
+    assert cfg.metrics == MetricsConfig(hd95="directed", convention="brats2023")
+    with pytest.raises(ConfigError, match="metrics.hd95: expected one of pooled, directed, got 'max'"):
+        compose(TargetStageConfig, overrides=["metrics.hd95=max"])
+    with pytest.raises(ConfigError, match="metrics.convention: expected one of brats2018, brats2023"):
+        MetricsConfig(convention="brats2021")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,8 +13,10 @@ from tmerge.metrics import (
     dice_masks,
     dice_per_class,
     hd95_masks,
+    hd95_of_distances,
     logits_to_onehot,
     max_distance,
+    surface_distances,
 )
 from tmerge.modules.segmentation import build_loss
 
@@ -138,3 +141,177 @@ def test_hd95_per_sample_and_class_and_bad_input():
         hd95_masks(pred, truth, spacing=(1.0, 1.0))
     with pytest.raises(ValueError, match="one shape"):
         dice_masks(pred, truth[:, :1])
+
+
+# ---- HD95: pooled (BraTS/medpy) and directed (MONAI), against a brute-force distance list ------
+
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    """Coordinates ``(N, 3)`` of the voxels of ``mask`` with a face neighbour outside it (outside
+    the image counts as outside), found by looking at each voxel's 6 neighbours."""
+    padded = np.pad(mask, 1)
+    out = []
+    for x, y, z in np.argwhere(mask):
+        px, py, pz = x + 1, y + 1, z + 1
+        neighbours = [
+            padded[px - 1, py, pz], padded[px + 1, py, pz],
+            padded[px, py - 1, pz], padded[px, py + 1, pz],
+            padded[px, py, pz - 1], padded[px, py, pz + 1],
+        ]  # fmt: skip
+        if not all(neighbours):
+            out.append((x, y, z))
+    return np.array(out, dtype=np.float64)
+
+
+def _brute_force_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    """For every border voxel of ``a``, the distance in mm to the nearest border voxel of ``b``:
+    all pairs, no distance transform."""
+    pa, pb = _border(a) * np.asarray(spacing), _border(b) * np.asarray(spacing)
+    return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def _brute_force_hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[float, float]:
+    """(pooled, directed) HD95 from the all-pairs distance lists, with numpy's percentile."""
+    d_pt = _brute_force_distances(pred, truth, spacing)
+    d_tp = _brute_force_distances(truth, pred, spacing)
+    pooled = float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
+    directed = max(float(np.percentile(d_pt, 95)), float(np.percentile(d_tp, 95)))
+    return pooled, directed
+
+
+def _satellite_case() -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A missed satellite lesion, at 1 × 1 × 3 mm: the truth is a 4×4×3 block plus a 2×2×1
+    satellite 5 voxels beyond it and one slice higher; the prediction is the block alone."""
+    truth = np.zeros((14, 6, 4), dtype=bool)
+    truth[0:4, 1:5, 0:3] = True  # the main lesion: 48 voxels, 44 on its border
+    truth[9:11, 2:4, 3] = True  # the satellite: 4 voxels, all border, missed
+    pred = truth.copy()
+    pred[9:11, 2:4, 3] = False
+    return pred, truth, (1.0, 1.0, 3.0)
+
+
+def test_hd95_of_a_missed_satellite_pooled_vs_directed_by_hand() -> None:
+    """The one-sided error where the two definitions part.
+
+    d(P→T): the prediction's 44 border voxels lie on the truth's border: 44 × 0.
+    d(T→P): the block's 44 border voxels give 0; the satellite's voxels (9, y, 3) are
+    √(6² + (1·3)²) = √45 mm from the block's corner row (3, y, 2), those at x = 10 are √58 mm.
+    Directed (MONAI): the 95th percentile of d(T→P) alone, 44 zeros and √45, √45, √58, √58 —
+    position 0.95 · 47 = 44.65 lies between the 45th and 46th values, both √45: 6.708 mm.
+    Pooled (BraTS, medpy): 92 distances with the same 4 non-zero ones — position 0.95 · 91 =
+    86.45 falls among the zeros: 0 mm. The leaderboard does not see the missed satellite at all.
+    """
+    pred, truth, spacing = _satellite_case()
+    p, t = torch.as_tensor(pred)[None, None], torch.as_tensor(truth)[None, None]
+    pooled = hd95_masks(p, t, spacing, definition="pooled").item()
+    directed = hd95_masks(p, t, spacing, definition="directed").item()
+    assert pooled == pytest.approx(0.0, abs=1e-6)
+    assert directed == pytest.approx(math.sqrt(45), rel=1e-6)  # 6.708 mm
+    assert (pooled, directed) == pytest.approx(_brute_force_hd95(pred, truth, spacing), abs=1e-5)
+    # the pooled definition is the default
+    assert hd95_masks(p, t, spacing).item() == pooled
+    # the direction is what matters: swapped, directed takes d(P→T) as the larger side
+    assert hd95_masks(t, p, spacing, definition="directed").item() == pytest.approx(directed, rel=1e-6)
+
+
+def _blobs(seed: int, shape=(12, 10, 6)) -> tuple[np.ndarray, np.ndarray]:
+    """Two overlapping random-ish masks: a box each, one with a satellite and a hole carved."""
+    rng = np.random.default_rng(seed)
+    pred = np.zeros(shape, dtype=bool)
+    truth = np.zeros(shape, dtype=bool)
+    for mask in (pred, truth):
+        lo = rng.integers(1, 4, size=3)
+        hi = lo + rng.integers(3, 6, size=3)
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : min(hi[2], shape[2])] = True
+    sx, sy, sz = rng.integers(8, 11), rng.integers(0, 9), rng.integers(0, 5)
+    truth[sx : sx + 2, sy : sy + 2, sz : sz + 2] = True  # a satellite only the truth has
+    pred &= rng.random(shape) > 0.1  # scattered holes in the prediction
+    return pred, truth
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hd95_both_definitions_equal_brute_force_with_anisotropic_spacing(seed: int) -> None:
+    pred, truth = _blobs(seed)
+    assert pred.any() and truth.any()
+    spacing = (0.9, 1.3, 3.0)
+    pooled, directed = _brute_force_hd95(pred, truth, spacing)
+    p, t = torch.as_tensor(pred)[None, None], torch.as_tensor(truth)[None, None]
+    assert hd95_masks(p, t, spacing, definition="pooled").item() == pytest.approx(pooled, abs=1e-4)
+    assert hd95_masks(p, t, spacing, definition="directed").item() == pytest.approx(directed, abs=1e-4)
+    assert pooled <= directed + 1e-9  # pooling never raises the 95th percentile above both sides'
+
+
+def test_hd95_directed_is_monai_compute_hausdorff_distance_exactly() -> None:
+    """The ``directed`` option keeps tmerge's former HD95 (MONAI's) to the bit."""
+    from monai.metrics import compute_hausdorff_distance
+
+    for seed in range(4):
+        pred, truth = _blobs(seed)
+        p, t = torch.as_tensor(pred)[None, None].float(), torch.as_tensor(truth)[None, None].float()
+        spacing = [1.0, 1.0, 3.0]
+        monai = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
+        assert hd95_masks(p, t, spacing, definition="directed").item() == monai.item()
+
+
+def test_surface_distances_refuse_empty_masks_and_unknown_definitions() -> None:
+    pred, truth, spacing = _satellite_case()
+    d_pt, d_tp = surface_distances(pred, truth, spacing)
+    assert d_pt.shape == (44,) and d_tp.shape == (48,)
+    with pytest.raises(ValueError, match="non-empty"):
+        surface_distances(np.zeros_like(pred), truth, spacing)
+    with pytest.raises(ValueError, match=r"hd95 must be one of \('pooled', 'directed'\), got 'mean'"):
+        hd95_of_distances(d_pt, d_tp, "mean")
+    with pytest.raises(ValueError, match=r"convention must be one of .*got 'brats2020'"):
+        hd95_masks(pred[None, None], truth[None, None], convention="brats2020")
+
+
+def test_hd95_pooled_equals_medpy_where_installed() -> None:
+    """medpy's ``hd95`` is the BraTS organisers' HD95; a test-only dependency, skipped without it."""
+    medpy_binary = pytest.importorskip("medpy.metric.binary")
+    cases = [_satellite_case(), *((*_blobs(s), (0.9, 1.3, 3.0)) for s in range(6))]
+    for pred, truth, spacing in cases:
+        expected = medpy_binary.hd95(pred, truth, voxelspacing=spacing)
+        p, t = torch.as_tensor(pred)[None, None], torch.as_tensor(truth)[None, None]
+        assert hd95_masks(p, t, spacing).item() == pytest.approx(expected, abs=1e-4)
+
+
+# ---- empty-region conventions -------------------------------------------------------------
+
+
+def test_brats2023_convention_drops_both_empty_and_penalises_no_overlap() -> None:
+    """brats2023: both empty → NaN; one empty, or both non-empty without overlap → Dice 0, HD95
+    373.1287 mm (√(240² + 240² + 155²)) whatever the image; overlapping masks as brats2018."""
+    shape, spacing = (6, 8, 10), (1.0, 2.0, 3.0)
+    empty = torch.zeros(1, 1, *shape)
+    a = _cube(shape, (0, 0, 0), 2)
+    b = _cube(shape, (3, 4, 5), 2)  # disjoint from a
+    c = _cube(shape, (1, 0, 0), 2)  # overlaps a
+    penalty = math.sqrt(240**2 + 240**2 + 155**2)
+    assert penalty == pytest.approx(373.1287, abs=1e-4)
+
+    def both(pred, truth, convention):
+        dice = dice_masks(pred, truth, convention).item()
+        return dice, hd95_masks(pred, truth, spacing, convention=convention).item()
+
+    dice, hd = both(empty, empty, "brats2023")
+    assert math.isnan(dice) and math.isnan(hd)
+    assert both(empty, empty, "brats2018") == (1.0, 0.0)
+    for pred, truth in ((empty, a), (a, empty), (a, b)):
+        dice, hd = both(pred, truth, "brats2023")
+        assert dice == 0.0 and hd == pytest.approx(penalty, rel=1e-6)
+    # brats2018: one empty → the diagonal of this small volume; disjoint → the actual distance
+    assert both(empty, a, "brats2018")[1] == pytest.approx(max_distance(shape, spacing), rel=1e-6)
+    pooled, _ = _brute_force_hd95(a[0, 0].numpy() > 0, b[0, 0].numpy() > 0, spacing)
+    assert both(a, b, "brats2018")[1] == pytest.approx(pooled, abs=1e-4)
+    assert both(a, c, "brats2023") == both(a, c, "brats2018")
+
+
+def test_hd95_of_distance_lists_beyond_torch_quantiles_size_limit() -> None:
+    """Two ragged masks can have more border voxels in all than ``torch.quantile`` takes (2²⁴):
+    95 % zeros and 5 % + 2 ones, pooled, put the 95th percentile among the ones."""
+    n = 2**23 + 10
+    ones = int(0.05 * 2 * n) + 2
+    pooled = torch.zeros(2 * n)
+    pooled[:ones] = 1.0
+    assert hd95_of_distances(pooled[:n], pooled[n:], "pooled") == 1.0
+    assert hd95_of_distances(pooled[:n], pooled[n:], "directed") == 1.0  # the first half holds all ones

@@ -95,6 +95,12 @@ COMMANDS: dict[str, Command] = {
         "run_sweep",
         "brats",
     ),
+    "noise-source": Command(
+        "the negative control's source: a finished source run with its fused layers replaced by seeded noise",
+        "tmerge.stages.control",
+        "NoiseSourceConfig",
+        "run_noise_source",
+    ),
     "merge": Command(
         "merge any models whose state dicts match, by a recipe: tmerge merge RECIPE.yaml [key=value …]",
         "tmerge.stages.merge",
@@ -201,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _comment_block(described: dict[str, Any]) -> str:
+    """``{"target": {…}}`` as ``# target:`` comment lines."""
+    lines = []
+    for key, value in described.items():
+        if isinstance(value, dict):
+            lines.append(f"# {key}:")
+            lines += [f"#   {k}: {v}" for k, v in value.items()]
+        else:
+            lines.append(f"# {key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
 def debug_requested(flag: bool = False) -> bool:
     """Whether to print tracebacks of :class:`~tmerge.errors.TmergeError`: ``--debug``, or
     ``TMERGE_DEBUG`` set to anything but empty, ``0``, ``false`` or ``no``."""
@@ -225,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.show_config:
             print(to_yaml(cfg), end="")
+            # What the config resolves to beyond its keys (a target's channels, labels and output
+            # mode, read from the dataset), as YAML comments so that the output stays a config.
+            describe = getattr(importlib.import_module(cmd.module), "describe", None)
+            if describe is not None:
+                print(_comment_block(describe(cfg)), end="")
             return 0
         cmd.load(cmd.run)(cfg)
     except TmergeError as exc:

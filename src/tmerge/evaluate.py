@@ -12,7 +12,10 @@ true label map on that full grid, with distances in mm from the image's affine:
 * parcellation (``"softmax"``): the arg-max class, scored per foreground class.
 
 Scores per subject and class: Dice and HD95 (:func:`tmerge.metrics.dice_masks`,
-:func:`tmerge.metrics.hd95_masks`; empty masks as in BraTS, see :mod:`tmerge.metrics`).
+:func:`tmerge.metrics.hd95_masks`), as :class:`MetricsConfig` (``metrics.*``) says: HD95 pooled
+over both directions as the BraTS organisers compute it (default) or MONAI's directed maximum,
+and the empty-region rules of BraTS 2018–2021 (default) or of the current BraTS package
+(:mod:`tmerge.metrics` states both).
 
 Files (written by the stages, formats fixed because reports read them):
 
@@ -20,7 +23,8 @@ Files (written by the stages, formats fixed because reports read them):
   ``subject,dice_ET,dice_TC,dice_WT,dice_mean,hd95_ET,hd95_TC,hd95_WT``), one row per test subject,
   sorted by subject (:func:`per_subject_rows`);
 * the summary (:data:`~tmerge.runs.TARGET_MARKER`) — ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
-  (:func:`summarise`);
+  (:func:`summarise`); under ``metrics.convention=brats2023`` NaN scores (both masks empty) are
+  left out of the means and counted in an added ``"n_empty": {<c>…}``;
 * ``predictions/<subject>.nii.gz`` — the label map (``uint8``) with the subject's original shape
   and affine, in its dataset's label convention (BraTS 2018/2021 0/1/2/4, BraTS 2023 0/1/2/3,
   nnU-Net the dataset.json values; :mod:`tmerge.data.formats`); for the unlabelled BraTS
@@ -31,18 +35,28 @@ Files (written by the stages, formats fixed because reports read them):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from tmerge.data.labels import REGIONS, brats_regions, dataset_labels, regions_to_brats
+from tmerge.data.labels import BRATS_SCHEME, REGIONS, LabelScheme, dataset_labels
 from tmerge.data.nifti import save_labels
 from tmerge.data.preprocess import original_labels, uncrop, voxel_spacing
-from tmerge.metrics import check_output_mode, dice_masks, hd95_masks, logits_to_onehot
+from tmerge.errors import ConfigError
+from tmerge.metrics import (
+    EMPTY_CONVENTIONS,
+    HD95_DEFINITIONS,
+    check_output_mode,
+    dice_masks,
+    hd95_masks,
+    logits_to_onehot,
+    voxel_counts,
+)
 
 #: Sub-folder of a run with the exported label maps; unlabelled subjects go to its ``validation/``.
 
@@ -50,7 +64,34 @@ from tmerge.metrics import check_output_mode, dice_masks, hd95_masks, logits_to_
 N_PREVIEWS = 3
 
 #: Names of the BraTS label values in exported maps and dashboard overlays.
-BRATS_LABEL_NAMES: dict[int, str] = {1: "necrosis/non-enhancing", 2: "oedema", 4: "enhancing"}
+BRATS_LABEL_NAMES: dict[int, str] = dict(BRATS_SCHEME.names)
+
+
+@dataclass
+class MetricsConfig:
+    """How the test scores are computed (``metrics.*`` of a target run and of ``tmerge score``).
+
+    ``hd95``: ``"pooled"``, the 95th percentile of the border distances of both directions
+    together, as the BraTS organisers (medpy) compute it; ``"directed"``, the larger of the two
+    directions' 95th percentiles, MONAI's (tmerge's HD95 before the pooled default).
+    ``convention``: the empty-region rules, ``"brats2018"`` (BraTS 2018–2021: both empty → Dice
+    1, HD95 0; one empty → Dice 0, HD95 the image's diagonal) or ``"brats2023"`` (the current
+    BraTS package: both empty → NaN, left out of the means and counted; no overlap → Dice 0,
+    HD95 373.13 mm). Details: :mod:`tmerge.metrics`.
+    """
+
+    hd95: str = "pooled"
+    convention: str = "brats2018"
+
+    def __post_init__(self) -> None:
+        if self.hd95 not in HD95_DEFINITIONS:
+            raise ConfigError(
+                f"metrics.hd95: expected one of {', '.join(HD95_DEFINITIONS)}, got {self.hd95!r}"
+            )
+        if self.convention not in EMPTY_CONVENTIONS:
+            raise ConfigError(
+                f"metrics.convention: expected one of {', '.join(EMPTY_CONVENTIONS)}, got {self.convention!r}"
+            )
 
 
 class Prediction(NamedTuple):
@@ -71,6 +112,8 @@ class SubjectResult:
         labels: ``(X, Y, Z)`` uint8 predicted label map (BraTS 0/1/2/4, or class indices).
         truth: ``(X, Y, Z)`` uint8 true label map, or ``None`` for unlabelled subjects.
         scores: ``{"dice_<c>": …, "hd95_<c>": …}`` per scored class (empty without truth).
+        counts: ``{"truth_<c>": …, "pred_<c>": …}`` voxels of each class (empty without truth):
+            which subjects lack a class, for the report's endpoints.
         spacing: Voxel size in mm per axis (1 without ``meta``).
     """
 
@@ -78,68 +121,76 @@ class SubjectResult:
     truth: np.ndarray | None
     scores: dict[str, float]
     spacing: tuple[float, ...]
+    counts: dict[str, int] = field(default_factory=dict)  # truth_<c>, pred_<c>: voxels per class
 
 
-def _check_classes(mode: str, class_names: Sequence[str]) -> None:
-    if check_output_mode(mode) == "sigmoid" and tuple(class_names) != REGIONS:
-        raise ValueError(f"sigmoid outputs are the BraTS regions {REGIONS}, got classes {list(class_names)}")
+Scheme = LabelScheme | str
 
 
-def label_map(onehot: np.ndarray, mode: str) -> np.ndarray:
+def as_scheme(scheme: Scheme, class_names: Sequence[str] | None = None) -> LabelScheme:
+    """A :class:`~tmerge.data.labels.LabelScheme`, given as one or as an output mode with its
+    class names (``"softmax"``: plain classes; ``"sigmoid"``: the BraTS regions)."""
+    if isinstance(scheme, LabelScheme):
+        return scheme
+    if class_names is None:
+        raise ValueError(f"output mode {scheme!r} needs its class names")
+    return LabelScheme.of(check_output_mode(scheme), class_names)
+
+
+def label_map(onehot: np.ndarray, scheme: Scheme, class_names: Sequence[str] | None = None) -> np.ndarray:
     """Hard prediction ``(C, D, H, W)`` (one-/multi-hot) → label map ``(D, H, W)`` uint8.
 
-    sigmoid: regions ET, TC, WT → BraTS labels 0/1/2/4; softmax: the class index (0 background).
-    """
+    Regions are painted the largest first, the innermost winning (BraTS: ET, TC, WT → 0/1/2/4);
+    plain classes: the class index (0 background)."""
     onehot = np.asarray(onehot)
-    if check_output_mode(mode) == "sigmoid":
-        return regions_to_brats(onehot > 0)
-    return np.argmax(onehot, axis=0).astype(np.uint8)
+    if isinstance(scheme, str) and class_names is None:  # the built-in conventions by mode
+        class_names = REGIONS if scheme == "sigmoid" else [str(k) for k in range(1, onehot.shape[0])]
+    return as_scheme(scheme, class_names).label_map(onehot)
 
 
-def target_label_map(target: np.ndarray, mode: str) -> np.ndarray:
+def target_label_map(
+    target: np.ndarray, scheme: Scheme, class_names: Sequence[str] | None = None
+) -> np.ndarray:
     """Training target ``(L, D, H, W)`` (region masks, or ``L = 1`` class indices) → label map."""
     target = np.asarray(target)
-    if check_output_mode(mode) == "sigmoid":
-        return regions_to_brats(target > 0.5)
-    return target.reshape(target.shape[-3:]).astype(np.uint8)
-
-
-def class_masks(labels: np.ndarray, mode: str, n_classes: int) -> np.ndarray:
-    """Label map ``(...)`` → ``(K, ...)`` bool masks of the scored classes (BraTS: ET, TC, WT;
-    softmax: classes 1..K)."""
-    if check_output_mode(mode) == "sigmoid":
-        return brats_regions(labels)
-    return np.stack([labels == k for k in range(1, n_classes + 1)])
+    if isinstance(scheme, str) and class_names is None:
+        class_names = REGIONS if scheme == "sigmoid" else ["1"]
+    return as_scheme(scheme, class_names).target_label_map(target)
 
 
 def score_label_maps(
     pred: np.ndarray,
     truth: np.ndarray,
-    mode: str,
-    class_names: Sequence[str],
+    scheme: Scheme,
+    class_names: Sequence[str] | None = None,
     spacing: Sequence[float] | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> dict[str, float]:
     """Dice and HD95 of a predicted against a true label map, per scored class.
 
     Args:
         pred, truth: ``(X, Y, Z)`` label maps on the same grid.
-        mode: ``"sigmoid"`` (BraTS labels, scored as ET/TC/WT) or ``"softmax"`` (class indices).
-        class_names: Names of the scored classes, in order.
+        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode
+            (``"sigmoid"``: BraTS labels scored as ET/TC/WT; ``"softmax"``: class indices) with
+            ``class_names``.
+        class_names: Names of the scored classes, in order (with an output mode).
         spacing: Voxel size per axis in mm (``None``: 1).
+        metrics: HD95 definition and empty-region convention (``None``: the defaults).
 
     Returns:
         ``{"dice_<c>": …, …, "hd95_<c>": …, …}``.
     """
-    _check_classes(mode, class_names)
+    scheme = as_scheme(scheme, class_names)
     if np.shape(pred) != np.shape(truth):
         raise ValueError(f"prediction {np.shape(pred)} and truth {np.shape(truth)} differ in shape")
-    p = class_masks(pred, mode, len(class_names))[None]
-    t = class_masks(truth, mode, len(class_names))[None]
-    dice = dice_masks(p, t)[0].tolist()
-    hd95 = hd95_masks(p, t, spacing)[0].tolist()
+    p = scheme.masks(pred)[None]
+    t = scheme.masks(truth)[None]
+    metrics = metrics or MetricsConfig()
+    dice = dice_masks(p, t, metrics.convention)[0].tolist()
+    hd95 = hd95_masks(p, t, spacing, definition=metrics.hd95, convention=metrics.convention)[0].tolist()
     return {
-        **{f"dice_{c}": float(v) for c, v in zip(class_names, dice, strict=True)},
-        **{f"hd95_{c}": float(v) for c, v in zip(class_names, hd95, strict=True)},
+        **{f"dice_{c}": float(v) for c, v in zip(scheme.classes, dice, strict=True)},
+        **{f"hd95_{c}": float(v) for c, v in zip(scheme.classes, hd95, strict=True)},
     }
 
 
@@ -147,8 +198,9 @@ def evaluate_subject(
     logits: torch.Tensor,
     target: torch.Tensor | np.ndarray | None,
     meta: Mapping[str, Any] | None,
-    mode: str,
-    class_names: Sequence[str],
+    scheme: Scheme,
+    class_names: Sequence[str] | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> SubjectResult:
     """Label map of one subject in its original geometry and, with a target, its scores there.
 
@@ -159,23 +211,28 @@ def evaluate_subject(
             original grid *is* the original label map.
         meta: The subject's preprocessing geometry (``original_shape``, ``affine``, crop box; see
             :func:`tmerge.data.preprocess.uncrop`); ``None`` scores on the given grid, spacing 1.
-        mode: ``"sigmoid"`` or ``"softmax"``.
-        class_names: Names of the scored classes.
+        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode with
+            ``class_names`` (see :func:`as_scheme`).
+        class_names: Names of the scored classes (with an output mode).
+        metrics: HD95 definition and empty-region convention (``None``: the defaults).
 
     Returns:
         The :class:`SubjectResult`.
     """
-    _check_classes(mode, class_names)
-    onehot = logits_to_onehot(logits.detach()[None].float(), mode)[0].cpu().numpy()
-    labels = label_map(onehot, mode)
-    truth = None if target is None else target_label_map(_numpy(target), mode)
+    scheme = as_scheme(scheme, class_names)
+    onehot = logits_to_onehot(logits.detach()[None].float(), scheme.mode)[0].cpu().numpy()
+    labels = scheme.label_map(onehot)
+    truth = None if target is None else scheme.target_label_map(_numpy(target))
     spacing: tuple[float, ...] = (1.0,) * labels.ndim
     if meta is not None:
         labels = uncrop(labels, meta)
         truth = None if truth is None else original_labels(truth, meta)
         spacing = voxel_spacing(np.asarray(meta["affine"]))
-    scores = {} if truth is None else score_label_maps(labels, truth, mode, class_names, spacing)
-    return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing)
+    scores, counts = {}, {}
+    if truth is not None:
+        scores = score_label_maps(labels, truth, scheme, spacing=spacing, metrics=metrics)
+        counts = voxel_counts(scheme.masks(labels), scheme.masks(truth), scheme.classes)
+    return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing, counts=counts)
 
 
 def prediction_file(folder: str | Path, subject: str) -> Path:
@@ -195,11 +252,9 @@ def save_prediction(
     return save_labels(prediction_file(folder, subject), dataset_labels(labels, meta), affine)
 
 
-def label_names(mode: str, class_names: Sequence[str]) -> dict[int, str]:
+def label_names(scheme: Scheme, class_names: Sequence[str] | None = None) -> dict[int, str]:
     """Label value → name for the values of a predicted label map (background included)."""
-    if check_output_mode(mode) == "sigmoid":
-        return {0: "background", **BRATS_LABEL_NAMES}
-    return {0: "background", **{k: name for k, name in enumerate(class_names, start=1)}}
+    return as_scheme(scheme, class_names).label_names()
 
 
 def preview(
@@ -247,35 +302,62 @@ def score_columns(class_names: Sequence[str]) -> list[str]:
 def per_subject_rows(
     records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject."""
+    """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject.
+    ``dice_mean`` is the mean over the classes whose Dice is not NaN (NaN if none is)."""
     rows = []
     for rec in sorted(records, key=lambda r: str(r["subject"])):
         dice = [float(rec[f"dice_{c}"]) for c in class_names]
+        scored = [d for d in dice if not math.isnan(d)]  # brats2023 leaves both-empty classes out
         rows.append(
             {
                 "subject": str(rec["subject"]),
                 **{f"dice_{c}": d for c, d in zip(class_names, dice, strict=True)},
-                "dice_mean": sum(dice) / len(dice),
+                "dice_mean": sum(scored) / len(scored) if scored else math.nan,
                 **{f"hd95_{c}": float(rec[f"hd95_{c}"]) for c in class_names},
             }
         )
     return rows
 
 
-def summarise(records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+def summarise(
+    records: Sequence[Mapping[str, Any]], class_names: Sequence[str], convention: str = "brats2018"
+) -> dict[str, Any]:
     """The test summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}``, means over subjects
-    (``None`` for no subject). ``dice.mean`` is the mean over subjects of the per-subject mean."""
+    (``None`` for no subject). ``dice.mean`` is the mean over subjects of the per-subject mean.
+
+    NaN scores (under ``convention="brats2023"``, a class empty in both maps) are left out of
+    each mean, and for that convention ``"n_empty": {<c>: k}`` counts the subjects left out per
+    class. Under ``"brats2018"`` no score is NaN and the summary has no ``n_empty``.
+    """
     rows = per_subject_rows(records, class_names)
     n = len(rows)
 
     def mean(key: str) -> float | None:
-        return sum(r[key] for r in rows) / n if n else None
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        return sum(values) / len(values) if values else None
 
-    return {
+    summary: dict[str, Any] = {
         "n": n,
         "dice": {**{c: mean(f"dice_{c}") for c in class_names}, "mean": mean("dice_mean")},
         "hd95": {c: mean(f"hd95_{c}") for c in class_names},
     }
+    if convention == "brats2023":
+        summary["n_empty"] = {c: sum(math.isnan(r[f"dice_{c}"]) for r in rows) for c in class_names}
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line of a test summary: Dice per class and mean, HD95 per class, n (and, under the
+    brats2023 convention, the subjects left out per class as empty in both maps)."""
+
+    def num(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    dice = ", ".join(f"{k} {num(v, '.3f')}" for k, v in summary["dice"].items())
+    hd95 = ", ".join(f"{k} {num(v, '.1f')}" for k, v in summary["hd95"].items())
+    empty = summary.get("n_empty")
+    dropped = f"; empty in both, left out: {', '.join(f'{k} {v}' for k, v in empty.items())}" if empty else ""
+    return f"Dice {dice}; HD95 {hd95} mm (n={summary['n']}{dropped})"
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -283,10 +365,15 @@ def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def write_scores(
-    csv_path: Path, summary_path: Path, records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+    csv_path: Path,
+    summary_path: Path,
+    records: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    convention: str = "brats2018",
 ) -> dict[str, Any]:
     """Write the per-subject scores (``subject`` + :func:`score_columns`, sorted by subject) as CSV
-    and then their :func:`summarise` as JSON, each atomically; return the summary."""
+    and then their :func:`summarise` (under ``convention``) as JSON, each atomically; return the
+    summary."""
     import csv
     import io
 
@@ -297,7 +384,6 @@ def write_scores(
     writer.writeheader()
     writer.writerows(per_subject_rows(records, class_names))
     write_text(csv_path, buf.getvalue())
-    summary = summarise(records, class_names)
+    summary = summarise(records, class_names, convention)
     write_json(summary_path, summary)
     return summary
-

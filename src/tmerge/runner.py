@@ -31,6 +31,10 @@ from tmerge.runs import BEST_CKPT, FIT_FILE
 
 log = logging.getLogger("tmerge")
 
+#: How a fit chooses the weights it returns: the best validation epoch (early stopping, the
+#: paper's protocol) or the last epoch of a fixed budget (no validation).
+SELECT = ("best", "last")
+
 #: Written when a fit has finished: a re-run skips training (see :mod:`tmerge.resume`).
 
 
@@ -338,9 +342,14 @@ def fit(
     name: str = "",
     max_epochs: int | None = None,
     patience: int | None = None,
+    select: str = "best",
 ) -> tuple[L.Trainer, FitResult]:
     """Fit ``module`` with checkpointing (:data:`~tmerge.runs.BEST_CKPT` best, ``LAST_CKPT`` every
     validation) and early stopping on ``monitor``.
+
+    ``select="last"`` (the fixed protocol) trains exactly ``max_epochs`` without validating:
+    no early stopping, no selection, and :data:`~tmerge.runs.BEST_CKPT` holds the final weights;
+    the validation split is never read.
 
     Resumable (see :mod:`tmerge.resume`): the checkpoint a killed attempt left is resumed
     from; a finished fit (``FIT_FILE``) is not repeated — its result is returned with a fresh
@@ -353,17 +362,23 @@ def fit(
         Interrupted: SIGTERM arrived; the newest checkpoint was written first.
         RunError: that checkpoint cannot be loaded (truncated, not a checkpoint, unsafe pickle).
     """
+    if select not in SELECT:
+        raise ValueError(f"fit: select must be one of {SELECT}, got {select!r}")
+    fixed = select == "last"
     label = name or run_dir.name
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir,
         filename=BEST_CKPT.removesuffix(".ckpt"),  # Lightning adds the suffix
-        monitor=monitor,
+        monitor=None if fixed else monitor,  # None: the newest epoch's weights
         mode=mode,
         save_last=True,
         enable_version_counter=False,
     )
-    stopper = EarlyStopping(monitor=monitor, mode=mode, patience=patience or trainer_cfg.patience)
+    stoppers: list[Callback] = []
+    if not fixed:
+        stopper = EarlyStopping(monitor=monitor, mode=mode, patience=patience or trainer_cfg.patience)
+        stoppers = [stopper, StopIfStopped(stopper)]
     best = BestMetrics(checkpoint)
     sigterm = SaveOnSigterm(run_dir)
     quiet_lightning()
@@ -375,18 +390,15 @@ def fit(
             max_epochs=max_epochs or trainer_cfg.max_epochs,
             min_epochs=trainer_cfg.min_epochs,
             limit_train_batches=_count_or_fraction(trainer_cfg.limit_train_batches),
-            limit_val_batches=_count_or_fraction(trainer_cfg.limit_val_batches),
+            limit_val_batches=0 if fixed else _count_or_fraction(trainer_cfg.limit_val_batches),
+            num_sanity_val_steps=0 if fixed else None,
             check_val_every_n_epoch=trainer_cfg.check_val_every_n_epoch,
             log_every_n_steps=trainer_cfg.log_every_n_steps,
             deterministic=trainer_cfg.deterministic,
             enable_progress_bar=trainer_cfg.progress_bar,
             enable_model_summary=False,
             logger=list(loggers) or False,
-            callbacks=[
-                *(best, checkpoint, stopper, StopIfStopped(stopper), RngState(), sigterm),
-                *progress,
-                *callbacks,
-            ],
+            callbacks=[best, checkpoint, *stoppers, RngState(), sigterm, *progress, *callbacks],
         )
     except _REFUSALS:
         # Lightning's own argument checks: the user's settings alone give a ConfigError naming

@@ -70,7 +70,13 @@ ALPHAS_FILE = "alphas.json"
 SELECTION_FILE = "selection.json"
 SELECTION_DIR = "selection"
 ADAPTION_DIR = "adaption"
+WARMUP_DIR = "warmup"  # the fixed protocol's S warm-up (P frozen)
 PER_SUBJECT_FILE = "test_per_subject.csv"
+#: Per test subject, the voxels of each class in the truth and the prediction:
+#: ``subject,truth_<c>…,pred_<c>…`` (:func:`tmerge.report.endpoints.regions_csv`); optional.
+REGIONS_FILE = "test_regions.csv"
+#: Test scores after log-spaced epochs (:class:`tmerge.callbacks.LearningCurve`); optional.
+CURVE_FILE = "curve.json"
 #: A target run is finished when this exists (written last).
 TARGET_MARKER = "test_summary.json"
 #: Label maps of the test subjects, in their original geometry.
@@ -84,11 +90,13 @@ FORGETTING_MD = "table4.md"
 FORGETTING_EXAMPLES = "examples.npz"
 # --- the runs root ----------------------------------------------------------------------------
 TARGETS_DIR = "brats"
+#: Targets other than BraTS: ``<runs>/targets/<target name>/p<portion>/…``.
+OTHER_TARGETS_DIR = "targets"
 ARTIFACTS_DIR = "artifacts"
 WANDB_DIR = "wandb"
 #: Top-level folders of the runs root that are not source runs.
 NOT_SOURCES = frozenset(
-    {TARGETS_DIR, FORGETTING_DIR, "report", WANDB_DIR, ARTIFACTS_DIR, "lightning_logs", "bench"}
+    {TARGETS_DIR, OTHER_TARGETS_DIR, FORGETTING_DIR, "report", WANDB_DIR, ARTIFACTS_DIR, "lightning_logs", "bench"}
 )
 
 
@@ -97,9 +105,27 @@ def is_finished(run_dir: Path, marker: str) -> bool:
     return (run_dir / marker).is_file()
 
 
-def target_dir(runs_root: Path, portion: int, init: str, seed: int | None = None) -> Path:
-    """``<runs>/brats/p<portion>/<init>``, or ``…/seed<seed>/<init>`` for a per-seed layout."""
-    base = runs_root / TARGETS_DIR / f"p{portion}"
+def target_root(runs_root: Path, target: str = TARGETS_DIR) -> Path:
+    """The folder of one target's runs: ``<runs>/brats`` for BraTS, ``<runs>/targets/<target>``
+    for any other dataset."""
+    return runs_root / TARGETS_DIR if target == TARGETS_DIR else runs_root / OTHER_TARGETS_DIR / target
+
+
+def target_roots(runs_root: Path) -> dict[str, Path]:
+    """Every target with a run folder: name → :func:`target_root` (BraTS first, others by name)."""
+    found = {TARGETS_DIR: runs_root / TARGETS_DIR} if (runs_root / TARGETS_DIR).is_dir() else {}
+    others = runs_root / OTHER_TARGETS_DIR
+    if others.is_dir():
+        found.update({d.name: d for d in sorted(others.iterdir()) if d.is_dir() and not d.name.startswith(".")})
+    return found
+
+
+def target_dir(
+    runs_root: Path, portion: int, init: str, seed: int | None = None, target: str = TARGETS_DIR
+) -> Path:
+    """``<runs>/brats/p<portion>/<init>`` (another target: ``<runs>/targets/<target>/p<portion>/<init>``),
+    or ``…/seed<seed>/<init>`` for a per-seed layout."""
+    base = target_root(runs_root, target) / f"p{portion}"
     return base / init if seed is None else base / f"seed{seed}" / init
 
 
@@ -232,6 +258,9 @@ class Source:
     meta: dict[str, Any]
     fisher: dict[str, torch.Tensor] | None
     folder: Path | None = None  # where it was loaded from
+    # Target parameters not to take from this source whatever their shape: the input layer
+    # when the target's channels match none of the source's (re-initialised, trained with S).
+    reinit: frozenset[str] = frozenset()
 
 
 def source_hint(name: str) -> str:

@@ -130,6 +130,7 @@ def map_input_channels(
     channel_map: list[int],
     *,
     rescale: bool,
+    names: Iterable[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rebuild tensors whose input-channel axis (dim 1) differs from the target's by reusing the
     source channels named in ``channel_map``.
@@ -141,6 +142,9 @@ def map_input_channels(
         rescale: divide each reused filter by the number of target channels that share its
             source channel, so the layer's response to inputs that look alike stays the same
             (weights yes; Fishers no).
+        names: the input layer's tensors, mapped even where the source and target shapes agree
+            (a reordering of as many channels); None: every tensor whose input-channel axis
+            differs from the target's.
 
     Returns:
         A copy of ``tensors`` with the mapped tensors replaced.
@@ -153,9 +157,12 @@ def map_input_channels(
     out = dict(tensors)
     index = torch.tensor(channel_map)
     copies = torch.bincount(index).clamp(min=1)
+    chosen = None if names is None else set(names)
     for name, tensor in tensors.items():
         want = target.get(name)
-        if want is None or tensor.ndim < 2 or tensor.shape == want.shape:
+        if want is None or tensor.ndim < 2:
+            continue
+        if (tensor.shape == want.shape) if chosen is None else (name not in chosen):
             continue
         if (
             tensor.shape[0] != want.shape[0]

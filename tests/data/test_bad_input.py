@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tmerge.data import BraTSDataModule, HCPDataModule
+from tmerge.data import HCPDataModule, TargetDataModule
 from tmerge.data.nifti import check_same_geometry, find_modality, load_labels, load_volume
 from tmerge.errors import DataError
 
@@ -45,10 +45,10 @@ def _file(root: Path, modality: str) -> Path:
     return root / TRAIN / "HGG" / SUBJECT / f"{SUBJECT}_{modality}.nii.gz"
 
 
-def _module(root: Path, tmp_path: Path, **kw: object) -> BraTSDataModule:
+def _module(root: Path, tmp_path: Path, **kw: object) -> TargetDataModule:
     # 10 subjects: 4 test, 6 remain; 60 % of 10 → 6 drawn, so every subject is preprocessed.
     fields = {"test_size": 4, "pool_size": 10, "portion": 60, "n4": False, "patch_size": 16, **kw}
-    return BraTSDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), **fields)
+    return TargetDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), **fields)
 
 
 def _prepare(root: Path, tmp_path: Path, **kw: object) -> str:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tmerge.data.preprocess as pp
-from tmerge.data import BraTSDataConfig, BraTSDataModule, HCPDataConfig, HCPDataModule
+from tmerge.data import HCPDataConfig, HCPDataModule, TargetDataConfig, TargetDataModule
 from tmerge.data.labels import aseg_to_paper, brats_regions, select_labels
 from tmerge.data.preprocess import uncrop
 from tmerge.errors import ConfigError
@@ -98,9 +98,9 @@ def _hcp(root: Path, cache: Path, **kw: object) -> HCPDataModule:
     return HCPDataModule(root=str(root), cache_dir=str(cache), patch_size=16, **kw)
 
 
-def _brats(root: Path, cache: Path, **kw: object) -> BraTSDataModule:
+def _brats(root: Path, cache: Path, **kw: object) -> TargetDataModule:
     fields = {"test_size": 4, "pool_size": 10, "portion": 80, "n4": False, "patch_size": 16, **kw}
-    return BraTSDataModule(root=str(root), cache_dir=str(cache), **fields)
+    return TargetDataModule(root=str(root), cache_dir=str(cache), **fields)
 
 
 def test_attributes_are_known_without_io() -> None:
@@ -109,7 +109,7 @@ def test_attributes_are_known_without_io() -> None:
     assert hcp.class_names[0] == "cerebellum WM" and len(hcp.class_names) == 7
     assert HCPDataModule(split="all").n_outputs == 15
     assert HCPDataModule(split="all", labels="1:7").n_outputs == 8
-    brats = BraTSDataModule(root="/does/not/exist")
+    brats = TargetDataModule(root="/does/not/exist")
     assert (brats.in_channels, brats.n_outputs, brats.output_mode) == (4, 3, "sigmoid")
     assert brats.class_names == ["ET", "TC", "WT"]
 
@@ -118,7 +118,7 @@ def test_config_round_trip_and_rejections() -> None:
     cfg = HCPDataConfig(split="task2", patch_size=32)
     dm = HCPDataModule(**dataclasses.asdict(cfg))
     assert dm.config == cfg and dm.hparams["split"] == "task2"
-    assert BraTSDataModule(**dataclasses.asdict(BraTSDataConfig(portion=4))).config.portion == 4
+    assert TargetDataModule(**dataclasses.asdict(TargetDataConfig(portion=4))).config.portion == 4
     with pytest.raises(ConfigError, match="unknown key.*'spilt'"):
         HCPDataModule(spilt="task1")
     with pytest.raises(ConfigError, match="split"):
@@ -126,7 +126,7 @@ def test_config_round_trip_and_rejections() -> None:
     with pytest.raises(ConfigError, match="patch_size"):
         HCPDataModule(patch_size=40)
     with pytest.raises(ConfigError, match="portion"):
-        BraTSDataModule(portion=0)
+        TargetDataModule(portion=0)
 
 
 def test_hcp_batches_splits_and_fisher(hcp_root: Path, tmp_path: Path) -> None:

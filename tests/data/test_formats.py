@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tmerge.data import BraTSDataModule, HCPDataModule
+from tmerge.data import HCPDataModule, TargetDataModule
 from tmerge.data.formats import FORMATS, detect, expected_layouts, read_dataset_json
 from tmerge.data.labels import BRATS2023_LABELS, LabelMapping, dataset_labels, regions_to_brats
 from tmerge.data.preprocess import PreprocessSettings, original_labels, uncrop, voxel_spacing
@@ -53,9 +53,9 @@ def brats(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dic
     return out
 
 
-def _dm(root: Path, cache: Path, **kw: object) -> BraTSDataModule:
+def _dm(root: Path, cache: Path, **kw: object) -> TargetDataModule:
     fields = {"test_size": 4, "pool_size": 10, "portion": 80, "n4": False, "patch_size": 16, **kw}
-    return BraTSDataModule(root=str(root), cache_dir=str(cache), **fields)
+    return TargetDataModule(root=str(root), cache_dir=str(cache), **fields)
 
 
 def test_each_layout_is_detected(brats, tmp_path: Path) -> None:
@@ -310,12 +310,12 @@ def test_resampled_cases_go_back_to_their_own_grid(brats, tmp_path: Path) -> Non
 
 def test_geometry_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="spacing: got \\[1, 1\\]; expected null or three positive"):
-        BraTSDataModule(spacing=[1, 1])
+        TargetDataModule(spacing=[1, 1])
     with pytest.raises(ConfigError, match="spacing"):
-        BraTSDataModule(spacing=[1, 0, 1])
+        TargetDataModule(spacing=[1, 0, 1])
     with pytest.raises(ConfigError, match="orientation: got 'RAA'; expected null or three axis codes"):
-        BraTSDataModule(orientation="RAA")
-    assert BraTSDataModule(orientation="lps").preprocess_settings().orientation == "LPS"
+        TargetDataModule(orientation="RAA")
+    assert TargetDataModule(orientation="lps").preprocess_settings().orientation == "LPS"
 
 
 def test_nnunet_parcellation_source(tmp_path: Path) -> None:

@@ -27,3 +27,12 @@ def test_bad_alphas_are_refused_as_value_errors(alphas: list, pattern: str) -> N
     # ValueError: the merge stage turns it into a ConfigError naming the recipe key.
     with pytest.raises(ValueError, match=pattern):
         check_params("mean-imm", {"alphas": alphas}, 2)
+
+
+def test_trim_scope_is_a_parameter_of_ties_and_dare_ties() -> None:
+    check_params("ties", {"trim": "model"}, 2)
+    check_params("dare-ties", {"trim": "tensor", "k": 50}, 2)
+    with pytest.raises(ValueError, match=r"ties: trim must be one of tensor, model, got 'layer'"):
+        check_params("ties", {"trim": "layer"}, 2)
+    with pytest.raises(ValueError, match=r"dare takes p, lam, seed; unknown trim"):
+        check_params("dare", {"trim": "model"}, 2)

@@ -94,10 +94,15 @@ class FakeRuns:
         predictions: bool = False,
         run_json: bool = True,
         trajectory: bool = False,
+        scores: dict[str, dict[str, float]] | None = None,
+        regions: dict[str, dict[str, int]] | None = None,
+        metrics: dict[str, str] | None = None,
     ) -> Path:
         """A BraTS run folder; ``finished=False`` leaves out the marker (``test_summary.json``).
         ``timm`` and ``mean-timm`` get an ``alphas.json``, with a ``trajectory`` if asked (the
-        older format has none)."""
+        older format has none). ``scores`` replaces the fake per-subject scores; ``regions``
+        (subject → ``truth_<c>``/``pred_<c>`` → count) is written as ``test_regions.csv``.
+        ``metrics``: the config's ``metrics`` section (None: none, as before those keys existed)."""
         base = self.root / "brats" / f"p{portion}"
         path = base / init if seed is None else base / f"seed{seed}" / init
         path.mkdir(parents=True)
@@ -109,10 +114,12 @@ class FakeRuns:
             "adaption": {"max_epochs": 6},
             "data": {"root": str(self.data_root), "portion": portion, "patch_size": 48},
         }
+        if metrics is not None:
+            config["metrics"] = metrics
         (path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
         if run_json:
             (path / "run.json").write_text(json.dumps({"commit": "0123456789abcdef", "seed": seed or 0}))
-        rows = fake_scores(portion, init, seed, offset)
+        rows = fake_scores(portion, init, seed, offset) if scores is None else scores
         buf = io.StringIO()
         columns = list(next(iter(rows.values())))
         writer = csv.writer(buf, lineterminator="\n")
@@ -120,6 +127,11 @@ class FakeRuns:
         for s, v in rows.items():
             writer.writerow([s, *(v[c] for c in columns)])
         (path / "test_per_subject.csv").write_text(buf.getvalue())
+        if regions is not None:
+            columns = list(next(iter(regions.values())))
+            lines = [",".join(["subject", *columns])]
+            lines += [",".join([s, *(str(v[c]) for c in columns)]) for s, v in regions.items()]
+            (path / "test_regions.csv").write_text("\n".join(lines) + "\n")
         stages: dict[str, Any] = {"init": init, "sources": ["task1", "task2"]}
         if init in ("timm", "mean-timm"):
             stages["adaption"] = {

@@ -14,9 +14,12 @@ from tmerge.report import ReportConfig, run_report
 OUTPUTS = (
     "table2.md",
     "table2.csv",
+    "endpoints.md",
+    "endpoints.csv",
     "table3.md",
     "table4.md",
     "stats.md",
+    "stats.csv",
     "fig3_examples.png",
     "fig4_paired.png",
     "fig5_alphas.png",
@@ -66,6 +69,8 @@ def test_report_writes_every_file(runs):
     assert "| `task2` | unfinished (no metrics.json) |" in report
     # the tumour example of p4 draws the four runs with predictions and says which had none
     assert "no predictions/ in m1" in report
+    # the inline Table 2 names how its Dice were scored
+    assert "### Table 2 — Dice, mean of ET, TC and WT (the paper's Table 2) — empty regions: brats2018" in report
     table = list(csv.DictReader((out / "table2.csv").read_text().splitlines()))
     assert {r["init"] for r in table if r["value"]} == {"none", "m1", "m2", "imm", "timm"}
 
@@ -75,6 +80,8 @@ def test_stats_are_reproducible_and_name_the_comparisons(runs):
     first = (run_report(cfg) / "stats.md").read_text()
     cfg.out_dir = str(runs.root / "b")
     assert (run_report(cfg) / "stats.md").read_text() == first
+    # the fake runs' configs predate metrics.*: their Dice were scored under the brats2018 rules
+    assert "Dice scored with empty regions: brats2018 (Table 2 says what the rules mean)." in first
     per_subject = first.split("## Per-subject tests (ignore training variance)\n")[1]
     section = per_subject.split("### 4 %\n")[1].split("\n### ")[0]
     lines = {

@@ -219,3 +219,67 @@ def test_few_seeds_note_counts_the_distinct_seed_sets():
     assert "3 seeds:" in few_seeds_note(3) and "10 distinct sets of seeds" in few_seeds_note(3)
     assert "2/3 of their variance" in few_seeds_note(3)
     assert few_seeds_note(1).startswith("1 seed: the CI reflects only 1 draw of")
+
+
+# ---- minimal detectable differences on the statistics page -----------------------------------
+
+
+def t_mde(sd: float, n: int) -> float:
+    """(t_{0.975, n−1} + t_{0.8, n−1}) · sd / √n, computed here with scipy."""
+    from scipy.stats import t
+
+    return (t.ppf(0.975, n - 1) + t.ppf(0.8, n - 1)) * sd / n**0.5
+
+
+def first_seeds(sd: float, target: float, halfwidth: bool) -> int:
+    """The smallest n ≥ 2 whose t half-width (or MDE) is ≤ target, counting up."""
+    from scipy.stats import t
+
+    n = 2
+    while (t.ppf(0.975, n - 1) * sd / n**0.5 if halfwidth else t_mde(sd, n)) > target:
+        n += 1
+    return n
+
+
+def test_every_interval_carries_its_mde(sweep):
+    from tmerge.report import ReportConfig, run_report
+
+    out = run_report(ReportConfig(runs_dir=str(sweep.root), bootstrap=200, seed=1, target_difference=0.05))
+    text = (out / "stats.md").read_text()
+    seed_aware = text.split("## Seed-aware comparison (training variance included)\n")[1].split(
+        "\n## Per-subject tests"
+    )[0]
+    assert "MDE: the minimal detectable difference" in seed_aware
+    rows = table(seed_aware, "### 8 %, seeds 0,1,2\n")
+    for name, ref, other in [("timm − none", "timm", "none"), ("imm − m1", "imm", "m1")]:
+        per_seed = [seed_mean_diff(sweep, s, ref, other) for s in (0, 1, 2)]
+        sd = statistics.stdev(per_seed)
+        cells = rows[name]
+        assert cells[-3] == f"{t_mde(sd, 3):.4f}"
+        assert cells[-2] == f"{first_seeds(sd, 0.05, True)} / {first_seeds(sd, 0.05, False)}"
+    # two seeds (0, 1): an MDE with 1 degree of freedom, far larger than with three
+    per_seed = [seed_mean_diff(sweep, s, "timm", "mean-timm") for s in (0, 1)]
+    assert rows["timm − mean-timm"][-3] == f"{t_mde(statistics.stdev(per_seed), 2):.4f}"
+
+    # per subject, 4 %: the subjects' differences of the single-seed runs
+    per_subject = text.split("## Per-subject tests (ignore training variance)\n")[1]
+    section = per_subject.split("### 4 %\n")[1].split("\n### ")[0]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| none |"))
+    ref = csv_scores(sweep.root / "brats" / "p4" / "timm" / "test_per_subject.csv")
+    oth = csv_scores(sweep.root / "brats" / "p4" / "none" / "test_per_subject.csv")
+    sd = statistics.stdev(ref[s] - oth[s] for s in ref)
+    assert line.split("|")[6].strip() == f"{t_mde(sd, len(ref)):.4f}"
+
+    # the CSV holds the same numbers
+    lines = list(csv.DictReader((out / "stats.csv").read_text().splitlines()))
+    timm_none = next(
+        r for r in lines if r["analysis"] == "seed-aware" and (r["reference"], r["other"]) == ("timm", "none")
+    )
+    per_seed = [seed_mean_diff(sweep, s, "timm", "none") for s in (0, 1, 2)]
+    assert timm_none["n"] == "3" and timm_none["seeds"] == "0 1 2"
+    assert float(timm_none["sd"]) == pytest.approx(statistics.stdev(per_seed))
+    assert float(timm_none["mde"]) == pytest.approx(t_mde(statistics.stdev(per_seed), 3))
+    assert int(timm_none["seeds_for_mde"]) == first_seeds(statistics.stdev(per_seed), 0.05, False)
+    p4 = next(r for r in lines if r["analysis"] == "per-subject" and r["portion"] == "4")
+    assert float(p4["mde"]) == pytest.approx(t_mde(sd, len(ref)))
+    assert p4["p"] != "" and p4["seeds_for_mde"] == ""

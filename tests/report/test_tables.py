@@ -215,3 +215,25 @@ def test_the_full_portion_is_labelled_validation():
     assert Row(100, SINGLE).label() == "100 % (validation)"
     assert Row(100, SWEEP, (0, 1)).label() == "100 % (validation), seeds 0,1"
     assert Row(8, SINGLE).label() == "8 %"
+
+
+def test_table2_headers_name_the_hd95_definition_and_the_empty_region_rules(fake):
+    """Each sub-table says how its numbers were scored, from the runs' ``metrics.*`` config: a
+    config without it predates the keys (directed HD95, brats2018); runs that differ are
+    'mixed', with their counts."""
+    pooled = {"hd95": "pooled", "convention": "brats2018"}
+    for init in ("none", "timm"):
+        fake.target(4, init, metrics=pooled)
+    index = discover(fake.root)
+    text = table2_markdown(index, table_rows(index, [4]), INITS)
+    assert "## Dice ET — empty regions: brats2018\n" in text
+    assert "## HD95 WT (mm) — HD95 pooled (BraTS, medpy); empty regions: brats2018\n" in text
+    assert "95th percentile of the border-to-border distances of both directions" in text
+    fake.target(4, "imm")  # written before metrics.* existed
+    fake.target(4, "m2", metrics={"hd95": "pooled", "convention": "brats2023"})
+    index = discover(fake.root)
+    text = table2_markdown(index, table_rows(index, [4]), INITS)
+    assert (
+        "## HD95 ET (mm) — HD95 mixed (directed max (MONAI): 1 run, pooled (BraTS, medpy): 3 runs); "
+        "empty regions: mixed (brats2018: 3 runs, brats2023: 1 run)\n"
+    ) in text

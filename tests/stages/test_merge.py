@@ -61,8 +61,8 @@ def test_ties_of_two_monai_unets_with_a_layer_override(tmp_path, capsys):
     for n, v in expect.items():
         torch.testing.assert_close(merged[n], v, msg=n)
     record = json.loads((tmp_path / "merged" / "ties.safetensors.json").read_text())
-    assert record["method"] == "ties" and record["params"] == {"k": 50, "lam": 0.8}
-    assert record["overrides"] == [{"match": "model.0.*", "params": {"k": 100, "lam": 0.8}}]
+    assert record["method"] == "ties" and record["params"] == {"k": 50, "lam": 0.8, "trim": "tensor"}
+    assert record["overrides"] == [{"match": "model.0.*", "params": {"k": 100, "lam": 0.8, "trim": "tensor"}}]
     assert [m["sha256"] for m in record["models"]] == [file_sha256(files[1]), file_sha256(files[2])]
     assert record["base"]["sha256"] == file_sha256(files[0]) and record["output"]["sha256"] == file_sha256(
         out
@@ -84,6 +84,29 @@ def test_command_line_overrides_the_recipe(tmp_path):
     for n, v in task_arithmetic([a], base, lam=1.0).items():
         assert torch.equal(merged[n], v), n  # one model, λ = 1: the model itself
         assert torch.equal(merged[n], a[n]), n
+
+
+def test_ties_trim_model_ranks_the_whole_recipe(tmp_path):
+    """params.trim=model: one threshold over all the tensors merged (here every tensor of two
+    MONAI UNets), which differs from the per-tensor default."""
+    base, a, b = unet(0), unet(1), unet(2)
+    files = [save(tmp_path / f"{n}.safetensors", s) for n, s in (("base", base), ("a", a), ("b", b))]
+    merged = {}
+    for scope in ("tensor", "model"):
+        out = tmp_path / f"{scope}.safetensors"
+        r = recipe(
+            tmp_path / "r.yaml",
+            method="ties",
+            models=[str(files[1]), str(files[2])],
+            base=str(files[0]),
+            params={"k": 20, "trim": scope},
+            output=str(out),
+        )
+        assert main(["merge", str(r)]) == 0
+        merged[scope] = load_file(str(out))
+        for n, v in ties([a, b], base, k=20, trim=scope).items():
+            assert torch.equal(merged[scope][n], v), n
+    assert any(not torch.equal(merged["tensor"][n], merged["model"][n]) for n in base)
 
 
 def source_run(root: Path, name: str, seed: int) -> tuple[dict, dict]:
@@ -183,6 +206,7 @@ def test_parameter_values_out_of_range_are_refused_before_loading(tmp_path, caps
     for method, params, message in (
         ("ties", {"k": 0}, "params: ties: k must be a percentage in (0, 100], got 0"),
         ("dare", {"p": 1.0}, "params: dare: p must be a drop probability in [0, 1), got 1.0"),
+        ("ties", {"trim": "layer"}, "params: ties: trim must be one of tensor, model, got 'layer'"),
     ):
         r = recipe(
             tmp_path / "r.yaml", method=method, models=[str(fa)], base=str(fb), params=params, output=str(out)

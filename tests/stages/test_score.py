@@ -81,3 +81,69 @@ def test_brats2023_convention_scores_alike_and_the_2018_one_refuses_its_values(t
     err = capsys.readouterr().err
     assert "label values {3} are not BraTS labels; expected only 0, 1, 2, 4" in err and "Traceback" not in err
     assert main(["score", "predictions=x", "labels=y", "convention=msd"]) == 2
+
+
+def missed_satellite(tmp_path):
+    """One subject whose prediction misses a satellite of oedema (label 2, WT only), at 1 × 1 × 3
+    mm: the truth is a 4×4×3 block plus a 2×2×1 satellite 5 voxels beyond it and one slice up;
+    the prediction is the block alone. ET and TC are empty in both maps."""
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    truth = np.zeros((14, 6, 4), dtype=np.uint8)
+    truth[0:4, 1:5, 0:3] = 2  # 48 voxels, 44 of them on the border
+    truth[9:11, 2:4, 3] = 2  # the satellite: 4 border voxels
+    pred = truth.copy()
+    pred[9:11, 2:4, 3] = 0
+    preds, labels = tmp_path / "pred", tmp_path / "labels"
+    save_labels(preds / "Brats18_S_1.nii.gz", pred, affine)
+    save_labels(labels / "Brats18_S_1_seg.nii.gz", truth, affine)
+    return preds, labels
+
+
+def test_score_gives_the_pooled_hd95_of_a_one_sided_error(tmp_path):
+    """What the leaderboard (medpy's hd95: pooled) and MONAI (directed) make of a missed satellite.
+
+    The prediction's 44 border voxels lie on the truth's border (distance 0). Of the truth's 48
+    border voxels, the block's 44 are at 0 and the satellite's at √(6² + 3²) = √45 (x = 9, two
+    voxels) and √(7² + 3²) = √58 mm (x = 10, two) from the block's top corner row (3, y, 2).
+    Pooled: the 95th percentile of all 92 distances, position 0.95 · 91 = 86.45, is among the 88
+    zeros: HD95 0 mm. Directed: the 95th percentile of the truth's 48 alone, position 0.95 · 47 =
+    44.65, lies between the 45th and 46th smallest, both √45: 6.708 mm. Dice WT = 2·48/(48 + 52).
+    """
+    preds, labels = missed_satellite(tmp_path)
+    out = {}
+    for hd95 in ("pooled", "directed"):
+        args = [f"predictions={preds}", f"labels={labels}", f"out={tmp_path / hd95}", f"metrics.hd95={hd95}"]
+        assert main(["score", *args]) == 0
+        (row,) = csv.DictReader((tmp_path / hd95 / "scores.csv").open())
+        out[hd95] = float(row["hd95_WT"])
+        assert float(row["dice_WT"]) == pytest.approx(0.96)
+    assert out["pooled"] == pytest.approx(0.0, abs=1e-6)  # the leaderboard's HD95
+    assert out["directed"] == pytest.approx(np.sqrt(45), rel=1e-6)  # 6.708 mm, MONAI's
+    assert main(["score", f"predictions={preds}", f"labels={labels}", f"out={tmp_path / 'default'}"]) == 0
+    default = (tmp_path / "default" / "scores.csv").read_text()
+    assert default == (tmp_path / "pooled" / "scores.csv").read_text()  # pooled is the default
+    # brats2018 (the default): ET and TC empty in both score Dice 1, HD95 0; no n_empty key.
+    summary = json.loads((tmp_path / "default" / "scores_summary.json").read_text())
+    assert set(summary) == {"n", "dice", "hd95"}
+    assert summary["dice"]["ET"] == 1.0 and summary["hd95"]["TC"] == 0.0
+
+
+def test_score_brats2023_rules_drop_and_count_regions_empty_in_both(tmp_path):
+    preds, labels = missed_satellite(tmp_path)
+    args = [f"predictions={preds}", f"labels={labels}", "metrics.convention=brats2023"]
+    assert main(["score", *args]) == 0
+    (row,) = csv.DictReader((preds / "scores.csv").open())
+    assert row["dice_ET"] == "nan" and row["hd95_TC"] == "nan"
+    assert float(row["dice_mean"]) == pytest.approx(0.96)  # the mean over the scored region, WT
+    summary = json.loads((preds / "scores_summary.json").read_text())
+    assert summary["n_empty"] == {"ET": 1, "TC": 1, "WT": 0}
+    assert summary["dice"]["ET"] is None and summary["dice"]["mean"] == pytest.approx(0.96)
+    assert summary["hd95"]["WT"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_score_refuses_unknown_metrics_settings(tmp_path, capsys):
+    preds, labels = missed_satellite(tmp_path)
+    assert main(["score", f"predictions={preds}", f"labels={labels}", "metrics.hd95=mean"]) == 2
+    assert "metrics.hd95: expected one of pooled, directed, got 'mean'" in capsys.readouterr().err
+    assert main(["score", f"predictions={preds}", f"labels={labels}", "metrics.convention=2023"]) == 2
+    assert "metrics.convention: expected one of brats2018, brats2023, got '2023'" in capsys.readouterr().err

@@ -110,10 +110,33 @@ def test_task_vector_inits_merge_p_by_their_method(name: str) -> None:
     assert torch.equal(state["encoder.0.conv.conv.weight"], fresh["encoder.0.conv.conv.weight"])
 
 
+def test_ties_init_trims_over_all_merged_layers_with_merge_trim_model() -> None:
+    """merge.trim=model: one threshold over every tensor of P (the merged layers), as
+    :func:`tmerge.merge.task_vectors.ties` computes it, and not the per-tensor result."""
+    from tmerge.merge.task_vectors import ties
+
+    sources, base = [source(1), source(2)], source(0).state
+    states = {}
+    for scope in ("tensor", "model"):
+        cfg = TargetStageConfig(init="ties", merge=VectorMergeConfig(trim=scope))
+        start = initialise(cfg, INITS["ties"], build(), sources, base)
+        names = [n for ns in start.layers.values() for n in ns]
+        expected = ties(
+            [{n: s.state[n] for n in names} for s in sources], {n: base[n] for n in names}, trim=scope
+        )
+        states[scope] = start.net.state_dict()
+        for n in names:
+            torch.testing.assert_close(states[scope][n], expected[n], msg=n)
+    assert any(not torch.equal(states["tensor"][n], states["model"][n]) for n in names)
+
+
 def test_vector_candidates_are_the_grid_of_the_methods_parameters() -> None:
     cfg = TargetStageConfig(merge=VectorMergeConfig(lam=[0.5, 1.0], k=[10.0, 20.0, 50.0], seed=3))
     ties_grid = vector_candidates(cfg, "ties")
-    assert len(ties_grid) == 6 and {"k": 10.0, "lam": 0.5} in ties_grid
+    assert len(ties_grid) == 6 and {"k": 10.0, "lam": 0.5, "trim": "tensor"} in ties_grid
+    # merge.trim is one value for every candidate, not a grid
+    model = TargetStageConfig(merge=VectorMergeConfig(k=[10.0, 20.0], trim="model"))
+    assert {c["trim"] for c in vector_candidates(model, "dare-ties")} == {"model"}
     assert vector_candidates(cfg, "dare") == [
         {"p": 0.5, "lam": 0.5, "seed": 3},
         {"p": 0.5, "lam": 1.0, "seed": 3},
@@ -128,6 +151,7 @@ def test_vector_merge_values_are_checked_when_the_config_is_made() -> None:
         ("k", [0.0], "merge.k: k must be a percentage in (0, 100], got 0.0"),
         ("p", [0.5, 1.0], "merge.p: p must be a drop probability in [0, 1), got 1.0"),
         ("t", [2.0], "merge.t: t must be a number in [0, 1], got 2.0"),
+        ("trim", "layer", "merge.trim: trim must be one of tensor, model, got 'layer'"),
     ):
         with pytest.raises(ConfigError, match=re.escape(expected)):
             VectorMergeConfig(**{key: value})

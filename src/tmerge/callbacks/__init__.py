@@ -7,6 +7,7 @@ AlphaTrajectory     the adaption stage's α per layer after every validation, lo
 BestMetrics         the validation metrics of the best epoch, and the training time      yes
 EpochSummary        one ``[tmerge]`` progress line per validated epoch                   yes
 FisherCallback      the empirical Fisher of the best weights, at the end of training     no
+LearningCurve       test scores after epochs 1, 2, 4, … and the last; RNG restored       yes
 NonFiniteGuard      stops the fit when the training loss becomes NaN/inf                 no
 PredictionWriter    the predicted label maps of test and predict, in original geometry   no
 RngState            the Python, NumPy and torch generators                               yes
@@ -15,14 +16,15 @@ StopIfStopped       early stopping that survives a resume (reads EarlyStopping's
 ==================  ===================================================================  =========
 
 [1] Whether it has a ``state_dict`` saved in checkpoints, so that a resumed fit continues with it.
-:func:`tmerge.runner.fit` adds all but AlphaTrajectory, FisherCallback and PredictionWriter
-(which the stages pass) and NonFiniteGuard (which :class:`~tmerge.modules.segmentation.SegmentationModule` brings along).
+:func:`tmerge.runner.fit` adds all but AlphaTrajectory, FisherCallback, LearningCurve and
+PredictionWriter (which the stages pass) and NonFiniteGuard (which :class:`~tmerge.modules.segmentation.SegmentationModule` brings along).
 """
 
 from tmerge.callbacks.alpha_trajectory import AlphaTrajectory
 from tmerge.callbacks.best_metrics import BestMetrics
 from tmerge.callbacks.epoch_summary import EpochSummary
 from tmerge.callbacks.fisher import FisherCallback
+from tmerge.callbacks.learning_curve import LearningCurve
 from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
 from tmerge.callbacks.prediction_writer import PredictionWriter
 from tmerge.callbacks.rng_state import RngState
@@ -34,6 +36,7 @@ __all__ = [
     "BestMetrics",
     "EpochSummary",
     "FisherCallback",
+    "LearningCurve",
     "NonFiniteGuard",
     "PredictionWriter",
     "RngState",

@@ -31,6 +31,11 @@ class EpochSummary(Callback):
         self.start = time.perf_counter()
 
     @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.limit_val_batches == 0:  # no validation (a fixed budget): one line per epoch
+            self.on_validation_end(trainer, pl_module)
+
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return

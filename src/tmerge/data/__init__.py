@@ -1,6 +1,6 @@
 """Data: NIfTI reading, label mapping, cached preprocessing, seeded splits and the DataModules.
 
-``HCPDataModule`` (paper tasks 1 and 2) and ``BraTSDataModule`` (task 3) read the datasets in
+``HCPDataModule`` (paper tasks 1 and 2) and ``TargetDataModule`` (task 3) read the datasets in
 their native layouts; with ``root=None`` they generate and use the embedded default data.
 
 The DataModules are exported lazily (PEP 562), so importing a light submodule such as
@@ -13,8 +13,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "BraTSDataConfig": "tmerge.data.brats",
-    "BraTSDataModule": "tmerge.data.brats",
+    "TargetDataConfig": "tmerge.data.target",
+    "TargetDataModule": "tmerge.data.target",
     "DataConfig": "tmerge.data.common",
     "SegmentationDataModule": "tmerge.data.common",
     "data_dir": "tmerge.data.common",
@@ -23,8 +23,8 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "BraTSDataConfig",
-    "BraTSDataModule",
+    "TargetDataConfig",
+    "TargetDataModule",
     "DataConfig",
     "HCPDataConfig",
     "HCPDataModule",
@@ -33,9 +33,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tmerge.data.brats import BraTSDataConfig, BraTSDataModule
     from tmerge.data.common import DataConfig, SegmentationDataModule, data_dir
     from tmerge.data.hcp import HCPDataConfig, HCPDataModule
+    from tmerge.data.target import TargetDataConfig, TargetDataModule
 
 
 def __getattr__(name: str) -> Any:

@@ -54,7 +54,7 @@ def data_dir() -> Path:
 
 @dataclass
 class DataConfig:
-    """Fields shared by every dataset's config (see :class:`HCPDataConfig`, :class:`BraTSDataConfig`)."""
+    """Fields shared by every dataset's config (see :class:`HCPDataConfig`, :class:`TargetDataConfig`)."""
 
     # None: the embedded default data, generated on first use under <data_dir>/default/<kind>,
     # so the framework runs out of the box; set it to a real dataset's folder otherwise.

@@ -42,12 +42,12 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tmerge.data.labels import BRATS2023_LABELS, PAPER_CLASSES, LabelMapping
+from tmerge.data.labels import BRATS2023_LABELS, BRATS_SCHEME, PAPER_CLASSES, LabelMapping, LabelScheme
 from tmerge.data.nifti import NIFTI_SUFFIXES, find_modality
 from tmerge.errors import DataError
 
@@ -56,7 +56,11 @@ log = logging.getLogger(__name__)
 #: Input channels of each task, in channel order.
 TASK_CHANNELS: dict[str, tuple[str, ...]] = {"brats": ("t1", "t1ce", "t2", "flair"), "hcp": ("T1", "T2")}
 #: The task's name in messages.
-TASK_TITLES = {"brats": "BraTS", "hcp": "HCP"}
+TASK_TITLES = {"brats": "BraTS", "hcp": "HCP", "target": "target"}
+#: The kind of a target dataset that is not BraTS: its channels and labels are its own.
+GENERIC = "target"
+#: Output modes a target config may ask for; "auto" follows the dataset (regions → sigmoid).
+TARGET_OUTPUT_MODES = ("auto", "softmax", "sigmoid")
 
 BRATS2018_TRAINING = "MICCAI_BraTS_2018_Data_Training"
 BRATS2018_VALIDATION = "MICCAI_BraTS_2018_Data_Validation"
@@ -94,6 +98,25 @@ _TUMOUR_NAMES: dict[int, frozenset[str]] = {
 
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def canonical_channel(name: str) -> str:
+    """The MR contrast a channel name stands for, so that names from different datasets compare:
+    ``T1``, ``T1w``, ``t1n`` → ``t1``; ``T2w`` → ``t2``; ``FLAIR``, ``t2f`` → ``flair``; ``t1ce``,
+    ``T1Gd`` → ``t1ce``; any other name → itself, lower case, letters and digits only."""
+    key = _norm(name)
+    for channel in TASK_CHANNELS["brats"]:
+        if key in _CHANNEL_ALIASES[channel]:
+            return channel
+    return key
+
+
+def match_channels(target: Sequence[str], source: Sequence[str]) -> list[int] | None:
+    """For each target channel, the index of the source channel of the same contrast
+    (:func:`canonical_channel`); ``None`` unless every target channel has one."""
+    where = {canonical_channel(name): i for i, name in reversed(list(enumerate(source)))}
+    found = [where.get(canonical_channel(name)) for name in target]
+    return None if any(i is None for i in found) else [int(i) for i in found]  # type: ignore[arg-type]
 
 
 # ---- cases and layouts ----------------------------------------------------------------------
@@ -149,6 +172,13 @@ class Layout:
     labels: LabelMapping | None = None
     classes: dict[int, str] | None = None
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    channels: tuple[str, ...] = ()
+    scheme: LabelScheme | None = None
+
+    @property
+    def input_channels(self) -> tuple[str, ...]:
+        """The input channels in order: the dataset's own (a generic target) or the task's."""
+        return self.channels or TASK_CHANNELS[self.task]
 
 
 @dataclass(frozen=True)
@@ -192,6 +222,8 @@ def register(fmt: Format) -> Format:
 
 def formats_for(task: str) -> list[Format]:
     """The formats serving ``task``, in detection order."""
+    if task == GENERIC:
+        return [f for f in FORMATS.values() if "brats" in f.tasks]
     if task not in TASK_CHANNELS:
         raise ValueError(f"task: expected one of {list(TASK_CHANNELS)}, got {task!r}")
     return [f for f in FORMATS.values() if task in f.tasks]
@@ -590,18 +622,7 @@ def read_dataset_json(root: Path, task: str) -> NnUNetSpec:
         DataError: naming the file and the key that is missing or malformed, and what was expected.
     """
     path = Path(root) / NNUNET_FILE
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise DataError(
-            f"{path}: cannot be read ({exc.strerror or exc}); expected an nnU-Net v2 dataset.json"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); expected an nnU-Net v2 dataset.json") from None
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: got a JSON {type(data).__name__}; expected an object (nnU-Net v2 dataset.json)"
-        )
+    data = _load_dataset_json(path)
     for key in ("channel_names", "labels", "file_ending"):
         if key not in data:
             hint = (
@@ -648,8 +669,12 @@ def _indexed_cases(folder: Path, spec: NnUNetSpec) -> dict[str, dict[int, Path]]
 
 
 def _open_nnunet(root: Path, task: str) -> Layout:
-    spec = read_dataset_json(root, task)
+    if task == GENERIC:
+        return _open_generic(root, _load_dataset_json(root / NNUNET_FILE))
+    return _nnunet_layout(root, task, read_dataset_json(root, task))
 
+
+def _nnunet_layout(root: Path, task: str, spec: NnUNetSpec) -> Layout:
     def discover() -> Discovery:
         images, labels, test = root / "imagesTr", root / "labelsTr", root / "imagesTs"
         if not images.is_dir():
@@ -695,3 +720,157 @@ register(
 def paper_classes() -> dict[int, str]:
     """HCP's class value → name: the paper's 14 classes."""
     return {i: name for i, name in enumerate(PAPER_CLASSES, start=1)}
+
+
+# ---- any labelled target --------------------------------------------------------------------
+
+
+def _generic_channels(path: Path, raw: Any) -> tuple[tuple[tuple[str, int], ...], int]:
+    """Every channel of a dataset.json, by its own name, in index order."""
+    expected = 'a mapping of channel indices 0..C-1 to names, e.g. {"0": "CT", "1": "PET"}'
+    if not isinstance(raw, Mapping) or not raw:
+        raise _json_error(path, "channel_names", raw, expected)
+    try:
+        names = {int(k): str(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise _json_error(path, "channel_names", raw, expected) from None
+    if sorted(names) != list(range(len(names))):
+        raise _json_error(path, "channel_names", raw, expected)
+    ordered = [names[i] for i in range(len(names))]
+    if len({_norm(n) for n in ordered}) != len(ordered):
+        raise _json_error(path, "channel_names", raw, "distinct channel names")
+    return tuple((name, i) for i, name in enumerate(ordered)), len(ordered)
+
+
+def _generic_labels(
+    path: Path, entries: dict[str, tuple[int, ...]], regions: bool, order: Any
+) -> tuple[LabelMapping, LabelScheme]:
+    """A dataset's own labels: plain classes → indices 1..K (written back as its values), or
+    regions (sets of its values, painted back through ``regions_class_order``)."""
+    if not regions:
+        classes = {v[0]: n for n, v in entries.items()}
+        if len(classes) != len(entries):
+            raise DataError(f"{path}: 'labels': a label value is named twice; expected one name per class value")
+        ordered = sorted(classes.items())
+        read = ((0, 0), *((v, k) for k, (v, _) in enumerate(ordered, start=1)))
+        write = tuple((k, v) for k, (v, _) in enumerate(ordered, start=1))
+        return LabelMapping(f"nnU-Net {path}", read, write), LabelScheme.plain([n for _, n in ordered])
+    names = list(entries)
+    if not (isinstance(order, list) and len(order) == len(names) and all(_int(v) for v in order)):
+        raise _json_error(
+            path, "regions_class_order", order, f"one label value per region {names} (nnU-Net v2's rule for regions)"
+        )
+    for name, value in zip(names, order, strict=True):
+        if value not in entries[name]:
+            raise _json_error(path, "regions_class_order", order, f"for each region {names} one of its own label values")
+    values = sorted({v for vs in entries.values() for v in vs})
+    read = ((0, 0), *((v, v) for v in values))
+    scheme = LabelScheme(
+        "sigmoid",
+        tuple(names),
+        tuple(tuple(sorted(entries[n])) for n in names),
+        paint=tuple(int(v) for v in order),
+        names=tuple((v, f"label {v}") for v in values),
+    )
+    return LabelMapping(f"nnU-Net {path}", read), scheme
+
+
+def _load_dataset_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(
+            f"{path}: cannot be read ({exc.strerror or exc}); expected an nnU-Net v2 dataset.json"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); expected an nnU-Net v2 dataset.json") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: got a JSON {type(data).__name__}; expected an object (nnU-Net v2 dataset.json)")
+    return data
+
+
+def is_brats_dataset(root: Path) -> bool:
+    """Whether an nnU-Net root describes the BraTS task: the four tumour MR channels and
+    tumour labels (regions or named labels) that :func:`read_dataset_json` maps to BraTS'."""
+    try:
+        read_dataset_json(root, "brats")
+    except DataError:
+        return False
+    return True
+
+
+def open_target(root: Path, layout: str | None = None, output_mode: str = "auto") -> Layout:
+    """Open a target dataset: a BraTS layout (the tumour regions, exactly as the ``brats`` task)
+    or an nnU-Net v2 raw dataset with its own channels and labels.
+
+    Args:
+        root: The dataset root.
+        layout: A format name to use instead of detecting it (``brats2018``, ``nnunet``, …).
+        output_mode: ``"auto"`` (regions → sigmoid, plain labels → softmax; an nnU-Net dataset
+            of BraTS' channels and tumour labels is BraTS), ``"softmax"`` or ``"sigmoid"``.
+
+    Raises:
+        DataError: no layout found, or a malformed dataset.
+        ConfigError: the output mode does not fit the dataset (a region dataset forced to
+            softmax, plain labels forced to sigmoid, BraTS regions forced to softmax).
+    """
+    from tmerge.errors import ConfigError
+
+    root = Path(root)
+    if output_mode not in TARGET_OUTPUT_MODES:
+        raise ConfigError(f"data.output_mode: expected one of {', '.join(TARGET_OUTPUT_MODES)}, got {output_mode!r}")
+    if layout is not None:
+        if layout not in FORMATS or "brats" not in FORMATS[layout].tasks:
+            names = ", ".join(f.name for f in formats_for(GENERIC))
+            raise ConfigError(f"data.layout: expected null or one of {names}, got {layout!r}")
+        fmt = FORMATS[layout]
+        if not fmt.detect(root):
+            raise DataError(f"{root}: not a {fmt.title} dataset (data.layout={layout}); expected {fmt.hint}")
+    else:
+        found = [f for f in formats_for(GENERIC) if f.detect(root)]
+        if not found:
+            raise DataError(f"{root}: no target dataset layout found; expected {expected_layouts('brats')}")
+        fmt = found[0]
+    if fmt.name != "nnunet":
+        if output_mode == "softmax":
+            raise ConfigError(
+                f"data.output_mode=softmax: {root} is a {fmt.title} dataset, scored as the nested tumour "
+                "regions ET/TC/WT (sigmoid); expected auto or sigmoid"
+            )
+        return dataclasses.replace(fmt.open(root, "brats"), scheme=BRATS_SCHEME)
+    path = root / NNUNET_FILE
+    data = _load_dataset_json(path)
+    regions = isinstance(data.get("labels"), Mapping) and any(
+        isinstance(v, (list, tuple)) for v in data["labels"].values()
+    )
+    if output_mode == "softmax" and regions:
+        raise ConfigError(
+            f"data.output_mode=softmax: {path} declares regions (lists of label values), which overlap and "
+            "need one sigmoid output each; expected auto or sigmoid"
+        )
+    if output_mode != "softmax" and is_brats_dataset(root):
+        return dataclasses.replace(_open_nnunet(root, "brats"), scheme=BRATS_SCHEME)
+    if output_mode == "sigmoid" and not regions:
+        raise ConfigError(
+            f"data.output_mode=sigmoid: {path} declares plain labels (one value per class), not regions; "
+            "expected auto or softmax"
+        )
+    return _open_generic(root, data)
+
+
+def _open_generic(root: Path, data: dict[str, Any]) -> Layout:
+    path = root / NNUNET_FILE
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in data:
+            raise DataError(
+                f"{path}: missing key {key!r}; expected an nnU-Net v2 dataset.json with channel_names, labels and file_ending"
+            )
+    ending = data["file_ending"]
+    if ending not in NIFTI_SUFFIXES:
+        raise _json_error(path, "file_ending", ending, f"one of {', '.join(NIFTI_SUFFIXES)} (tmerge reads NIfTI)")
+    channels, n_channels = _generic_channels(path, data["channel_names"])
+    entries, regions = _label_entries(path, data["labels"])
+    labels, scheme = _generic_labels(path, entries, regions, data.get("regions_class_order"))
+    spec = NnUNetSpec(path, channels, n_channels, ending, labels)
+    layout = _nnunet_layout(root, GENERIC, spec)
+    return dataclasses.replace(layout, channels=tuple(n for n, _ in channels), scheme=scheme)

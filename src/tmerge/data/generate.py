@@ -52,7 +52,7 @@ _TMP_PREFIX = ".tmp-"
 #: Marks the held-out label map among a subject's arrays (written to ``_Job.label``).
 LABEL_KEY = "held-out:"
 
-KINDS = ("hcp", "brats")
+KINDS = ("hcp", "brats", "structures")
 HCP_FILES = ("T1w_acpc_dc_restore_brain.nii.gz", "T2w_acpc_dc_restore_brain.nii.gz", "aparc+aseg.nii.gz")
 BRATS_TRAINING = "MICCAI_BraTS_2018_Data_Training"
 BRATS_VALIDATION = "MICCAI_BraTS_2018_Data_Validation"
@@ -66,8 +66,33 @@ HGG_FRACTION = 0.75
 _STREAM_HCP = 1
 _STREAM_BRATS_TRAIN = 2
 _STREAM_BRATS_VAL = 3
+_STREAM_STRUCTURES = 4
+_STREAM_STRUCTURES_TS = 5
 _STREAM_HCP_IDS = 11
 _STREAM_GRADE = 21
+
+#: The ``structures`` target (nnU-Net v2 raw): labelled cases and the unlabelled imagesTs.
+STRUCTURES_TRAINING, STRUCTURES_TEST = 60, 10
+
+
+def structures_dataset_json(n_training: int) -> dict[str, Any]:
+    """The ``structures`` target's nnU-Net v2 ``dataset.json``."""
+    from tmerge.data.synth import STRUCTURES_CHANNELS, STRUCTURES_CLASSES
+
+    return {
+        "channel_names": {str(i): name for i, name in enumerate(STRUCTURES_CHANNELS)},
+        "labels": {"background": 0, **{name: value for value, (name, _) in STRUCTURES_CLASSES.items()}},
+        "numTraining": n_training,
+        "file_ending": ".nii.gz",
+        "description": "tmerge's synthetic 'structures' target: task-1 structures (thalamus, caudate) "
+        "in three contrasts no source saw, on subjects no source saw",
+    }
+
+
+def structures_case_id(index: int, test: bool = False) -> str:
+    """nnU-Net case id of the ``index``-th (0-based) case, e.g. ``structures_001``."""
+    return f"structures_{'ts' if test else ''}{index + 1:03d}"
+
 
 # HCP ids are 6-digit and increasing (100206 ... 996782 for the 1200 real subjects): consecutive
 # gaps drawn from this range keep about 1000 subjects within 6 digits.
@@ -143,6 +168,21 @@ def brats_grade(seed: int, index: int, validation: bool = False) -> str:
 def _jobs(root: Path, kind: str, seed: int, n_hcp: int, n_brats: int, n_brats_val: int) -> list[_Job]:
     """Every subject of ``kind`` under ``root/<kind>``, complete or not."""
     base = root / kind
+    if kind == "structures":
+        from tmerge.data.synth import STRUCTURES_CHANNELS
+
+        def images(folder: str, case: str) -> tuple[str, ...]:
+            return tuple(f"{folder}/{case}_{c:04d}.nii.gz" for c in range(len(STRUCTURES_CHANNELS)))
+
+        train = [
+            _Job("structures", i, base, (*images("imagesTr", c), f"labelsTr/{c}.nii.gz"))
+            for i, c in ((i, structures_case_id(i)) for i in range(STRUCTURES_TRAINING))
+        ]
+        test = [
+            _Job("structures_ts", i, base, images("imagesTs", structures_case_id(i, test=True)))
+            for i in range(STRUCTURES_TEST)
+        ]
+        return train + test
     if kind == "hcp":
         return [
             _Job("hcp", i, base / sid, tuple(f"T1w/{name}" for name in HCP_FILES))
@@ -187,6 +227,17 @@ def _subject_arrays(job: _Job, seed: int, anat: Any) -> dict[str, np.ndarray]:
     """Synthesise one subject: file name (relative to its folder) -> array to write."""
     from tmerge.data.synth import synth_brats_subject, synth_hcp_subject
 
+    if job.kind in ("structures", "structures_ts"):
+        from tmerge.data.synth import STRUCTURES_CHANNELS, synth_structures_subject
+
+        test = job.kind == "structures_ts"
+        rng = _rng(seed, _STREAM_STRUCTURES_TS if test else _STREAM_STRUCTURES, job.index)
+        subject = synth_structures_subject(anat, rng)
+        images = [_to_int16(subject[name], rng) for name in STRUCTURES_CHANNELS]
+        arrays = dict(zip(job.files, images, strict=False))
+        if not test:
+            arrays[job.files[-1]] = subject["label"]
+        return arrays
     if job.kind == "hcp":
         rng = _rng(seed, _STREAM_HCP, job.index)
         subject = synth_hcp_subject(anat, rng)
@@ -213,6 +264,15 @@ def _write_subject(job: _Job, seed: int, anat: Any) -> None:
     label map is written (atomically, by rename) to ``job.label`` first."""
     arrays = _subject_arrays(job, seed, anat)
     affine = np.asarray(anat.affine, dtype=np.float64)
+    if job.kind.startswith("structures"):
+        # nnU-Net's layout keeps a case's files in shared folders: each file is renamed into place.
+        for name, array in arrays.items():
+            path = job.folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{_TMP_PREFIX}{path.name}")
+            _nifti(array, affine).to_filename(str(partial))
+            os.replace(partial, path)
+        return
     held_out = {k: arrays.pop(k) for k in list(arrays) if k.startswith(LABEL_KEY)}
     if held_out and job.label is not None:
         [seg] = held_out.values()
@@ -329,7 +389,13 @@ def _run_jobs(
 # --- folder state ----------------------------------------------------------------------------
 def _settings(kind: str, size: int, seed: int, n_hcp: int, n_brats: int, n_brats_val: int) -> dict[str, Any]:
     """What identifies a generated folder's content (compared on every run)."""
-    counts = {"subjects": n_hcp} if kind == "hcp" else {"training": n_brats, "validation": n_brats_val}
+    counts = (
+        {"subjects": n_hcp}
+        if kind == "hcp"
+        else {"training": STRUCTURES_TRAINING, "test": STRUCTURES_TEST}
+        if kind == "structures"
+        else {"training": n_brats, "validation": n_brats_val}
+    )
     return {
         "generator": "tmerge.data.generate",
         "version": GENERATOR_VERSION,
@@ -372,12 +438,16 @@ def _check_settings(path: Path, found: dict[str, Any], wanted: dict[str, Any]) -
 
 
 def _remove_stale_tmp(jobs: Iterable[_Job]) -> None:
-    """Remove temporary subject folders left by a killed run (only our own hidden prefix)."""
-    for parent in {job.folder.parent for job in jobs}:
+    """Remove temporary subject folders and files left by a killed run (only our own hidden
+    prefix), beside the subject folders and, for nnU-Net's layout, in its file folders."""
+    parents = {job.folder.parent for job in jobs} | {(job.folder / f).parent for job in jobs for f in job.files}
+    for parent in parents:
         if parent.is_dir():
             for entry in parent.iterdir():
                 if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
+                elif entry.name.startswith(_TMP_PREFIX):
+                    entry.unlink(missing_ok=True)
 
 
 def _folder_state(base: Path, settings: dict[str, Any]) -> str:
@@ -441,7 +511,8 @@ def generate_default(
 
     Args:
         root: Data root; ``root/hcp`` and ``root/brats`` are created as needed.
-        kinds: Which datasets: any of ``"hcp"``, ``"brats"``.
+        kinds: Which datasets: any of ``"hcp"``, ``"brats"``, ``"structures"`` (a non-BraTS
+            target in nnU-Net v2 raw layout: two task-1 structures in three new contrasts).
         size: Grid edge S (S³ voxels spanning 192 mm: 64 -> 3 mm).
         seed: Master seed; subject ``i`` of a kind is a function of ``(seed, kind, i)`` only.
         n_hcp: Number of HCP-like subjects (the paper uses 58).
@@ -481,6 +552,8 @@ def generate_default(
             write_json(root / kind / PENDING_NAME, settings)
         if missing:
             _remove_stale_tmp(jobs)
+        if kind == "structures" and not (root / kind / "dataset.json").is_file():
+            write_json(root / kind / "dataset.json", structures_dataset_json(STRUCTURES_TRAINING))
         plan[kind] = (settings, jobs, missing)
 
     todo = [job for _, _, missing in plan.values() for job in missing]
@@ -493,7 +566,7 @@ def generate_default(
         bar = _Progress(len(todo), progress, f"tmerge data ({'+'.join(k for k in kinds if plan[k][2])})")
 
         def on_done(job: _Job) -> None:
-            written["hcp" if job.kind == "hcp" else "brats"] += 1
+            written[job.kind.removesuffix("_ts").removesuffix("_val")] += 1
             bar.update()
 
         try:

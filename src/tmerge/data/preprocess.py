@@ -43,7 +43,7 @@ from tmerge.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["hcp", "brats"]
+Kind = Literal["hcp", "brats", "target"]
 
 # Bump when the algorithm changes in a way the settings do not capture, so old caches miss.
 _PIPELINE_VERSION = 1

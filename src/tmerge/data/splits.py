@@ -7,6 +7,7 @@ folder (:func:`save_splits`) so a run records exactly what it trained on.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,7 +80,7 @@ def brats_splits(
     portion: int,
     seed: int = 0,
     test_size: int = 40,
-    pool_size: int = 255,
+    pool_size: int | None = 255,
     unlabelled: Sequence[str] = (),
     source: str = "",
     draw_seed: int | None = None,
@@ -101,7 +102,8 @@ def brats_splits(
         portion: Percentage of ``pool_size``, 1..100.
         seed: Shuffling seed.
         test_size: Size of the fixed test set.
-        pool_size: Size the percentage refers to (255 labelled subjects in the paper).
+        pool_size: Size the percentage refers to (255 labelled subjects in the paper); None:
+            every subject left after the test set.
         unlabelled: Ids of the unlabelled validation set (``predict`` when ``portion == 100``).
         source: Where the subjects were found, for error messages.
         draw_seed: Shuffles the non-test subjects before the portion is drawn; None keeps the
@@ -118,12 +120,15 @@ def brats_splits(
     where = f" in {source}" if source else ""
     if not 0 < portion <= 100:
         raise DataError(f"portion {portion}: expected a percentage between 1 and 100")
-    if len(subjects) <= test_size:
+    if len(subjects) < test_size + 2:
         raise DataError(
-            f"found {len(subjects)} labelled BraTS subjects{where}; need more than the {test_size} test subjects"
+            f"found {len(subjects)} labelled cases{where}; data.test_size={test_size} leaves "
+            f"{max(len(subjects) - test_size, 0)} to train and validate (at least 2 needed): "
+            f"{_possible(len(subjects))}"
         )
     order = _permuted(subjects, seed)
     test, rest = order[:test_size], order[test_size:]
+    pool = len(rest) if pool_size is None else pool_size
     if draw_seed is not None:
         rest = _permuted(rest, draw_seed)
     if portion == 100:
@@ -136,15 +141,18 @@ def brats_splits(
             "test": test,
             "predict": sorted(unlabelled),
         }
-    n = round(portion / 100 * pool_size)
+    n = round(portion / 100 * pool)
     if n > len(rest):
         raise DataError(
-            f"portion {portion}% of {pool_size} needs {n} subjects, but only {len(rest)} remain{where} "
-            f"after the {test_size} test subjects: portion larger than the pool"
+            f"portion {portion}% of {pool} needs {n} subjects, but only {len(rest)} remain{where} "
+            f"after the {test_size} test subjects: portion larger than the pool (data.pool_size=null "
+            f"takes the {len(rest)} that remain as the pool)"
         )
     if n < 2:
+        smallest = math.ceil(150 / pool)  # round(p/100 · pool) >= 2
         raise DataError(
-            f"portion {portion}% of {pool_size} gives {n} subjects; need at least 2 (train and val)"
+            f"portion {portion}% of {pool} gives {n} subjects; need at least 2 (train and val): "
+            f"portion >= {smallest} with this pool, or a larger pool"
         )
     n_train = min(max(round(BRATS_TRAIN_FRACTION * n), 1), n - 1)
     drawn = rest[:n]
@@ -157,6 +165,14 @@ def brats_splits(
         "test": test,
         "predict": [],
     }
+
+
+def _possible(n: int) -> str:
+    """What a dataset of ``n`` labelled cases allows, for the error message."""
+    if n < 3:
+        return f"a target needs at least 3 labelled cases (test, train, val), found {n}"
+    test = max(1, round(0.2 * n))
+    return f"e.g. data.test_size={test} data.pool_size=null (portion p % of the {n - test} others train and validate)"
 
 
 def save_splits(path: str | Path, splits: dict[str, Any]) -> Path:

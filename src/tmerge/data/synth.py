@@ -579,3 +579,41 @@ def synth_brats_subject(
         "grade": grade,
         "affine": np.array(anat.affine, dtype=np.float64),
     }
+
+
+# --- the "structures" target: task-1 structures in contrasts the sources never saw -----------
+#: Its channels: three synthetic contrasts named after no MR sequence a source saw.
+STRUCTURES_CHANNELS: tuple[str, ...] = ("syn1", "syn2", "syn3")
+#: Its classes (dataset value → name) and the paper class each is (both among task 1's 1–7).
+STRUCTURES_CLASSES: dict[int, tuple[str, int]] = {1: ("thalamus", 3), 2: ("caudate", 5)}
+# GM/WM/CSF levels of each channel: a T1-like, an inverted (CSF-bright) and a flat-WM contrast.
+_STRUCTURES_TISSUE = ((0.55, 0.9, 0.15), (0.7, 0.45, 1.0), (0.8, 0.75, 0.35))
+
+
+def synth_structures_subject(anat: Anatomy, rng: np.random.Generator) -> dict[str, Any]:
+    """One subject of the ``structures`` target: new contrasts of a warped anatomy, labelled
+    with two deep grey-matter structures that parcellation task 1 learned.
+
+    Each channel is a tissue mix (:data:`_STRUCTURES_TISSUE`, each level jittered by ×U(0.85,
+    1.15) per subject) with the deep nuclei's T2 factors, through :func:`_scanner`.
+
+    Returns:
+        ``syn1``, ``syn2``, ``syn3``: float32 (S, S, S), about 0..1, 0 outside the brain;
+        ``label``: uint8 (S, S, S) with values 0, 1 (thalamus), 2 (caudate).
+    """
+    from tmerge.data.labels import aseg_to_paper
+
+    warped = _warp_anatomy(anat, random_coords(anat, rng))
+    mask = warped["mask"]
+    factor = _label_factor(warped["aseg"], _T2_LABEL_FACTOR)
+    out: dict[str, Any] = {}
+    for name, levels in zip(STRUCTURES_CHANNELS, _STRUCTURES_TISSUE, strict=True):
+        jitter = rng.uniform(0.85, 1.15, size=3)
+        image = _tissue_mix(warped["tissue"], tuple(float(v) for v in np.asarray(levels) * jitter)) * factor
+        out[name] = _scanner(image, mask, rng)
+    paper = aseg_to_paper(warped["aseg"])
+    label = np.zeros(paper.shape, dtype=np.uint8)
+    for value, (_, paper_class) in STRUCTURES_CLASSES.items():
+        label[paper == paper_class] = value
+    out["label"] = label
+    return out

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from tmerge.merge.imm import check_alpha, fisher_epsilon, imm_merge
-from tmerge.merge.task_vectors import dare, slerp, task_arithmetic, ties
+from tmerge.merge.task_vectors import TRIM_SCOPES, dare, slerp, task_arithmetic, ties
 
 
 def _imm(fisher: bool) -> Callable[..., dict[str, Tensor]]:
@@ -75,8 +75,9 @@ def _dare_ties(
     k: float,
     lam: float,
     seed: int,
+    trim: str,
 ) -> dict[str, Tensor]:
-    return dare(models, base, p=p, lam=lam, seed=seed, ties_k=k)
+    return dare(models, base, p=p, lam=lam, seed=seed, ties_k=k, trim=trim)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lam": (lambda v: math.isfinite(float(v)), "a finite number"),
     "eps": (lambda v: float(v) > 0, "a positive number"),
     "seed": (lambda v: int(v) == v and int(v) >= 0, "an integer >= 0"),
+    "trim": (lambda v: v in TRIM_SCOPES, f"one of {', '.join(TRIM_SCOPES)}"),
 }
 
 
@@ -165,11 +167,14 @@ METHODS: dict[str, Method] = {
     "task-arithmetic": Method(
         _needs_base(task_arithmetic), {"lam": 1.0}, base=True, paper="Ilharco et al. 2023"
     ),
-    "ties": Method(_needs_base(ties), {"k": 20.0, "lam": 1.0}, base=True, paper="Yadav et al. 2023"),
+    # trim: "tensor" (mergekit) or "model" (Yadav et al.'s code); see tmerge.merge.task_vectors.
+    "ties": Method(
+        _needs_base(ties), {"k": 20.0, "lam": 1.0, "trim": "tensor"}, base=True, paper="Yadav et al. 2023"
+    ),
     "dare": Method(_needs_base(dare), {"p": 0.5, "lam": 1.0, "seed": 0}, base=True, paper="Yu et al. 2024"),
     "dare-ties": Method(
         _needs_base(_dare_ties),
-        {"p": 0.5, "k": 20.0, "lam": 1.0, "seed": 0},
+        {"p": 0.5, "k": 20.0, "lam": 1.0, "seed": 0, "trim": "tensor"},
         base=True,
         paper="Yu et al. 2024",
     ),

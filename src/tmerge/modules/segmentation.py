@@ -23,8 +23,9 @@ from torch import nn
 
 from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
 from tmerge.config import check_count, check_number
+from tmerge.data.labels import LabelScheme
 from tmerge.errors import ConfigError
-from tmerge.evaluate import N_PREVIEWS, Prediction, evaluate_subject, preview, summarise
+from tmerge.evaluate import N_PREVIEWS, MetricsConfig, Prediction, evaluate_subject, preview, summarise
 from tmerge.fastpath import CompiledForward, enable_cudnn_benchmark
 from tmerge.metrics import PerClassMean, check_output_mode, dice_per_class
 
@@ -201,6 +202,11 @@ class SegmentationModule(L.LightningModule):
         loss: loss and inference settings.
         group_lrs: parameter-name prefix → its own learning rate (no weight decay), e.g.
             ``{"net.mixing.": 0.05}`` for the adaption stage's δ (see :func:`param_groups`).
+        scheme: how label maps are made and scored (:class:`~tmerge.data.labels.LabelScheme`,
+            e.g. a dataset's own regions); None: the output mode's built-in one (softmax classes,
+            or the BraTS regions).
+        metrics: how the test scores are computed (HD95 definition, empty-region convention;
+            :class:`~tmerge.evaluate.MetricsConfig`); None: the defaults.
 
         channels_last: keep activations in NDHWC layout (faster convolutions).
         compile: run the network through ``torch.compile`` (:class:`~tmerge.fastpath.CompiledForward`,
@@ -237,8 +243,11 @@ class SegmentationModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         group_lrs: Mapping[str, float] | None = None,
+        scheme: LabelScheme | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         super().__init__()
+        self.metrics = metrics or MetricsConfig()
         self.group_lrs = dict(group_lrs or {})
         # Channels-last (NDHWC) activations: ~30 % faster 3-D convolutions on CPUs (oneDNN)
         # and on GPUs under mixed precision. Only the memory layout changes, never the numbers.
@@ -248,6 +257,13 @@ class SegmentationModule(L.LightningModule):
         self._fast_net: CompiledForward | None = None  # set in configure_model
         self.output_mode = check_output_mode(output_mode)
         self.class_names = list(class_names)
+        # How label maps are made and scored; None: the built-in scheme of the output mode.
+        self.scheme = scheme or LabelScheme.of(self.output_mode, self.class_names)
+        if (self.scheme.mode, list(self.scheme.classes)) != (self.output_mode, self.class_names):
+            raise ValueError(
+                f"scheme {self.scheme.mode} {list(self.scheme.classes)} does not fit output_mode "
+                f"{self.output_mode!r} and class_names {self.class_names}"
+            )
         self.patch_size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
         self.optim = optim or OptimConfig()
         self.loss_cfg = loss or LossConfig()
@@ -331,7 +347,7 @@ class SegmentationModule(L.LightningModule):
         predictions = []
         for i, (subject, meta, result) in enumerate(self._predict_volumes(batch, batch_idx, logits)):
             if result.scores:
-                self.test_records.append({"subject": subject, **result.scores})
+                self.test_records.append({"subject": subject, **result.scores, **result.counts})
             if len(self.test_previews) < N_PREVIEWS:
                 self.test_previews.append(preview(batch["image"][i], result, meta, subject))
             predictions.append(Prediction(subject, result.labels, meta))
@@ -353,7 +369,7 @@ class SegmentationModule(L.LightningModule):
         labels = batch.get("label")
         for i, (subject, meta) in enumerate(zip(subjects, metas, strict=True)):
             target = None if labels is None else labels[i]
-            result = evaluate_subject(logits[i], target, meta, self.output_mode, self.class_names)
+            result = evaluate_subject(logits[i], target, meta, self.scheme, metrics=self.metrics)
             yield str(subject), meta, result
 
     def _log_progress(self, what: str, batch_idx: int, totals: Sequence[int | float]) -> None:
@@ -388,13 +404,18 @@ class SegmentationModule(L.LightningModule):
         self.test_previews = _gather_records(self.test_previews)[:N_PREVIEWS]
         if not self.test_records:
             return
-        summary = summarise(self.test_records, self.class_names)
-        # Every rank holds the same records, so the synced mean is that value.
-        self.log("test/dice", summary["dice"]["mean"], sync_dist=True)
-        self.log("test/hd95", sum(summary["hd95"].values()) / len(self.class_names), sync_dist=True)
+        summary = summarise(self.test_records, self.class_names, self.metrics.convention)
+        # Every rank holds the same records, so the synced mean is that value. A mean is None
+        # only under metrics.convention=brats2023, for a class empty in every subject: not logged.
+        hd95 = [v for v in summary["hd95"].values() if v is not None]
+        if summary["dice"]["mean"] is not None:
+            self.log("test/dice", summary["dice"]["mean"], sync_dist=True)
+        if hd95:
+            self.log("test/hd95", sum(hd95) / len(hd95), sync_dist=True)
         for name in self.class_names:
-            self.log(f"test/dice_{name}", summary["dice"][name], sync_dist=True)
-            self.log(f"test/hd95_{name}", summary["hd95"][name], sync_dist=True)
+            for metric in ("dice", "hd95"):
+                if summary[metric][name] is not None:
+                    self.log(f"test/{metric}_{name}", summary[metric][name], sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = param_groups(self.named_parameters(), self.optim.lr, self.optim.weight_decay, self.group_lrs)

@@ -5,13 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from tmerge.nets.isensee2017 import Isensee2017, init_weights
-from tmerge.nets.partition import Partition, head_names, layer_groups, parameter_owners, partition
+from tmerge.nets.partition import (
+    Partition,
+    head_names,
+    input_names,
+    layer_groups,
+    parameter_owners,
+    partition,
+)
 
 #: MONAI's networks with their P/S split declared (:mod:`tmerge.nets.monai_nets`), imported on
 #: first use: importing MONAI takes seconds.
 _MONAI_NETS = ("DynUNet", "SegResNet", "UNet")
 
 __all__ = [
+    "input_names",
     "DynUNet",
     "Isensee2017",
     "Partition",

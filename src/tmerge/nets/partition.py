@@ -133,3 +133,14 @@ def head_names(net: nn.Module, specific: Sequence[str]) -> list[str]:
     ``head_prefixes``."""
     prefixes = tuple(p.rstrip(".") + "." for p in getattr(net, "head_prefixes", ()))
     return [n for n in specific if prefixes and n.startswith(prefixes)]
+
+
+def input_names(net: nn.Module, fused: Sequence[str]) -> list[str]:
+    """The parameters of the input layer: the layer group (:func:`layer_groups`) of the first
+    fused convolution weight (``ndim >= 3``) in ``named_parameters()`` order; empty if none."""
+    params = dict(net.named_parameters())
+    groups = layer_groups(net, fused)
+    for names in groups.values():
+        if any(params[n].ndim >= 3 for n in names):
+            return list(names)
+    return []

@@ -6,10 +6,13 @@ the forgetting stage's name, :data:`tmerge.runs.FORGETTING_MD`):
 
 =================== =========================================================================
 ``table2.md/.csv``  test Dice (ET, TC, WT, mean) and HD95 per initialisation and portion
+``endpoints.md/.csv`` the primary endpoint (Dice of the classes present in each subject's truth)
+                    and the endpoints that are not coins, per initialisation and portion
 ``table3.md``       epochs and validation scores of T-IMM's adaption and fine-tune stages
 Table 4             forgetting: P of M1, M2, IMM, T-IMM with each source task's S
-``stats.md``        T-IMM − other across seeds (hierarchical bootstrap CI) and per subject
-                    (bootstrap CI, Wilcoxon p, Holm-adjusted; training variance ignored)
+``stats.md/.csv``   T-IMM − other across seeds (hierarchical bootstrap CI) and per subject
+                    (bootstrap CI, Wilcoxon p, Holm-adjusted; training variance ignored), each
+                    with its minimal detectable difference (80 % power)
 ``fig4_paired.png`` per-subject Dice differences, subjects sorted by T-IMM's Dice
 ``fig5_alphas.png`` learned α per layer and source model
 ``fig5_alpha_trajectory.png`` α of the first source per layer over the adaption epochs
@@ -24,12 +27,15 @@ Only finished runs are used; missing and unfinished ones are shown as such, neve
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tmerge.errors import ConfigError, RunError
 from tmerge.io import write_text
 from tmerge.paths import runs_dir
+from tmerge.runs import TARGETS_DIR, target_roots
 
 log = logging.getLogger("tmerge")
 
@@ -40,7 +46,10 @@ REPORT_MD = "report.md"
 TABLE2_MD = "table2.md"
 TABLE2_CSV = "table2.csv"
 TABLE3_MD = "table3.md"
+ENDPOINTS_MD = "endpoints.md"
+ENDPOINTS_CSV = "endpoints.csv"
 STATS_MD = "stats.md"
+STATS_CSV = "stats.csv"
 FIG3_EXAMPLES = "fig3_examples.png"
 FIG4_PAIRED = "fig4_paired.png"
 FIG5_ALPHAS = "fig5_alphas.png"
@@ -65,6 +74,8 @@ class ReportConfig:
     # Fewer pairs get no test: a two-sided Wilcoxon test cannot reach p < 0.05 below 6 pairs.
     min_pairs: int = 6
     level: float = 0.95  # coverage of the bootstrap CI
+    # The half-width and MDE the seed-aware table counts the seeds for: about the paper's T-IMM − IMM.
+    target_difference: float = 0.03
 
 
 ALIASES = {"out": "out_dir"}
@@ -76,6 +87,8 @@ def check_config(cfg: ReportConfig) -> None:
         raise ConfigError(f"bootstrap: expected a number of resamples >= 1, got {cfg.bootstrap}")
     if not 0.0 < cfg.level < 1.0:
         raise ConfigError(f"level: expected a coverage in (0, 1), got {cfg.level}")
+    if not cfg.target_difference > 0:
+        raise ConfigError(f"target_difference: expected a difference > 0, got {cfg.target_difference}")
     if cfg.min_pairs < 1:
         raise ConfigError(f"min_pairs: expected >= 1, got {cfg.min_pairs}")
     if any(p <= 0 or p > 100 for p in cfg.portions):
@@ -89,13 +102,34 @@ def run_report(cfg: ReportConfig) -> Path:
         RunError: the runs folder does not exist.
         ConfigError: an invalid setting (see :func:`check_config`).
     """
+    from tmerge.report.runs import discover
+
+    check_config(cfg)
+    root = runs_dir(cfg.runs_dir)
+    if not root.is_dir():
+        raise RunError(
+            f"{root}: runs folder not found; train first (make task1 task2 timm) or set runs_dir / TMERGE_RUNS"
+        )
+    out = Path(cfg.out_dir) if cfg.out_dir else root / REPORT_DIR
+    others = [t for t in target_roots(root) if t != TARGETS_DIR]
+    for target in others:  # each other target's own report, in a folder of the main one
+        _report_target(cfg, discover(root, target), out / target, main=False)
+    return _report_target(cfg, discover(root), out, main=True, others=others)
+
+
+def _report_target(
+    cfg: ReportConfig, index: Any, out: Path, *, main: bool, others: Sequence[str] = ()
+) -> Path:
+    """One target's report into ``out``: Tables 2 and 3, the statistics and the figures; the
+    main (BraTS) one also Table 4, the examples and links to the ``others``' reports."""
     from tmerge.report import figures
     from tmerge.report.document import report_markdown
+    from tmerge.report.endpoints import endpoints_csv, endpoints_markdown
     from tmerge.report.examples import parcellation_rows, tumour_rows
-    from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_markdown
+    from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_csv, stats_markdown
     from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
-    from tmerge.report.runs import discover
     from tmerge.report.tables import (
+        scoring_header,
         table2_csv,
         table2_markdown,
         table3_markdown,
@@ -105,19 +139,13 @@ def run_report(cfg: ReportConfig) -> Path:
     )
     from tmerge.runs import ALPHAS_FILE, FORGETTING_DIR, FORGETTING_MD
 
-    check_config(cfg)
-    root = runs_dir(cfg.runs_dir)
-    if not root.is_dir():
-        raise RunError(
-            f"{root}: runs folder not found; train first (make task1 task2 timm) or set runs_dir / TMERGE_RUNS"
-        )
-    out = Path(cfg.out_dir) if cfg.out_dir else root / REPORT_DIR
-    index = discover(root)
+    root = index.root
     rows = table_rows(index, cfg.portions)
     inits = table_inits(index, [*cfg.inits, cfg.reference])
     log.info(
-        "report: %d BraTS run folders (%d finished), %d source runs, %d forgetting folders under %s",
+        "report: %d %s run folders (%d finished), %d source runs, %d forgetting folders under %s",
         len(index.targets),
+        index.target,
         len(index.usable()),
         len(index.sources),
         len(index.forgetting),
@@ -127,8 +155,11 @@ def run_report(cfg: ReportConfig) -> Path:
     table2 = table2_markdown(index, rows, inits)
     write_text(out / TABLE2_MD, table2)
     write_text(out / TABLE2_CSV, table2_csv(index, rows, inits))
+    write_text(out / ENDPOINTS_MD, endpoints_markdown(index, rows, inits))
+    write_text(out / ENDPOINTS_CSV, endpoints_csv(index, rows, inits))
     write_text(out / TABLE3_MD, table3_markdown(index, rows, inits, cfg.reference))
-    write_text(out / FORGETTING_MD, table4_markdown(index.forgetting))
+    if main:
+        write_text(out / FORGETTING_MD, table4_markdown(index.forgetting))
 
     stats = dict(n_boot=cfg.bootstrap, seed=cfg.seed, min_pairs=cfg.min_pairs)
     comparisons = {
@@ -142,10 +173,21 @@ def run_report(cfg: ReportConfig) -> Path:
         )
         for row in seed_aware_rows(rows)
     }
+    target = cfg.target_difference
     write_text(
         out / STATS_MD,
-        stats_markdown(comparisons, inits, cfg.reference, **stats, level=cfg.level, seed_aware=seed_aware),
+        stats_markdown(
+            comparisons,
+            inits,
+            cfg.reference,
+            **stats,
+            level=cfg.level,
+            seed_aware=seed_aware,
+            target=target,
+            scoring=scoring_header("dice_mean", index.usable()),
+        ),
     )
+    write_text(out / STATS_CSV, stats_csv(comparisons, seed_aware, target))
 
     notes: dict[str, list[str]] = {}
     panels = paired_panels(index, comparisons, cfg.reference)
@@ -160,10 +202,12 @@ def run_report(cfg: ReportConfig) -> Path:
     if not paths and not notes[FIG5_TRAJECTORY]:
         notes[FIG5_TRAJECTORY] = [f"no finished {cfg.reference} run with {ALPHAS_FILE}"]
     figures.plot_alpha_trajectory(paths, out / FIG5_TRAJECTORY, empty="; ".join(notes[FIG5_TRAJECTORY]))
+    if not main:
+        index.forgetting = []  # the sources' forgetting belongs to the main report
     parcellation, p_notes = parcellation_rows(index.forgetting)
     if not index.forgetting:
         p_notes = [f"no {FORGETTING_DIR}/p<portion>/ folder (make forgetting PORTION=…)"]
-    tumours, t_notes = tumour_rows(index, rows, inits, cfg.reference)
+    tumours, t_notes = tumour_rows(index, rows, inits, cfg.reference) if main else ([], [f"{index.target}: tumour examples are BraTS'"])
     if not tumours and not t_notes:
         t_notes = ["no finished BraTS run"]
     figures.plot_examples(
@@ -180,6 +224,9 @@ def run_report(cfg: ReportConfig) -> Path:
     notes[FIG3_EXAMPLES] = [*p_notes, *t_notes]
 
     main_table = table2.split("\n## ", 2)[1] if "\n## " in table2 else ""
+    if others:
+        links = ", ".join(f"[{t}]({t}/{REPORT_MD})" for t in others)
+        notes["targets"] = [f"other targets' reports: {links}"]
     write_text(
         out / REPORT_MD,
         report_markdown(

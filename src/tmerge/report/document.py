@@ -13,10 +13,13 @@ from typing import Any
 
 from tmerge.errors import RunError
 from tmerge.report import (
+    ENDPOINTS_CSV,
+    ENDPOINTS_MD,
     FIG3_EXAMPLES,
     FIG4_PAIRED,
     FIG5_ALPHAS,
     FIG5_TRAJECTORY,
+    STATS_CSV,
     STATS_MD,
     TABLE2_CSV,
     TABLE2_MD,
@@ -35,6 +38,7 @@ from tmerge.runs import (
     SOURCE_MARKER,
     TARGETS_DIR,
     target_dir,
+    target_root,
 )
 
 #: Settings shown beside each BraTS run: (label, config key).
@@ -76,7 +80,7 @@ def missing_runs(index: RunIndex, rows: Sequence[Row], expected: Sequence[str]) 
     for row in rows:
         if row.group == SINGLE:
             out += [
-                target_dir(index.root, row.portion, i)
+                target_dir(index.root, row.portion, i, target=index.target)
                 for i in expected
                 if index.find(row.portion, i, None) is None
             ]
@@ -85,7 +89,7 @@ def missing_runs(index: RunIndex, rows: Sequence[Row], expected: Sequence[str]) 
         for seed in row.seeds:
             for init in ordered_inits([*expected, *ran]):
                 if index.find(row.portion, init, seed) is None:
-                    out.append(target_dir(index.root, row.portion, init, seed))
+                    out.append(target_dir(index.root, row.portion, init, seed, target=index.target))
     return out
 
 
@@ -133,10 +137,16 @@ METHOD_INFO: dict[str, tuple[str, str, str, str, str]] = {
     "mean-timm": ("average, α learned per layer (layer-wise AdaMerging)", "", "", "yes", "yes"),
     "timm": ("eq. 2, α learned per layer (T-IMM)", "yes", "", "yes", "yes"),
     "task-arithmetic": ("θ₀ + λ Σ τ_t", "", "yes", "grid", ""),
-    "ties": ("trim, sign election, disjoint mean of τ_t", "", "yes", "grid", ""),
+    "ties": (
+        "trim to k % (per tensor, or the whole model: `merge.trim`), sign election, disjoint mean of τ_t",
+        "",
+        "yes",
+        "grid",
+        "",
+    ),
     "dare": ("random drop and rescale of τ_t, then sum", "", "yes", "grid", ""),
-    "dare-ties": ("DARE, then TIES", "", "yes", "grid", ""),
-    "slerp": ("spherical interpolation per tensor", "", "", "grid", ""),
+    "dare-ties": ("DARE, then tmerge's TIES (trim, sign election, disjoint mean)", "", "yes", "grid", ""),
+    "slerp": ("spherical interpolation per tensor (linear where |cos| > 0.9995)", "", "", "grid", ""),
 }
 
 
@@ -241,19 +251,29 @@ def report_markdown(
         settings: the report's own settings, listed at the end.
     """
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    target = "BraTS" if index.target == TARGETS_DIR else f"target {index.target} ({', '.join(index.classes)})"
     parts = [
-        "# tmerge report\n",
-        f"Made {now} from the runs in `{index.root}`: {len(index.usable())} finished BraTS runs, "
+        "# tmerge report" + ("" if index.target == TARGETS_DIR else f" — {target}") + "\n",
+        f"Made {now} from the runs in `{index.root}`: {len(index.usable())} finished {target} runs, "
         f"{sum(s.finished for s in index.sources)} finished source runs, "
         f"{sum(f.table is not None for f in index.forgetting)} forgetting tables.\n",
         "## Tables\n",
         f"- [Table 2]({TABLE2_MD}) — test Dice (ET, TC, WT, mean) and HD95 per initialisation and "
         f"portion ([CSV]({TABLE2_CSV}))\n"
+        f"- [Endpoints]({ENDPOINTS_MD}) — the primary endpoint (per subject the mean Dice of the "
+        "classes present in its truth: TC, WT and ET where present), each class over all "
+        "subjects, a class some subjects lack over those that have it, and the share of those "
+        f"without it predicted empty ([CSV]({ENDPOINTS_CSV}))\n"
         f"- [Table 3]({TABLE3_MD}) — epochs and validation scores of the adaption and fine-tune stages\n"
         f"- [Table 4]({FORGETTING_MD}) — forgetting of the source tasks\n"
         f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
         "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
-        "ignored)\n",
+        f"ignored) ([CSV]({STATS_CSV})). Beside every interval stands its minimal detectable "
+        "difference (MDE): the smallest true difference its seeds (or subjects) would detect with "
+        f"80 % power in a two-sided test at {1 - float(settings.get('level', 0.95)):.0%}. An interval that contains 0 rules out only "
+        "differences larger than its MDE; the seed-aware table also says how many seeds would "
+        "bring the interval and the MDE down to the size of the difference in question.\n",
+        *(f"{note}\n" for note in figure_notes.get("targets", [])),
         table2_main,
         "## Figures\n",
     ]
@@ -277,7 +297,7 @@ def report_markdown(
     parts.append(mixing_section(index))
     parts.append(sources_section(index))
     parts.append("## Runs\n")
-    parts.append("### BraTS runs\n")
+    parts.append(f"### {target} runs\n")
     if index.targets:
         parts.append(
             md_table(
@@ -286,7 +306,7 @@ def report_markdown(
             )
         )
     else:
-        parts.append(f"No run folder under `{index.root / TARGETS_DIR}`.\n")
+        parts.append(f"No run folder under `{target_root(index.root, index.target)}`.\n")
     missing = missing_runs(index, rows, expected)
     not_used = [r for r in index.targets if not r.usable]
     parts.append("### Missing and unfinished runs\n")

@@ -26,7 +26,7 @@ from tmerge.runs import FORGETTING_EXAMPLES, PREDICTIONS_DIR, SPLITS_FILE
 
 log = logging.getLogger("tmerge")
 
-# The BraTS training layout (tmerge.data.brats): <root>/<TRAINING_DIR>/{HGG,LGG}/<subject>/.
+# The BraTS training layout (tmerge.data.target): <root>/<TRAINING_DIR>/{HGG,LGG}/<subject>/.
 TRAINING_DIR = "MICCAI_BraTS_2018_Data_Training"
 GRADES = ("HGG", "LGG")
 #: The modality drawn under the tumour labels: FLAIR shows the whole tumour best.

@@ -9,10 +9,19 @@ Subjects are matched by ID. Two analyses are made:
 * per subject (every row): a single-seed row pairs the two runs directly; a sweep row first
   averages each subject's score over the seeds where *both* initialisations finished. These
   tests treat the test subjects as the only source of noise.
+
+Beside every interval stands its minimal detectable difference
+(:func:`tmerge.report.stats.minimal_detectable_difference`, 80 % power, two-sided at 1 − level):
+from the seeds' mean differences in the seed-aware analysis, from the subjects' differences in
+the per-subject one; the seed-aware table also says how many seeds would bring the interval's
+half-width and the MDE to :data:`TARGET_DIFFERENCE` (:func:`tmerge.report.stats.seeds_needed`).
+The same numbers are written as CSV (:func:`stats_csv`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -22,17 +31,26 @@ import numpy as np
 
 from tmerge.report.runs import SINGLE, SWEEP, RunIndex, TargetRun
 from tmerge.report.stats import (
+    HALFWIDTH,
+    MDE,
     PairedComparison,
     hierarchical_bootstrap_ci,
     holm,
     match_pairs,
+    minimal_detectable_difference,
     paired_comparison,
+    seeds_needed,
 )
 from tmerge.report.tables import MISSING, Row, md_table
 from tmerge.runs import PER_SUBJECT_FILE
 
 #: The per-subject score that is compared: the mean Dice of ET, TC and WT (the paper's measure).
 SCORE = "dice_mean"
+#: Power of the minimal detectable difference printed beside every interval.
+POWER = 0.8
+#: The difference the seed-aware table asks "how many seeds to resolve": the size of the
+#: paper's T-IMM − IMM (its Table 2 at 4 %–8 %).
+TARGET_DIFFERENCE = 0.03
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,9 @@ class SeedComparison:
         mean: the mean of ``seed_means`` (every seed weighs the same).
         ci: the interval of ``mean``.
         left_out: seeds of the row where either initialisation has no finished run.
+        sd: sample standard deviation (ddof = 1) of ``seed_means``; None with one seed.
+        mde: the minimal detectable difference of ``sd`` over ``len(seeds)`` paired seeds
+            (:data:`POWER`, two-sided at 1 − level); None with one seed.
     """
 
     row: Row
@@ -142,6 +163,16 @@ class SeedComparison:
     mean: float
     ci: tuple[float, float]
     left_out: tuple[int, ...] = ()
+    sd: float | None = None
+    mde: float | None = None
+    level: float = 0.95
+
+    def seeds_for(self, target: float, of: str) -> int | None:
+        """Seeds that would bring the t interval's half-width (``of="halfwidth"``) or the MDE
+        (``of="mde"``) to ``target`` at this ``sd``; None with one seed."""
+        if self.sd is None:
+            return None
+        return seeds_needed(self.sd, target, of, alpha=1.0 - self.level, power=POWER)
 
     @property
     def separable(self) -> bool:
@@ -193,16 +224,21 @@ def seed_comparison(
         return None
     seeds = tuple(diffs)
     mean, lo, hi = hierarchical_bootstrap_ci([diffs[s] for s in seeds], n_boot, seed, level)
+    seed_means = np.array([diffs[s].mean() for s in seeds])
+    sd = float(seed_means.std(ddof=1)) if len(seeds) >= 2 else None
     return SeedComparison(
         row=row,
         reference=reference,
         other=other,
         seeds=seeds,
         n_pairs=tuple(diffs[s].size for s in seeds),
-        seed_means=tuple(float(diffs[s].mean()) for s in seeds),
+        seed_means=tuple(float(m) for m in seed_means),
         mean=mean,
         ci=(lo, hi),
         left_out=tuple(s for s in row.seeds if s not in diffs),
+        sd=sd,
+        mde=None if sd is None else minimal_detectable_difference(sd, len(seeds), 1.0 - level, POWER),
+        level=level,
     )
 
 
@@ -273,6 +309,37 @@ def _signed(values: Sequence[float]) -> str:
     return ", ".join(f"{v:+.4f}" for v in values)
 
 
+def _mde(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.4f}"
+
+
+def _seeds_for(c: SeedComparison, target: float) -> str:
+    if c.sd is None:
+        return MISSING
+    return f"{c.seeds_for(target, HALFWIDTH)} / {c.seeds_for(target, MDE)}"
+
+
+def mde_text(level: float, target: float | None = None) -> str:
+    """What the MDE column (and, with ``target``, the seeds column) of the statistics page means."""
+    text = (
+        f"MDE: the minimal detectable difference — the smallest true difference that these pairs "
+        f"would detect with {POWER:.0%} power in a two-sided paired t-test at {1 - level:.0%}: "
+        f"(t_{{1−α/2, n−1}} + t_{{{POWER:g}, n−1}}) · sd / √n, with sd the standard deviation of the "
+        "n paired differences (`tmerge.report.stats.minimal_detectable_difference`). A comparison whose "
+        "interval contains 0 says nothing about differences smaller than its MDE: they may exist, "
+        "these runs could not see them."
+    )
+    if target is not None:
+        text += (
+            f" Seeds for ±{target:g} / MDE {target:g}: at the sd of the per-seed mean differences, "
+            f"how many seeds would bring the t interval's half-width (t_{{1−α/2, n−1}} · sd / √n) "
+            f"to {target:g}, and how many the MDE (`tmerge.report.stats.seeds_needed`); "
+            f"{target:g} is about the paper's T-IMM − IMM. The sd is itself estimated from the "
+            "seeds at hand: with few seeds, read these counts as rough."
+        )
+    return text
+
+
 def seed_aware_markdown(
     comparisons: Mapping[Row, Sequence[SeedComparison]],
     *,
@@ -280,6 +347,7 @@ def seed_aware_markdown(
     seed: int,
     level: float = 0.95,
     other_rows: Sequence[Row] = (),
+    target: float = TARGET_DIFFERENCE,
 ) -> str:
     """The seed-aware section of the statistics page: one table per sweep row with ≥ 2 seeds.
 
@@ -287,6 +355,7 @@ def seed_aware_markdown(
         comparisons: per sweep row, its comparisons (:func:`compare_seeds`).
         n_boot, seed, level: as passed to the bootstrap (stated in the text).
         other_rows: rows without a seed-aware comparison, named so that their absence is seen.
+        target: the half-width and MDE the "seeds for" column asks about.
     """
     parts = [
         "## Seed-aware comparison (training variance included)\n",
@@ -302,7 +371,9 @@ def seed_aware_markdown(
         "every other initialisation, then IMM against the single sources and no transfer, then "
         "the single sources against no transfer, so that T-IMM > IMM > single source > none "
         "can be read off rung by rung. Seeds where either side has no finished run are left "
-        "out and named.\n",
+        "out and named. "
+        + mde_text(level, target)
+        + " Here n is the number of seeds and sd that of their mean differences.\n",
     ]
     if not comparisons:
         parts.append(
@@ -318,6 +389,8 @@ def seed_aware_markdown(
         "seeds > 0",
         "mean diff",
         f"{level:.0%} CI",
+        f"MDE ({POWER:.0%})",
+        f"seeds for ±{target:g} / MDE {target:g}",
         "verdict",
     ]
     for row, found in comparisons.items():
@@ -340,6 +413,8 @@ def seed_aware_markdown(
                     f"{sum(m > 0 for m in c.seed_means)} / {len(c.seed_means)}",
                     f"{c.mean:+.4f}",
                     f"[{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]",
+                    _mde(c.mde),
+                    _seeds_for(c, target),
                     c.verdict() + (" (1 seed: subjects only)" if len(c.seeds) == 1 else ""),
                 ]
             )
@@ -364,14 +439,21 @@ def stats_markdown(
     min_pairs: int,
     level: float = 0.95,
     seed_aware: Mapping[Row, Sequence[SeedComparison]] | None = None,
+    target: float = TARGET_DIFFERENCE,
+    scoring: str | None = None,
 ) -> str:
     """The statistics page: the seed-aware comparison of each sweep row (when ``seed_aware`` is given),
-    then the per-subject tests, one table per row of Table 2, one line per comparison."""
+    then the per-subject tests, one table per row of Table 2, one line per comparison. ``scoring``:
+    how the compared Dice were scored (e.g. "empty regions: brats2018"), said under the title."""
     parts = [f"# Paired statistics — {reference} against each other initialisation\n"]
+    if scoring:
+        parts.append(f"Dice scored with {scoring} (Table 2 says what the rules mean).\n")
     if seed_aware is not None:
         others = [r for r in comparisons if r not in seed_aware]
         parts.append(
-            seed_aware_markdown(seed_aware, n_boot=n_boot, seed=seed, level=level, other_rows=others)
+            seed_aware_markdown(
+                seed_aware, n_boot=n_boot, seed=seed, level=level, other_rows=others, target=target
+            )
         )
     parts.append(
         "## Per-subject tests (ignore training variance)\n\n"
@@ -387,10 +469,23 @@ def stats_markdown(
         "comparison); p: two-sided Wilcoxon signed-rank test (`scipy.stats.wilcoxon`, zero "
         "differences dropped); p (Holm): adjusted over the comparisons of the same row. "
         f"With fewer than {min_pairs} pairs, or identical scores on every subject, no test is "
-        f"made ({MISSING}) and the note says so. Wins / losses / ties: subjects where {reference} "
-        "scored higher / lower / the same.\n"
+        f"made ({MISSING}) and the note says so (the MDE is given from 2 pairs on). Wins / losses / "
+        f"ties: subjects where {reference} scored higher / lower / the same. "
+        + mde_text(level)
+        + " Here n is the number of subjects paired and sd that of their differences.\n"
     )
-    header = ["other", "seeds", "pairs", "mean diff", f"{level:.0%} CI", "p", "p (Holm)", "W / L / T", "note"]
+    header = [
+        "other",
+        "seeds",
+        "pairs",
+        "mean diff",
+        f"{level:.0%} CI",
+        f"MDE ({POWER:.0%})",
+        "p",
+        "p (Holm)",
+        "W / L / T",
+        "note",
+    ]
     for row, found in comparisons.items():
         title = f"### {row.label()}\n\n"
         if not found:
@@ -408,6 +503,7 @@ def stats_markdown(
                     str(r.n_pairs),
                     MISSING if r.mean_diff is None else f"{r.mean_diff:+.4f}",
                     MISSING if r.ci is None else f"[{r.ci[0]:+.4f}, {r.ci[1]:+.4f}]",
+                    _mde(r.mde),
                     _p(r.p),
                     _p(c.p_holm),
                     f"{r.wins} / {r.losses} / {r.ties}",
@@ -419,3 +515,98 @@ def stats_markdown(
         tail = f"\nNot compared (no finished run): {', '.join(absent)}.\n" if absent else ""
         parts.append(title + md_table(header, body) + tail)
     return "\n".join(parts)
+
+
+#: Columns of :func:`stats_csv`.
+STATS_CSV_COLUMNS: tuple[str, ...] = (
+    "analysis",
+    "portion",
+    "runs",
+    "seeds",
+    "reference",
+    "other",
+    "n",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "sd",
+    "mde",
+    "seeds_for_halfwidth",
+    "seeds_for_mde",
+    "target",
+    "p",
+    "p_holm",
+    "verdict",
+)
+
+
+def stats_csv(
+    comparisons: Mapping[Row, Sequence[Comparison]],
+    seed_aware: Mapping[Row, Sequence[SeedComparison]] | None = None,
+    target: float = TARGET_DIFFERENCE,
+) -> str:
+    """The statistics page's numbers as CSV (:data:`STATS_CSV_COLUMNS`), one line per comparison;
+    an empty cell is a value not computed.
+
+    ``analysis`` is ``seed-aware`` (n: seeds; sd, mde: of the per-seed mean differences;
+    ``seeds_for_*``: seeds that would bring the t half-width / the MDE to ``target``) or
+    ``per-subject`` (n: subjects paired; sd, mde: of their differences; ``p``, ``p_holm``:
+    Wilcoxon). ``seeds`` lists the seeds used, space-separated.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(STATS_CSV_COLUMNS)
+
+    def num(value: float | None) -> str:
+        return "" if value is None else repr(float(value))
+
+    for row, found in (seed_aware or {}).items():
+        for c in found:
+            writer.writerow(
+                [
+                    "seed-aware",
+                    row.portion,
+                    row.group,
+                    " ".join(map(str, c.seeds)),
+                    c.reference,
+                    c.other,
+                    len(c.seeds),
+                    num(c.mean),
+                    num(c.ci[0]),
+                    num(c.ci[1]),
+                    num(c.sd),
+                    num(c.mde),
+                    c.seeds_for(target, HALFWIDTH) or "",
+                    c.seeds_for(target, MDE) or "",
+                    repr(target),
+                    "",
+                    "",
+                    c.verdict(),
+                ]
+            )
+    for row, results in comparisons.items():
+        for c in results:
+            r = c.result
+            writer.writerow(
+                [
+                    "per-subject",
+                    row.portion,
+                    row.group,
+                    " ".join(map(str, c.scores.seeds)),
+                    c.scores.reference,
+                    c.scores.other,
+                    r.n_pairs,
+                    num(r.mean_diff),
+                    num(None if r.ci is None else r.ci[0]),
+                    num(None if r.ci is None else r.ci[1]),
+                    num(r.sd),
+                    num(r.mde),
+                    "",
+                    "",
+                    "",
+                    num(r.p),
+                    num(c.p_holm),
+                    r.note,
+                ]
+            )
+    return buf.getvalue()

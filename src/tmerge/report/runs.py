@@ -10,7 +10,10 @@ The layout and every file name are those of :mod:`tmerge.runs`:
 * forgetting tables and example slices (:func:`tmerge.runs.forgetting_dir`).
 
 The per-subject CSV must have the columns of :func:`tmerge.evaluate.score_columns`; a file in
-another format makes its run unusable, with the file and the expected columns named.
+another format makes its run unusable, with the file and the expected columns named. The voxel
+counts beside it (:data:`tmerge.runs.REGIONS_FILE`, ``subject,truth_<c>…,pred_<c>…``) are
+optional: runs written before it existed have none, and an unreadable one is warned about and
+left out, the run staying usable.
 """
 
 from __future__ import annotations
@@ -37,18 +40,24 @@ from tmerge.runs import (
     FORGETTING_TABLE,
     NOT_SOURCES,
     PER_SUBJECT_FILE,
+    REGIONS_FILE,
     RUN_FILE,
     SOURCE_MARKER,
     STAGES_FILE,
     TARGET_MARKER,
     TARGETS_DIR,
     is_finished,
+    target_root,
 )
 
 log = logging.getLogger("tmerge")
 
 #: Per-subject CSV columns (after ``subject``): Dice and HD95 of the tumour regions.
 SCORE_COLUMNS: tuple[str, ...] = tuple(score_columns(REGIONS))
+
+#: The scoring of runs whose config predates ``metrics.*``: MONAI's directed HD95, brats2018 rules.
+LEGACY_SCORING = ("directed", "brats2018")
+UNKNOWN_SCORING = ("unknown", "unknown")
 
 SINGLE = "single"  # target_dir(runs, portion, init)
 SWEEP = "sweep"  # target_dir(runs, portion, init, seed)
@@ -72,7 +81,9 @@ class TargetRun:
     """One BraTS run folder and what could be read from it.
 
     ``per_subject`` maps subject ID → column (``SCORE_COLUMNS``) → value; it is empty unless the
-    run is finished. ``problem`` says why a run folder that looks finished could not be used.
+    run is finished. ``regions`` maps subject ID → ``truth_<c>``/``pred_<c>`` → voxel count, from
+    :data:`tmerge.runs.REGIONS_FILE`; None where the run has no such file (or an unusable one).
+    ``problem`` says why a run folder that looks finished could not be used.
     """
 
     path: Path
@@ -83,6 +94,7 @@ class TargetRun:
     problem: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     per_subject: dict[str, dict[str, float]] = field(default_factory=dict)
+    regions: dict[str, dict[str, float]] | None = None
     stages: dict[str, Any] | None = None
     alphas: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
@@ -105,6 +117,24 @@ class TargetRun:
     def subject_values(self, column: str) -> dict[str, float]:
         """``subject -> value`` of one per-subject column."""
         return {s: row[column] for s, row in self.per_subject.items()}
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per subject, sorted by ID: ``subject``, the per-subject scores and, where
+        ``regions`` was read, the voxel counts (the records of
+        :func:`tmerge.report.endpoints.endpoints`)."""
+        regions = self.regions or {}
+        return [{"subject": s, **self.per_subject[s], **regions.get(s, {})} for s in sorted(self.per_subject)]
+
+    def scoring(self) -> tuple[str, str]:
+        """``(HD95 definition, empty-region convention)`` of the run's test scores, from its
+        ``metrics.*`` config. A config without ``metrics`` was written before those keys existed,
+        when HD95 was MONAI's directed one under the brats2018 rules (:data:`LEGACY_SCORING`);
+        without a config: ``("unknown", "unknown")``."""
+        if self.config is None:
+            return UNKNOWN_SCORING
+        hd95 = config_value(self.config, "metrics.hd95")
+        convention = config_value(self.config, "metrics.convention")
+        return (str(hd95 or LEGACY_SCORING[0]), str(convention or LEGACY_SCORING[1]))
 
 
 @dataclass
@@ -136,6 +166,8 @@ class RunIndex:
 
     root: Path
     targets: list[TargetRun] = field(default_factory=list)
+    target: str = TARGETS_DIR  # whose runs: "brats" or another target's name (tmerge.runs.target_root)
+    classes: tuple[str, ...] = REGIONS  # the scored classes / regions of its per-subject files
     sources: list[SourceRun] = field(default_factory=list)
     forgetting: list[ForgettingRun] = field(default_factory=list)
 
@@ -173,11 +205,24 @@ def _number(text: str | None) -> float:
     return float(text)
 
 
-def read_per_subject(path: Path) -> dict[str, dict[str, float]]:
+def csv_classes(path: Path) -> tuple[str, ...] | None:
+    """The scored classes of a per-subject CSV, from its header (``dice_<c>`` columns, in order);
+    None if the file cannot be read."""
+    try:
+        header = path.read_text().splitlines()[0].split(",")
+    except (OSError, IndexError):
+        return None
+    return tuple(c.removeprefix("dice_") for c in header if c.startswith("dice_") and c != "dice_mean")
+
+
+def read_per_subject(
+    path: Path, columns: tuple[str, ...] = SCORE_COLUMNS
+) -> dict[str, dict[str, float]]:
     """Read a run's per-subject CSV (:data:`tmerge.runs.PER_SUBJECT_FILE`).
 
     Returns:
-        ``subject -> column -> value``; columns are :data:`SCORE_COLUMNS`.
+        ``subject -> column -> value``; ``columns``: :data:`SCORE_COLUMNS` (BraTS) or another
+        target's :func:`tmerge.evaluate.score_columns`.
 
     Raises:
         RunError: missing file, a header without the expected columns, a non-numeric value or a
@@ -188,9 +233,9 @@ def read_per_subject(path: Path) -> dict[str, dict[str, float]]:
     except FileNotFoundError:
         raise RunError(f"{path}: file not found") from None
     reader = csv.DictReader(text.splitlines())
-    if not {"subject", *SCORE_COLUMNS} <= set(reader.fieldnames or []):
+    if not {"subject", *columns} <= set(reader.fieldnames or []):
         raise RunError(
-            f"{path}: expected columns subject,{','.join(SCORE_COLUMNS)}, got {','.join(reader.fieldnames or [])}"
+            f"{path}: expected columns subject,{','.join(columns)}, got {','.join(reader.fieldnames or [])}"
         )
     rows: dict[str, dict[str, float]] = {}
     for line, row in enumerate(reader, start=2):
@@ -198,10 +243,73 @@ def read_per_subject(path: Path) -> dict[str, dict[str, float]]:
         if subject in rows:
             raise RunError(f"{path}: subject {subject} appears twice (line {line})")
         try:
-            rows[subject] = {c: _number(row[c]) for c in SCORE_COLUMNS}
+            rows[subject] = {c: _number(row[c]) for c in columns}
         except ValueError as exc:
             raise RunError(f"{path}: line {line}: not a number ({exc})") from None
     return rows
+
+
+def read_regions(path: Path) -> dict[str, dict[str, float]]:
+    """Read a run's voxel counts (:data:`tmerge.runs.REGIONS_FILE`).
+
+    Returns:
+        ``subject -> {"truth_<c>": count, "pred_<c>": count}`` for the classes c of its header.
+
+    Raises:
+        RunError: missing file, a header without ``subject`` or whose ``truth_<c>`` and
+            ``pred_<c>`` columns do not pair up, a count that is not a number ≥ 0, a repeated
+            subject.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunError(f"{path}: file not found") from None
+    reader = csv.DictReader(text.splitlines())
+    fields = list(reader.fieldnames or [])
+    truth = [f[len("truth_") :] for f in fields if f.startswith("truth_")]
+    pred = [f[len("pred_") :] for f in fields if f.startswith("pred_")]
+    if "subject" not in fields or not truth or truth != pred:
+        raise RunError(
+            f"{path}: expected columns subject,truth_<c>…,pred_<c>… for the same classes, got {','.join(fields)}"
+        )
+    columns = [*(f"truth_{c}" for c in truth), *(f"pred_{c}" for c in pred)]
+    rows: dict[str, dict[str, float]] = {}
+    for line, row in enumerate(reader, start=2):
+        subject = row["subject"]
+        if subject in rows:
+            raise RunError(f"{path}: subject {subject} appears twice (line {line})")
+        try:
+            values = {c: _number(row[c]) for c in columns}
+        except ValueError as exc:
+            raise RunError(f"{path}: line {line}: not a number ({exc})") from None
+        bad = [c for c, v in values.items() if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise RunError(f"{path}: line {line}: {bad[0]} must be a voxel count >= 0, got {values[bad[0]]}")
+        rows[subject] = values
+    return rows
+
+
+def _read_regions(run: TargetRun) -> None:
+    """Set ``run.regions`` from its optional counts file; a file that cannot be used is a warning."""
+    path = run.path / REGIONS_FILE
+    if not path.is_file():
+        return
+    try:
+        regions = read_regions(path)
+    except RunError as exc:
+        run.warnings.append(f"{REGIONS_FILE} not used: {exc}")
+        return
+    columns = next(iter(run.per_subject.values()), {})
+    classes = {k[len("dice_") :] for k in columns if k.startswith("dice_") and k != "dice_mean"}
+    counted = {k[len("truth_") :] for row in regions.values() for k in row if k.startswith("truth_")}
+    if set(regions) != set(run.per_subject) or not classes <= counted:
+        run.warnings.append(
+            f"{REGIONS_FILE} not used: its subjects or classes ({len(regions)} subjects, "
+            f"{','.join(sorted(counted))}) are not those of {PER_SUBJECT_FILE} ({len(run.per_subject)} "
+            f"subjects, {','.join(sorted(classes))})"
+        )
+        return
+    run.regions = regions
 
 
 def _read_optional_json(path: Path, run: TargetRun | None = None) -> dict[str, Any] | None:
@@ -244,8 +352,11 @@ def config_value(config: dict[str, Any] | None, key: str) -> Any:
 _SUMMARY_TOLERANCE = 1e-6
 
 
-def read_target(path: Path, portion: int, init: str, seed: int | None) -> TargetRun:
-    """Read one BraTS run folder; an unfinished or unreadable run is returned marked as such."""
+def read_target(
+    path: Path, portion: int, init: str, seed: int | None, columns: tuple[str, ...] = SCORE_COLUMNS
+) -> TargetRun:
+    """Read one target run folder (``columns``: its per-subject columns); an unfinished or
+    unreadable run is returned marked as such."""
     run = TargetRun(path=path, portion=portion, init=init, seed=seed)
     run.config = read_config(path / CONFIG_FILE)
     run.info = _read_optional_json(path / RUN_FILE, run)
@@ -254,7 +365,7 @@ def read_target(path: Path, portion: int, init: str, seed: int | None) -> Target
         return run
     try:
         run.summary = json.loads((path / TARGET_MARKER).read_text())
-        run.per_subject = read_per_subject(path / PER_SUBJECT_FILE)
+        run.per_subject = read_per_subject(path / PER_SUBJECT_FILE, columns)
     except (OSError, json.JSONDecodeError) as exc:
         run.problem = f"{TARGET_MARKER} unreadable ({exc})"
     except RunError as exc:
@@ -265,6 +376,7 @@ def read_target(path: Path, portion: int, init: str, seed: int | None) -> Target
     run.alphas = _read_optional_json(path / ALPHAS_FILE, run)
     if run.problem is None:
         _check_summary(run)
+        _read_regions(run)
     else:
         log.warning("report: %s is not used: %s", path, run.problem)
     return run
@@ -301,10 +413,25 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
 
 
-def discover(root: Path) -> RunIndex:
-    """Every BraTS, source and forgetting run folder under ``root``."""
-    index = RunIndex(root=root)
-    for pdir in _subdirs(root / TARGETS_DIR):
+def _target_classes(base: Path, target: str) -> tuple[str, ...]:
+    """A target's scored classes: BraTS' regions, else those of its first finished run's CSV."""
+    if target == TARGETS_DIR:
+        return REGIONS
+    for marker in sorted(base.rglob(TARGET_MARKER)):
+        found = csv_classes(marker.parent / PER_SUBJECT_FILE)
+        if found:
+            return found
+    return ()
+
+
+def discover(root: Path, target: str = TARGETS_DIR) -> RunIndex:
+    """Every run folder of ``target`` (BraTS by default; :func:`tmerge.runs.target_root`), and
+    every source and forgetting run folder under ``root``."""
+    base = target_root(root, target)
+    classes = _target_classes(base, target)
+    columns = tuple(score_columns(classes)) if classes else SCORE_COLUMNS
+    index = RunIndex(root=root, target=target, classes=classes or REGIONS)
+    for pdir in _subdirs(base):
         portion = _portion(pdir.name)
         if portion is None:
             log.info("report: %s is not a p<portion> folder; skipped", pdir)
@@ -315,7 +442,7 @@ def discover(root: Path) -> RunIndex:
             for folder, s in folders:
                 # A run writes its config first; a folder without it is no run (and shows as missing).
                 if (folder / CONFIG_FILE).is_file() or is_finished(folder, TARGET_MARKER):
-                    index.targets.append(read_target(folder, portion, folder.name, s))
+                    index.targets.append(read_target(folder, portion, folder.name, s, columns))
     index.targets.sort(key=lambda r: (r.portion, r.seed is not None, r.seed or 0, init_sort_key(r.init)))
     for folder in _subdirs(root):
         if folder.name in NOT_SOURCES or folder.name.startswith("."):

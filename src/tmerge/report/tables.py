@@ -15,12 +15,20 @@ import csv
 import io
 import math
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from tmerge.data.labels import REGIONS
 from tmerge.report.runs import SINGLE, SWEEP, ForgettingRun, RunIndex, TargetRun, ordered_inits
-from tmerge.runs import FORGETTING_DIR, FORGETTING_TABLE, PER_SUBJECT_FILE, STAGES_FILE, TARGETS_DIR
+from tmerge.runs import (
+    FORGETTING_DIR,
+    FORGETTING_TABLE,
+    OTHER_TARGETS_DIR,
+    PER_SUBJECT_FILE,
+    STAGES_FILE,
+    TARGETS_DIR,
+)
 
 MISSING = "—"
 
@@ -141,34 +149,85 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 # ---- Table 2 -------------------------------------------------------------------------------
 
-#: (section title, per-subject column, digits) of Table 2's sub-tables.
-TABLE2_METRICS: tuple[tuple[str, str, int], ...] = (
-    ("Dice, mean of ET, TC and WT (the paper's Table 2)", "dice_mean", 3),
-    *((f"Dice {r}", f"dice_{r}", 3) for r in REGIONS),
-    *((f"HD95 {r} (mm)", f"hd95_{r}", 1) for r in REGIONS),
+def table2_metrics(classes: Sequence[str] = REGIONS) -> tuple[tuple[str, str, int], ...]:
+    """(section title, per-subject column, digits) of Table 2's sub-tables for a target's
+    scored ``classes`` (BraTS: the regions ET, TC, WT)."""
+    mean = (
+        "Dice, mean of ET, TC and WT (the paper's Table 2)"
+        if tuple(classes) == REGIONS
+        else f"Dice, mean of {', '.join(classes)}"
+    )
+    return (
+        (mean, "dice_mean", 3),
+        *((f"Dice {r}", f"dice_{r}", 3) for r in classes),
+        *((f"HD95 {r} (mm)", f"hd95_{r}", 1) for r in classes),
+    )
+
+
+#: Table 2's sub-tables for BraTS.
+TABLE2_METRICS: tuple[tuple[str, str, int], ...] = table2_metrics(REGIONS)
+
+#: How each HD95 definition is named in the tables' headers (:mod:`tmerge.metrics`).
+HD95_NAMES = {"pooled": "pooled (BraTS, medpy)", "directed": "directed max (MONAI)"}
+
+
+def scoring_name(runs: Iterable[TargetRun], part: int) -> str:
+    """The HD95 definition (``part=0``) or the empty-region convention (``part=1``) of ``runs``'
+    test scores (:meth:`~tmerge.report.runs.TargetRun.scoring`): one name, or ``mixed (…)`` with
+    the number of runs of each when they differ."""
+    counts = Counter(r.scoring()[part] for r in runs)
+    names = {k: HD95_NAMES.get(k, k) if part == 0 else k for k in counts}
+    if not counts:
+        return MISSING
+    if len(counts) == 1:
+        return names[next(iter(counts))]
+    runs_of = {k: f"{n} run" + ("s" if n != 1 else "") for k, n in counts.items()}
+    return "mixed (" + ", ".join(f"{names[k]}: {runs_of[k]}" for k in sorted(counts)) + ")"
+
+
+def scoring_header(column: str, runs: Iterable[TargetRun]) -> str:
+    """What a Table 2 column's numbers depend on besides the runs: the empty-region convention
+    for Dice, and the HD95 definition too for HD95."""
+    runs = list(runs)
+    convention = f"empty regions: {scoring_name(runs, 1)}"
+    return f"HD95 {scoring_name(runs, 0)}; {convention}" if column.startswith("hd95") else convention
+
+
+SCORING_NOTE = (
+    "HD95 *pooled* is the 95th percentile of the border-to-border distances of both directions "
+    "together, as the BraTS organisers (medpy) compute it; *directed max* is the larger of the two "
+    "directions' 95th percentiles (MONAI), tmerge's HD95 for runs made before `metrics.hd95` "
+    "existed. Empty regions *brats2018*: empty in both maps → Dice 1, HD95 0; in one → Dice 0, HD95 "
+    "the image's diagonal. *brats2023*: empty in both → left out (counted in \"(k n/a)\"); no "
+    "overlap → Dice 0, HD95 373.13 mm. Each run's `metrics.*` config says which it used."
 )
 
 
 def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
     """Table 2 in Markdown: one sub-table per metric, rows = portions, columns = initialisations."""
+    folder = TARGETS_DIR if index.target == TARGETS_DIR else f"{OTHER_TARGETS_DIR}/{index.target}"
+    title = "" if index.target == TARGETS_DIR else f" — target {index.target}"
     parts = [
-        "# Table 2 — test scores per initialisation and portion\n",
+        f"# Table 2 — test scores per initialisation and portion{title}\n",
         f'Mean over the test subjects of each run\'s `{PER_SUBJECT_FILE}`. Rows "p %" are the '
-        f'single-seed runs (`{TARGETS_DIR}/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
-        f"(`{TARGETS_DIR}/p<portion>/seed<k>/<init>/`): each cell is the mean ± sample standard deviation "
+        f'single-seed runs (`{folder}/p<portion>/<init>/`); rows "p %, seeds …" are sweeps '
+        f"(`{folder}/p<portion>/seed<k>/<init>/`): each cell is the mean ± sample standard deviation "
         "(ddof = 1) over seeds of the per-seed test means, with "
         '"(k/n seeds)" where only k of the n seeds finished. The sd is the spread between '
         "training runs (training randomness and the draw of train/val subjects), not a standard "
         "error, and with a handful of seeds it is itself rough. n: test subjects per run; "
         "seeds: how many seeds the row holds. "
-        f"{MISSING}: no finished run. HD95 is averaged over the subjects where it is finite; "
-        '"(k n/a)" counts the values left out (an empty prediction or ground truth). '
+        f"{MISSING}: no finished run. Scores are averaged over the subjects where they are "
+        'finite; "(k n/a)" counts the values left out (a region empty in both maps under the '
+        "brats2023 rules). "
         "At 100 % the 40 held-out subjects are also the validation set that selects the "
         'checkpoint (as in the paper, which reported the online leaderboard instead): its rows are '
         'labelled "(validation)" and are not test scores; grade the exported unlabelled set with '
         "`tmerge score` where its labels exist.\n",
+        SCORING_NOTE + "\n",
     ]
-    for title, column, digits in TABLE2_METRICS:
+    used = index.usable()
+    for title, column, digits in table2_metrics(index.classes):
         body = []
         for row in rows:
             cells = {init: row_runs(index, row, init) for init in inits}
@@ -181,7 +240,8 @@ def table2_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
                     *(metric_cell(cells[i], column).format(digits, row.group, len(row.seeds)) for i in inits),
                 ]
             )
-        parts.append(f"## {title}\n\n" + md_table(["portion", "n", "seeds", *inits], body))
+        header = f"## {title} — {scoring_header(column, used)}\n\n"
+        parts.append(header + md_table(["portion", "n", "seeds", *inits], body))
     return "\n".join(parts)
 
 
@@ -195,7 +255,7 @@ def table2_csv(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> st
     for row in rows:
         for init in inits:
             runs = row_runs(index, row, init)
-            for _, column, _ in TABLE2_METRICS:
+            for _, column, _ in table2_metrics(index.classes):
                 cell = metric_cell(runs, column)
                 writer.writerow(
                     [

@@ -9,7 +9,6 @@ folder; the α also go to W&B (the paper's Fig. 5).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,13 +19,14 @@ from torch import nn
 
 from tmerge.callbacks import AlphaTrajectory
 from tmerge.dashboard import log_alphas
-from tmerge.data.brats import BraTSDataModule
+from tmerge.data.target import TargetDataModule
 from tmerge.errors import RunError
 from tmerge.io import read_json, write_json
 from tmerge.loggers import stage_loggers
 from tmerge.merge import AdaptiveMerge
+from tmerge.nets import input_names, partition
 from tmerge.runner import fit
-from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, Source, best_state_dict
+from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, WARMUP_DIR, Source, best_state_dict
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.module import segmentation_module
 
@@ -36,9 +36,52 @@ if TYPE_CHECKING:
 log = logging.getLogger("tmerge")
 
 
+def _budget(cfg: TargetStageConfig) -> dict[str, Any]:
+    """The adaption's (and the warm-up's) budget: until the validation loss stops improving
+    (paper), or exactly ``fixed.warmup_epochs`` with the last epoch's weights (fixed)."""
+    if cfg.protocol == "fixed":
+        return {"max_epochs": cfg.fixed.warmup_epochs, "select": "last"}
+    return {"max_epochs": cfg.adaption.max_epochs, "patience": cfg.adaption.patience}
+
+
+def warm_up(
+    cfg: TargetStageConfig,
+    dm: TargetDataModule,
+    net: nn.Module,
+    run_dir: Path,
+    run: Logger | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The fixed protocol's S warm-up for the initialisations without an adaption stage: P
+    frozen, S and the input layer trained at ``adaption.lr`` for ``fixed.warmup_epochs`` — the
+    T-IMM adaption without δ, so that every initialisation gets the same steps before
+    fine-tuning. With random P (``init=none``) it is the frozen-feature probe."""
+    fused, _ = partition(net)
+    frozen = set(fused) - set(input_names(net, fused))
+    for name, param in net.named_parameters():
+        param.requires_grad_(name not in frozen)
+    module = segmentation_module(net, dm, cfg, cfg.data.patch_size, optim=cfg.stage_optim(cfg.adaption.lr))
+    stage_dir = run_dir / WARMUP_DIR
+    _, result = fit(
+        module,
+        dm,
+        run_dir=stage_dir,
+        trainer_cfg=cfg.trainer,
+        loggers=stage_loggers(stage_dir, run, "warmup"),
+        monitor="val/loss",
+        mode="min",
+        name=f"p{cfg.data.portion}/{cfg.init} warm-up (P frozen)",
+        **_budget(cfg),
+    )
+    if result.best_path:
+        module.load_state_dict(best_state_dict(result.best_path, prefix=""))
+    for param in net.parameters():
+        param.requires_grad_(True)
+    return net, {**result.as_dict(), "frozen": len(frozen)}
+
+
 def adapt(
     cfg: TargetStageConfig,
-    dm: BraTSDataModule,
+    dm: TargetDataModule,
     net: nn.Module,
     sources: list[Source],
     start: Initialised,
@@ -55,7 +98,7 @@ def adapt(
         dm,
         cfg,
         cfg.data.patch_size,
-        optim=dataclasses.replace(cfg.optim, lr=cfg.adaption.lr),
+        optim=cfg.stage_optim(cfg.adaption.lr),
         group_lrs={"net.mixing.": cfg.adaption.delta_lr},
     )
     names = [s.name for s in sources]
@@ -73,8 +116,7 @@ def adapt(
         mode="min",
         callbacks=[trajectory],
         name=label,
-        max_epochs=cfg.adaption.max_epochs,
-        patience=cfg.adaption.patience,
+        **_budget(cfg),
     )
     if result.best_path:  # continue from the adaption epoch with the lowest validation loss
         module.load_state_dict(best_state_dict(result.best_path, prefix=""))

@@ -5,11 +5,13 @@ values and names the key it refuses."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from tmerge.config import check_count, check_number
-from tmerge.data.brats import BraTSDataConfig
+from tmerge.data.target import TargetDataConfig
 from tmerge.errors import ConfigError
+from tmerge.evaluate import MetricsConfig
 from tmerge.loggers import LoggerConfig
 from tmerge.modules.segmentation import LossConfig, OptimConfig
 from tmerge.nets.config import NetConfig
@@ -123,6 +125,12 @@ class VectorMergeConfig:
     p: list[float] = field(default_factory=lambda: [0.5])  # DARE: drop probability (Yu et al.)
     t: list[float] = field(default_factory=lambda: [0.5])  # SLERP: 0 = first source, 1 = second
     seed: int = 0  # DARE's drop masks
+    # TIES' (and dare-ties') trim scope: "tensor" ranks each tensor's magnitudes on its own
+    # (mergekit), "model" all merged tensors together (Yadav et al.'s code, fusion-bench). One
+    # value, not a grid: it chooses which algorithm "ties" is, not a strength to tune, and a grid
+    # would let validation pick between two methods under one name. Like `seed`, every candidate
+    # of the grid gets it (and selection.json records it).
+    trim: str = "tensor"
 
     def __post_init__(self) -> None:
         from tmerge.merge.methods import check_value
@@ -140,6 +148,36 @@ class VectorMergeConfig:
                     raise ConfigError(str(exc)) from None
         if self.seed < 0:
             raise ConfigError(f"merge.seed: expected an integer >= 0, got {self.seed}")
+        try:
+            check_value("trim", self.trim, "merge.trim")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+#: The run protocols of a target run (docs/protocol.md).
+PROTOCOLS = ("paper", "fixed")
+
+
+@dataclass
+class FixedProtocolConfig:
+    """The fixed protocol (``protocol=fixed``): equal budgets, no selection on validation.
+
+    Every initialisation first trains S and the input layer with P frozen for ``warmup_epochs``
+    (T-IMM and mean-T-IMM: their adaption, δ included, for the same epochs; the others: the
+    adaption without δ), then fine-tunes everything for ``epochs`` under the annealed (poly)
+    learning rate, and is tested with its final weights. The validation split is never read.
+    The test subjects are scored after epochs 1, 2, 4, … and the last of the fine-tune (the
+    learning curve, :data:`~tmerge.runs.CURVE_FILE`), with the random state restored around
+    each pass, so the training is the one without curve points.
+    """
+
+    epochs: int = 15  # fine-tune epochs: none plateaus around epoch 15 at 4 % (docs/protocol.md)
+    warmup_epochs: int = 5  # S warm-up (T-IMM: adaption) epochs, the same for every init
+    curve: bool = True  # learning-curve points on the test subjects
+
+    def __post_init__(self) -> None:
+        check_count("fixed.epochs", self.epochs, 1)
+        check_count("fixed.warmup_epochs", self.warmup_epochs, 0)
 
 
 @dataclass
@@ -165,8 +203,31 @@ class TargetStageConfig(RunConfig):
     # t1ce, t2, flair). None: a first layer of another shape is re-initialised and trained with
     # S (what the original code effectively did); with a map it stays in P and is merged.
     channel_map: list[int] | None = None
-    data: BraTSDataConfig = field(default_factory=BraTSDataConfig)
+    data: TargetDataConfig = field(default_factory=TargetDataConfig)
+    # "paper": early stopping and the best-validation checkpoint (the paper's); "fixed": a fixed
+    # budget, an annealed lr, the final weights and equal S warm-up for every init (`fixed.*`).
+    protocol: str = "paper"
+    fixed: FixedProtocolConfig = field(default_factory=FixedProtocolConfig)
     adaption: AdaptionConfig = field(default_factory=AdaptionConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)
     merge: VectorMergeConfig = field(default_factory=VectorMergeConfig)
+    # How the test scores are computed: HD95 pooled (BraTS/medpy) or directed (MONAI), empty
+    # regions by the brats2018 or the brats2023 rules (tmerge.evaluate.MetricsConfig).
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+
+    def stage_optim(self, lr: float | None = None) -> OptimConfig:
+        """The optimiser settings of a stage at ``lr`` (None: ``optim.lr``): under the fixed
+        protocol the learning rate is annealed over the budget (poly) — nothing validates, so no
+        plateau can be watched."""
+        optim = self.optim if lr is None else dataclasses.replace(self.optim, lr=lr)
+        return dataclasses.replace(optim, schedule="poly") if self.protocol == "fixed" else optim
+
+    @property
+    def select(self) -> str:
+        """How the fits choose their weights: ``"best"`` (paper) or ``"last"`` (fixed)."""
+        return "last" if self.protocol == "fixed" else "best"

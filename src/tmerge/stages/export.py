@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tmerge.errors import ConfigError
@@ -48,6 +49,15 @@ class ExportConfig:
             raise ConfigError(f"format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
 
 
+def _dataset_label_names(dm: Any, mapping: Any) -> dict[int, str]:
+    """Label value → name of the predicted label maps, in the dataset's values (``mapping``: its
+    :class:`~tmerge.data.labels.LabelMapping`, None: the internal values)."""
+    names = label_names(getattr(dm, "scheme", None) or dm.output_mode, dm.class_names)
+    if mapping is None:
+        return names
+    return {int(mapping.to_dataset(np.array([k]))[0]): name for k, name in names.items()}
+
+
 def export_spec(cfg: Any, dm: Any, run_dir: Path) -> dict[str, Any]:
     """What a user of the exported network needs besides the weights."""
     settings = dm.preprocess_settings()
@@ -58,7 +68,9 @@ def export_spec(cfg: Any, dm: Any, run_dir: Path) -> dict[str, Any]:
         "channels": list(dm.modalities),  # input channel i is this image of a case
         "output_mode": dm.output_mode,  # sigmoid: one probability per region; softmax: per class
         "classes": list(dm.class_names),
-        "label_map": {str(k): v for k, v in label_names(dm.output_mode, dm.class_names).items()},
+        # the values of the written label maps, in the dataset's own convention, and their names
+        "label_map": {str(k): v for k, v in _dataset_label_names(dm, settings.labels).items()},
+        **({"target": dm.describe()} if hasattr(dm, "describe") else {}),
         "preprocessing": {
             **dataclasses.asdict(settings),
             "steps": "per case: brain mask = any image non-zero; N4 bias-field correction in the "

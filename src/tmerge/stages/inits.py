@@ -156,7 +156,8 @@ def build_transfer(ctx: InitContext) -> Initialised:
     cfg, net, source = ctx.cfg, ctx.net, ctx.sources[0]
     _, heads, norms = split_specific(net)
     keep = cfg.transfer.specific == "keep"
-    report = transfer_parameters(net, source.state, exclude=heads if keep else heads | set(norms))
+    exclude = (heads if keep else heads | set(norms)) | source.reinit
+    report = transfer_parameters(net, source.state, exclude=exclude)
     log.info("%s: transfer from %s — %s", cfg.init, source.name, report.summary())
     return Initialised(net, specific_kept=[n for n in norms if n in report.copied])
 
@@ -168,9 +169,13 @@ def prepare_merge(ctx: InitContext, with_fisher: bool) -> Initialised:
     cfg, net, sources = ctx.cfg, ctx.net, ctx.sources
     fused, _, norms = split_specific(net)
     layers, mismatched = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
+    reinit = frozenset().union(*(s.reinit for s in sources))
+    for layer in [name for name, params in layers.items() if reinit.intersection(params)]:
+        del layers[layer]  # the input layer of channels the sources never saw
+        mismatched.append(layer)
     if mismatched:
         log.info(
-            "%s: layers of other shape in the sources, re-initialised and trained with S: %s",
+            "%s: layers of other shape or input channels in the sources, re-initialised and trained with S: %s",
             cfg.init,
             ", ".join(mismatched),
         )
@@ -229,19 +234,26 @@ def vector_builder(method: str) -> Callable[[InitContext], Initialised]:
 
 def vector_candidates(cfg: TargetStageConfig, method: str) -> list[dict[str, Any]]:
     """The hyper-parameter candidates of a task-vector method: the product of the ``merge.*``
-    lists it uses (λ, k, p, t), each with ``merge.seed`` for DARE."""
+    lists it uses (λ, k, p, t), each with ``merge.seed`` for DARE and ``merge.trim`` for TIES
+    (single values, not grids)."""
     grid: list[dict[str, Any]] = [{}]
     for key in METHODS[method].params:
-        values = [cfg.merge.seed] if key == "seed" else list(getattr(cfg.merge, key))
+        single = key in ("seed", "trim")
+        values = [getattr(cfg.merge, key)] if single else list(getattr(cfg.merge, key))
         grid = [{**g, key: v} for g in grid for v in values]
     return grid
 
 
 # --- θ₀ of the task vectors ---------------------------------------------------------------------
 def load_base(
-    cfg: TargetStageConfig, source_names: list[str], target: dict[str, torch.Tensor]
+    cfg: TargetStageConfig,
+    source_names: list[str],
+    target: dict[str, torch.Tensor],
+    plan: list[int] | None = None,
+    names: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """θ₀ of the task-vector methods (``merge.base``), input layer mapped like the sources'.
+    """θ₀ of the task-vector methods (``merge.base``), its input layer (``names``) mapped by the
+    sources' channel ``plan`` (:func:`tmerge.stages.target.input_plan`; None: not mapped).
 
     Raises:
         RunError: the file does not exist, is unreadable, or is not the init its run recorded.
@@ -259,8 +271,8 @@ def load_base(
         raise RunError(f"merge.base: {path} does not exist; {hint}")
     check_init_matches(path)
     state, _ = load_net(path)
-    if cfg.channel_map is not None:
-        state = map_input_channels(state, target, list(cfg.channel_map), rescale=True)
+    if plan is not None:
+        state = map_input_channels(state, target, plan, rescale=True, names=names)
     return state
 
 

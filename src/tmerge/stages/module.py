@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from tmerge.evaluate import MetricsConfig
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule
 from tmerge.runner import resolve_compile
 from tmerge.stages.configs import RunConfig
@@ -23,6 +24,7 @@ def architecture_meta(cfg: RunConfig, dm: Any) -> dict[str, Any]:
         **cfg.net.architecture(),  # name and sizes (base_filters, depth for isensee2017)
         "output_mode": dm.output_mode,
         "class_names": list(dm.class_names),
+        "channels": list(dm.modalities),
     }
 
 
@@ -33,8 +35,10 @@ def segmentation_module(
     patch_size: int,
     optim: OptimConfig | None = None,
     group_lrs: Mapping[str, float] | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> SegmentationModule:
-    """The stage's LightningModule for ``net`` on ``dm``'s task, from the run config."""
+    """The stage's LightningModule for ``net`` on ``dm``'s task, from the run config (``metrics``:
+    how its test scores are computed, a target run's ``cfg.metrics``; None: the defaults)."""
     return SegmentationModule(
         net,
         output_mode=dm.output_mode,
@@ -45,4 +49,6 @@ def segmentation_module(
         channels_last=cfg.net.channels_last,
         compile=resolve_compile(cfg.trainer.compile, cfg.trainer.accelerator),
         group_lrs=group_lrs,
+        scheme=getattr(dm, "scheme", None),
+        metrics=metrics,
     )

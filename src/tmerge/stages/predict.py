@@ -76,13 +76,13 @@ def load_run(run_dir: Path) -> tuple[Any, Any, SegmentationModule]:
     Raises:
         RunError: the folder is not a finished run, or its weights cannot be read.
     """
-    from tmerge.data.brats import BraTSDataModule
     from tmerge.data.hcp import HCPDataModule
+    from tmerge.data.target import TargetDataModule
     from tmerge.stages.configs import TargetStageConfig
     from tmerge.stages.source import SourceStageConfig
 
     if is_finished(run_dir, TARGET_MARKER):
-        schema, datamodule = TargetStageConfig, BraTSDataModule
+        schema, datamodule = TargetStageConfig, TargetDataModule
     elif is_finished(run_dir, SOURCE_MARKER):
         schema, datamodule = SourceStageConfig, HCPDataModule
     else:
@@ -105,7 +105,8 @@ def load_run(run_dir: Path) -> tuple[Any, Any, SegmentationModule]:
 
 def find_cases(dm: Any, given: Path) -> dict[str, Path]:
     """Case id → folder: ``given`` itself (a case folder, or the folder of a given image file),
-    every subject of the dataset rooted there, or every case folder directly under it.
+    every subject of the dataset rooted there, every case folder directly under it, or the cases
+    of one folder of an nnU-Net dataset (``<root>/imagesTs``).
 
     Raises:
         DataError: nothing there holds the images the run's network takes.
@@ -120,6 +121,14 @@ def find_cases(dm: Any, given: Path) -> dict[str, Path]:
         cases = {**found.labelled, **found.unlabelled}
     except DataError:
         cases = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and _is_case(dm, d)}
+    if not cases:  # one folder of an nnU-Net dataset (imagesTs/, imagesTr/): its cases only
+        with contextlib.suppress(DataError):
+            found = dm.discover(folder.parent)
+            cases = {
+                case: handle
+                for case, handle in {**found.labelled, **found.unlabelled}.items()
+                if getattr(handle, "folder", None) == folder
+            }
     if not cases:
         raise DataError(
             f"input: {folder} holds no case with the images this run takes ({', '.join(dm.modalities)}); "
@@ -213,7 +222,7 @@ def run_predict(cfg: PredictConfig) -> Path:
             continue
         batch = collate_volumes([VolumeDataset([Subject(case, pre.image, None, pre.meta)], dm.label_dtype)[0]])
         logits = predict_logits(module, batch["image"].to(device), cfg.tta)
-        result = evaluate_subject(logits[0], None, pre.meta, dm.output_mode, dm.class_names)
+        result = evaluate_subject(logits[0], None, pre.meta, module.scheme)
         save_prediction(out, case, result.labels, pre.meta)
     if failed:
         raise RunError(

@@ -3,6 +3,7 @@ fine-tuned weights, and the W&B model artifact. Formats: :mod:`tmerge.evaluate`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,12 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from tmerge.artifacts import TARGET_TYPE, log_model
-from tmerge.data.brats import BraTSDataModule
-from tmerge.evaluate import write_scores
-from tmerge.io import write_json
+from tmerge.data.target import TargetDataModule
+from tmerge.evaluate import evaluate_subject, summarise, write_scores
+from tmerge.io import write_json, write_text
 from tmerge.modules.segmentation import SegmentationModule
-from tmerge.runs import NET_FILE, PER_SUBJECT_FILE, STAGES_FILE, TARGET_MARKER, save_net
+from tmerge.report.endpoints import regions_csv
+from tmerge.runs import NET_FILE, PER_SUBJECT_FILE, REGIONS_FILE, STAGES_FILE, TARGET_MARKER, save_net
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.module import architecture_meta
 
@@ -40,7 +42,7 @@ def test_subjects(trainer: L.Trainer, module: SegmentationModule, dm: Any, best_
 def write_results(
     run_dir: Path,
     cfg: TargetStageConfig,
-    dm: BraTSDataModule,
+    dm: TargetDataModule,
     net: nn.Module,
     records: list[dict[str, Any]],
     stages: dict[str, Any],
@@ -52,11 +54,12 @@ def write_results(
     write_json(run_dir / STAGES_FILE, stages)
     meta = target_meta(cfg, dm, list(stages["sources"]))
     save_net(run_dir / NET_FILE, net, meta)
-    summary = write_test_results(run_dir, records, dm.class_names)
+    write_text(run_dir / REGIONS_FILE, regions_csv(records, dm.class_names))  # voxels per class, for the endpoints
+    summary = write_test_results(run_dir, records, dm.class_names, cfg.metrics.convention)
     files = {f: run_dir / f for f in (NET_FILE, STAGES_FILE, TARGET_MARKER)}
     log_model(
         run,
-        f"brats-p{cfg.data.portion}-{cfg.init}-seed{cfg.seed}",
+        f"{dm.name}-p{cfg.data.portion}-{cfg.init}-seed{cfg.seed}",
         TARGET_TYPE,
         files,
         {**meta, "test": summary},
@@ -64,7 +67,7 @@ def write_results(
     return summary
 
 
-def target_meta(cfg: TargetStageConfig, dm: BraTSDataModule, sources: list[str]) -> dict[str, Any]:
+def target_meta(cfg: TargetStageConfig, dm: TargetDataModule, sources: list[str]) -> dict[str, Any]:
     """What travels with a target run's weights: the architecture and how they were made."""
     return {
         **architecture_meta(cfg, dm),
@@ -76,7 +79,7 @@ def target_meta(cfg: TargetStageConfig, dm: BraTSDataModule, sources: list[str])
 
 
 def write_test_results(
-    run_dir: Path, records: list[dict[str, Any]], class_names: list[str]
+    run_dir: Path, records: list[dict[str, Any]], class_names: list[str], convention: str = "brats2018"
 ) -> dict[str, Any]:
     """Write the per-subject scores and, last, the summary (the run's finished marker).
 
@@ -84,20 +87,32 @@ def write_test_results(
         run_dir: The run folder.
         records: Per-subject scores ``subject``, ``dice_<c>``, ``hd95_<c>`` (any order).
         class_names: The scored classes (``ET``, ``TC``, ``WT``).
+        convention: The run's ``metrics.convention`` (``brats2023`` adds ``n_empty``).
 
     Returns:
         The summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}`` (formats:
         :mod:`tmerge.evaluate`).
     """
-    return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names)
+    return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names, convention)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """One line of a test summary: Dice per class and mean, HD95 per class, n."""
+def curve_score(dm: TargetDataModule) -> Callable[[L.Trainer, L.LightningModule], dict[str, float]]:
+    """The learning curve's score (:class:`~tmerge.callbacks.LearningCurve`): the module as it is
+    now on every test subject, scored as the test is (original geometry, the module's
+    ``metrics``; Dice per class and the mean of the per-subject means, :func:`tmerge.evaluate.summarise`)."""
 
-    def num(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
+    def score(trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+        assert isinstance(module, SegmentationModule)
+        module.eval()  # no dropout; LearningCurve restores the train/eval flags afterwards
+        records = []
+        for batch in dm.test_dataloader():
+            logits = module.infer(batch["image"].to(module.device))
+            for i, subject in enumerate(batch["subject"]):
+                result = evaluate_subject(
+                    logits[i], batch["label"][i], batch["meta"][i], module.scheme, metrics=module.metrics
+                )
+                records.append({"subject": subject, **result.scores})
+        summary = summarise(records, module.class_names, module.metrics.convention)
+        return {f"dice_{c}": v for c, v in summary["dice"].items() if v is not None}
 
-    dice = ", ".join(f"{k} {num(v, '.3f')}" for k, v in summary["dice"].items())
-    hd95 = ", ".join(f"{k} {num(v, '.1f')}" for k, v in summary["hd95"].items())
-    return f"Dice {dice}; HD95 {hd95} mm (n={summary['n']})"
+    return score

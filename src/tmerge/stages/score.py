@@ -2,21 +2,27 @@
 
 Scores each ``<subject>.nii.gz`` of ``predictions`` against the subject's true label map the way
 the BraTS leaderboard does: Dice and HD95 (mm, from the affine) per region ET (4), TC (1 ∪ 4)
-and WT (1 ∪ 2 ∪ 4), empty-versus-empty scored Dice 1 and HD95 0, a missed or hallucinated
-region Dice 0 and HD95 the volume's diagonal (see :mod:`tmerge.evaluate`). This is how the
-``predictions/validation/`` export of a ``portion=100`` run is graded when its labels exist.
+and WT (1 ∪ 2 ∪ 4). HD95 is, by default, the 95th percentile of the border distances of both
+directions pooled, as the BraTS organisers' tool (medpy) computes it (``metrics.hd95=directed``:
+MONAI's larger directed percentile). Empty regions follow ``metrics.convention``: ``brats2018``
+(default) scores empty-versus-empty Dice 1 and HD95 0, a missed or hallucinated region Dice 0
+and HD95 the volume's diagonal; ``brats2023`` scores empty-versus-empty NaN (left out of the
+means, counted in the summary's ``n_empty``) and any region without overlap Dice 0 and HD95
+373.13 mm (see :mod:`tmerge.metrics`). This is how the ``predictions/validation/`` export of a
+``portion=100`` run is graded when its labels exist.
 
 The true label map of a subject is looked for in ``labels`` as ``<subject>.nii.gz``,
 ``<subject>_seg.nii.gz`` (``-seg``: BraTS 2023) or, anywhere below, ``<subject>/<subject>_seg.nii.gz``
 (the BraTS layouts; ``.nii`` too). ``convention=brats2023`` reads both folders' values as BraTS
-2023's (3 = enhancing). Writes ``<out>/scores.csv`` (the columns of a target run's per-subject
+2023's (3 = enhancing); that names the files' label values only, the scoring rules are
+``metrics.*``. Writes ``<out>/scores.csv`` (the columns of a target run's per-subject
 scores) and then ``<out>/scores_summary.json`` (means, as a target run's summary).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ from tmerge.data.labels import BRATS2023_LABELS, REGIONS, LabelMapping, check_br
 from tmerge.data.nifti import load_labels
 from tmerge.data.preprocess import voxel_spacing
 from tmerge.errors import ConfigError, DataError
-from tmerge.evaluate import score_label_maps, write_scores
+from tmerge.evaluate import MetricsConfig, format_summary, score_label_maps, write_scores
 
 log = logging.getLogger("tmerge")
 
@@ -44,6 +50,9 @@ class ScoreConfig:
     # The label values of both folders: "brats2018" (0/1/2/4, also BraTS 2021) or "brats2023"
     # (0/1/2/3, 3 = enhancing), as tmerge writes predictions for a dataset of that layout.
     convention: str = "brats2018"
+    # How the scores are computed: HD95 "pooled" (BraTS/medpy, default) or "directed" (MONAI);
+    # empty regions by the "brats2018" (default) or the "brats2023" rules.
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         if self.convention not in CONVENTIONS:
@@ -106,13 +115,19 @@ def run_score(cfg: ScoreConfig) -> Path:
                 f"{path}: shape {pred.shape} on another grid than its label map {truths[subject]} "
                 f"(shape {truth.shape}); expected the prediction in the label map's geometry"
             )
-        records.append(
-            {"subject": subject, **score_label_maps(pred, truth, "sigmoid", REGIONS, voxel_spacing(affine))}
-        )
+        scores = score_label_maps(pred, truth, "sigmoid", REGIONS, voxel_spacing(affine), cfg.metrics)
+        records.append({"subject": subject, **scores})
         if i % 25 == 0 or i == len(files):
             log.info("score: %d/%d subjects", i, len(files))
     out = Path(cfg.out).expanduser() if cfg.out else predictions
-    summary = write_scores(out / "scores.csv", out / "scores_summary.json", records, list(REGIONS))
-    dice = ", ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items())
-    log.info("score: %d subjects, Dice %s → %s", summary["n"], dice, out / "scores.csv")
+    summary = write_scores(
+        out / "scores.csv", out / "scores_summary.json", records, list(REGIONS), cfg.metrics.convention
+    )
+    log.info(
+        "score (HD95 %s, %s rules): %s → %s",
+        cfg.metrics.hd95,
+        cfg.metrics.convention,
+        format_summary(summary),
+        out / "scores.csv",
+    )
     return out / "scores.csv"

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from tmerge.data.brats import BraTSDataModule
+from tmerge.data.target import TargetDataModule
 from tmerge.io import write_json
 from tmerge.resume import is_rank_zero
 from tmerge.runner import fit
@@ -28,7 +28,7 @@ log = logging.getLogger("tmerge")
 def select_candidate(
     cfg: TargetStageConfig,
     init: Initialisation,
-    dm: BraTSDataModule,
+    dm: TargetDataModule,
     sources: list[Source],
     base: dict[str, torch.Tensor] | None,
     run_dir: Path,

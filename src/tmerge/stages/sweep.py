@@ -7,12 +7,12 @@ import dataclasses
 import json
 import logging
 
+from tmerge.evaluate import format_summary
 from tmerge.runs import TARGET_MARKER
 from tmerge.stages.configs import TargetStageConfig
-from tmerge.stages.results import format_summary
-from tmerge.stages.target import ALIASES, run_target
+from tmerge.stages.target import ALIASES, describe, run_target
 
-__all__ = ["ALIASES", "run_sweep"]  # ALIASES: the short keys of `tmerge sweep`, as of `tmerge target`
+__all__ = ["ALIASES", "describe", "run_sweep"]  # ALIASES: the short keys of `tmerge sweep`, as of `tmerge target`
 
 log = logging.getLogger("tmerge")
 

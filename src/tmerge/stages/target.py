@@ -1,4 +1,4 @@
-"""A BraTS target run: initialise the network by a registry entry, (adapt,) fine-tune and test.
+"""A target run (BraTS or any labelled dataset): initialise the network by a registry entry, (adapt,) fine-tune and test.
 
 The orchestration only; the initialisations are entries of :mod:`tmerge.stages.inits`, the
 grid choice is :mod:`tmerge.stages.selection`, T-IMM's adaption :mod:`tmerge.stages.adaption`,
@@ -18,15 +18,16 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
-from tmerge.callbacks import PredictionWriter
+from tmerge.callbacks import LearningCurve, PredictionWriter
 from tmerge.config import to_container
 from tmerge.dashboard import log_test_results
-from tmerge.data.brats import BraTSDataModule
+from tmerge.data.formats import match_channels
+from tmerge.data.target import BRATS_TARGET, TargetDataModule
 from tmerge.errors import ConfigError, RunError
-from tmerge.evaluate import label_names
+from tmerge.evaluate import format_summary, label_names
 from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
-from tmerge.nets import layer_groups, partition
+from tmerge.nets import input_names, layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.runner import check_trainer, fit
 from tmerge.runs import (
@@ -38,11 +39,12 @@ from tmerge.runs import (
     load_source,
     target_dir,
 )
+from tmerge.stages.adaption import warm_up
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.inits import INITS, Initialisation, check_base, initialise, load_base
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
-from tmerge.stages.results import format_summary, test_subjects, write_results
+from tmerge.stages.results import curve_score, test_subjects, write_results
 from tmerge.stages.selection import select_candidate
 from tmerge.transfer import map_input_channels
 
@@ -61,21 +63,57 @@ def run_config(cfg: TargetStageConfig, init: str | None = None, seed: int | None
     return dataclasses.replace(cfg, init=init, seed=seed, data=dataclasses.replace(cfg.data, draw_seed=draw))
 
 
+#: A source's input channels where its weights do not record them (runs made before they
+#: did): the parcellation sources' T1 and T2.
+LEGACY_SOURCE_CHANNELS = ("T1", "T2")
+
+
+def input_plan(
+    cfg: TargetStageConfig, channels: tuple[str, ...], source: Source
+) -> tuple[list[int] | None, str]:
+    """How the target's input layer starts from a source's: ``(channel map, what it does)``.
+
+    ``channel_map`` given: that map. Else, when every target channel is a contrast the source
+    saw (:func:`tmerge.data.formats.match_channels`: t1 ↔ T1w, t2 ↔ T2w, …), the map that
+    reuses those filters. Else ``None``: the input layer is re-initialised and trained with S.
+    """
+    seen = tuple(source.meta.get("channels") or LEGACY_SOURCE_CHANNELS)
+    if cfg.channel_map is not None:
+        return list(cfg.channel_map), f"channel_map={list(cfg.channel_map)} reuses {source.name}'s filters"
+    found = match_channels(channels, seen)
+    if found is not None:
+        pairs = ", ".join(f"{t}←{seen[i]}" for t, i in zip(channels, found, strict=True))
+        return found, f"channels match {source.name}'s ({pairs}): its input filters are reused"
+    return None, (
+        f"channels {', '.join(channels)} are not all among {source.name}'s ({', '.join(seen)}): the input "
+        "layer is re-initialised and trained with S (channel_map=[…] reuses the source's filters)"
+    )
+
+
 def load_sources(
     cfg: TargetStageConfig,
     names: list[str],
+    net: torch.nn.Module,
     fused: list[str],
     with_fisher: bool,
-    target: dict[str, torch.Tensor],
+    channels: tuple[str, ...],
 ) -> list[Source]:
     """The source runs ``names`` (:func:`tmerge.runs.load_source`: every check), of the target
-    network's architecture; with ``cfg.channel_map``, their input layer adapted to the ``target``
-    state dict's shapes.
+    network's architecture, their input layer adapted to the target's ``channels``
+    (:func:`input_plan`).
 
     Raises:
         RunError: a source is missing, unfinished, of another architecture or with a bad Fisher,
             or the sources solve tasks of different label counts.
+        ConfigError: ``channel_map`` does not name one source channel per target channel.
     """
+    if cfg.channel_map is not None and len(cfg.channel_map) != len(channels):
+        raise ConfigError(
+            f"channel_map: got {list(cfg.channel_map)} ({len(cfg.channel_map)} entries); expected one source "
+            f"channel per target channel, {len(channels)} ({', '.join(channels)})"
+        )
+    target = net.state_dict()
+    first = input_names(net, fused)
     # The whole network must agree between the sources and the target: its name and sizes.
     root, expected = runs_dir(cfg.runs_dir), cfg.net.architecture()
     sources = []
@@ -88,10 +126,14 @@ def load_sources(
             expected=expected,
             wandb_mode=wandb_mode(cfg.logger),
         )
-        if cfg.channel_map is not None:
-            s.state = map_input_channels(s.state, target, list(cfg.channel_map), rescale=True)
+        plan, said = input_plan(cfg, channels, s)
+        log.info("%s: input layer: %s", cfg.init, said)
+        if plan is not None:
+            s.state = map_input_channels(s.state, target, plan, rescale=True, names=first)
             if s.fisher is not None:
-                s.fisher = map_input_channels(s.fisher, target, list(cfg.channel_map), rescale=False)
+                s.fisher = map_input_channels(s.fisher, target, plan, rescale=False, names=first)
+        else:
+            s.reinit = frozenset(first)
         sources.append(s)
     outputs = {s.name: s.meta.get("n_classes") for s in sources}
     if len(sources) > 1 and len(set(outputs.values())) > 1:
@@ -104,29 +146,40 @@ def load_sources(
     return sources
 
 
+def describe(cfg: TargetStageConfig) -> dict[str, Any]:
+    """The target a config resolves to (``--show-config``): name, layout, channels, output mode,
+    classes and label values, read from the dataset (its description only)."""
+    return {"target": TargetDataModule(**dataclasses.asdict(cfg.data)).describe()}
+
+
 def run_target(cfg: TargetStageConfig) -> Path:
-    """Initialise by ``cfg.init``, (select, adapt,) fine-tune and test one BraTS run; return its
-    folder (``runs/brats/p<portion>/[seed<k>/]<init>``). A finished run is skipped."""
+    """Initialise by ``cfg.init``, (select, adapt,) fine-tune and test one target run; return its
+    folder (``runs/brats/p<portion>/[seed<k>/]<init>``; another target's under
+    ``runs/targets/<name>/``). A finished run is skipped."""
     if cfg.init not in INITS:
         raise ConfigError(f"init: expected one of {', '.join(INITS)}, got {cfg.init!r}")
     init = INITS[cfg.init]
     check_trainer(cfg.trainer)  # this machine runs the trainer settings (accelerator, devices, …)
     per_seed = cfg.seed_folder if cfg.seed_folder is not None else len(cfg.seeds) > 1
-    run_dir = target_dir(runs_dir(cfg.runs_dir), cfg.data.portion, cfg.init, cfg.seed if per_seed else None)
     cfg = run_config(cfg)
+    dm = TargetDataModule(**dataclasses.asdict(cfg.data))  # reads the dataset's description only
+    run_dir = target_dir(
+        runs_dir(cfg.runs_dir), cfg.data.portion, cfg.init, cfg.seed if per_seed else None, target=dm.name
+    )
+    dm.run_dir = str(run_dir)
     names = init.sources(cfg)
     if init.merges and len(names) < 2:
         raise ConfigError(f"sources: init={cfg.init} merges at least 2 source runs, got {names}")
     if init.models not in (None, len(names)):
         raise ConfigError(f"sources: init={cfg.init} merges exactly {init.models} source runs, got {names}")
     run_cfg = dataclasses.replace(cfg, inits=[cfg.init], seeds=[cfg.seed])
-    dm = BraTSDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))  # no I/O yet
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
     fused, _ = partition(net)
-    sources = load_sources(cfg, names, fused, with_fisher=init.fisher, target=net.state_dict())
+    sources = load_sources(cfg, names, net, fused, init.fisher, tuple(dm.modalities))
     base = None
     if init.base:
-        base = load_base(cfg, names, net.state_dict())
+        plan, _ = input_plan(cfg, tuple(dm.modalities), sources[0])
+        base = load_base(cfg, names, net.state_dict(), plan, input_names(net, fused))
         layers, _ = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
         check_base(cfg.merge.base or f"{names[0]}/{INIT_FILE}", base, sources, layers)
     dm.check_layout()
@@ -136,15 +189,17 @@ def run_target(cfg: TargetStageConfig) -> Path:
             return run_dir
         stages: dict[str, Any] = {
             "init": cfg.init,
+            "protocol": cfg.protocol,
             "sources": names,
             "specific": cfg.transfer.specific,
             "fisher_normalize": cfg.fisher.normalize if init.fisher else None,
         }
-        tags = [f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
+        tags = [dm.name, f"p{cfg.data.portion}", cfg.init, f"seed{cfg.seed}"]
         # One W&B run for the whole process, every stage under its own key prefix (what
         # `wandb agent`, which pins the process's run id, expects; see tmerge.loggers).
-        name = f"p{cfg.data.portion}-{cfg.init}"
-        with wandb_run(_logger_cfg(cfg, tags), runs_dir(cfg.runs_dir), name, to_container(run_cfg)) as run:
+        name = f"p{cfg.data.portion}-{cfg.init}" if dm.name == BRATS_TARGET else f"{dm.name}-p{cfg.data.portion}-{cfg.init}"
+        logger_cfg = _logger_cfg(cfg, tags, dm.name)
+        with wandb_run(logger_cfg, runs_dir(cfg.runs_dir), name, to_container(run_cfg)) as run:
             _run_stages(cfg, init, dm, sources, base, run_dir, run, stages)
         return run_dir
 
@@ -152,7 +207,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
 def _run_stages(
     cfg: TargetStageConfig,
     init: Initialisation,
-    dm: BraTSDataModule,
+    dm: TargetDataModule,
     sources: list[Source],
     base: dict[str, torch.Tensor] | None,
     run_dir: Path,
@@ -171,23 +226,32 @@ def _run_stages(
         net = cfg.net.build(dm.in_channels, dm.n_outputs)
     start = initialise(cfg, init, net, sources, base, params)
     net = start.net
+    fixed = cfg.protocol == "fixed"
     if init.adapt is not None:
         net, stages["adaption"] = init.adapt(cfg, dm, net, sources, start, run_dir, run)
+    elif fixed and cfg.fixed.warmup_epochs:  # the same steps for every init before fine-tuning
+        net, stages["warmup"] = warm_up(cfg, dm, net, run_dir, run)
 
-    module = segmentation_module(net, dm, cfg, cfg.data.patch_size)
+    module = segmentation_module(
+        net, dm, cfg, cfg.data.patch_size, optim=cfg.stage_optim(), metrics=cfg.metrics
+    )
     loggers = stage_loggers(run_dir, run, "finetune")
     # Label maps in original geometry: the test subjects', and (portion 100, paper §4.4) the
     # unlabelled validation set's under the BraTS submission naming <Brats18_ID>.nii.gz.
     predictions = run_dir / PREDICTIONS_DIR
     writer = PredictionWriter(test_dir=predictions, predict_dir=predictions / VALIDATION_DIR)
+    extra: list[Any] = [writer]
+    if fixed and cfg.fixed.curve:
+        extra.append(LearningCurve(curve_score(dm), run_dir))
     trainer, result = fit(
         module,
         dm,
         run_dir=run_dir,
         trainer_cfg=cfg.trainer,
         loggers=loggers,
-        callbacks=[writer],
+        callbacks=extra,
         name=f"p{cfg.data.portion}/{cfg.init} fine-tune",
+        **({"max_epochs": cfg.fixed.epochs, "select": "last"} if fixed else {}),
     )
     stages["finetune"] = result.as_dict()
     tested = test_subjects(trainer, module, dm, result.best_path)
@@ -195,7 +259,7 @@ def _run_stages(
         log.info("predicting %d unlabelled subjects into %s", len(dm.subjects["predict"]), writer.predict_dir)
         ckpt = result.best_path or None
         trainer.predict(module, datamodule=dm, ckpt_path=ckpt, return_predictions=False, weights_only=True)
-    names = label_names(dm.output_mode, dm.class_names)
+    names = label_names(dm.scheme)
     log_test_results(
         loggers, tested.records, dm.class_names, tested.previews, names, step=trainer.global_step
     )
@@ -204,10 +268,11 @@ def _run_stages(
         log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
 
 
-def _logger_cfg(cfg: TargetStageConfig, tags: list[str]) -> LoggerConfig:
+def _logger_cfg(cfg: TargetStageConfig, tags: list[str], target: str = BRATS_TARGET) -> LoggerConfig:
+    """W&B runs of one target and portion share a group (``brats-p4``, ``<target>-p100``)."""
     wandb = dataclasses.replace(
         cfg.logger.wandb,
-        group=cfg.logger.wandb.group or f"brats-p{cfg.data.portion}",
+        group=cfg.logger.wandb.group or f"{target}-p{cfg.data.portion}",
         tags=[*cfg.logger.wandb.tags, *tags],
     )
     return LoggerConfig(wandb=wandb)
