@@ -46,6 +46,8 @@ REPORT_MD = "report.md"
 TABLE2_MD = "table2.md"
 TABLE2_CSV = "table2.csv"
 TABLE3_MD = "table3.md"
+CURVES_MD = "curves.md"
+FIG_CURVES = "fig_curves.png"
 ENDPOINTS_MD = "endpoints.md"
 ENDPOINTS_CSV = "endpoints.csv"
 STATS_MD = "stats.md"
@@ -123,6 +125,7 @@ def _report_target(
     """One target's report into ``out``: Tables 2 and 3, the statistics and the figures; the
     main (BraTS) one also Table 4, the examples and links to the ``others``' reports."""
     from tmerge.report import figures
+    from tmerge.report.curves import curves_markdown, plot_curves
     from tmerge.report.document import report_markdown
     from tmerge.report.endpoints import endpoints_csv, endpoints_markdown
     from tmerge.report.examples import parcellation_rows, tumour_rows
@@ -158,6 +161,8 @@ def _report_target(
     write_text(out / ENDPOINTS_MD, endpoints_markdown(index, rows, inits))
     write_text(out / ENDPOINTS_CSV, endpoints_csv(index, rows, inits))
     write_text(out / TABLE3_MD, table3_markdown(index, rows, inits, cfg.reference))
+    write_text(out / CURVES_MD, curves_markdown(index, rows, inits))  # fixed protocol: start, area, end
+    plot_curves(index, rows, inits, out / FIG_CURVES)
     if main:
         write_text(out / FORGETTING_MD, table4_markdown(index.forgetting))
 

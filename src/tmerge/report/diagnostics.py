@@ -260,3 +260,22 @@ def distance_summary(run: SourceRun) -> DistanceSummary | None:
         rel_distance=values["rel_distance"],  # type: ignore[arg-type]
         cosine=values["cosine"],  # type: ignore[arg-type]
     )
+
+
+def per_source_alphas(alphas: Mapping[str, Any]) -> dict[str, tuple[float, float]] | None:
+    """Per source: ``(mean α over the layers, share of layers where its α is the largest)``, from
+    an α file's ``sources`` and ``alphas`` (layer → one α per source); None where the file does
+    not have that form. The reading of the negative control (``sources=[…, noise]``): a source
+    that knows nothing should get a small mean and few layers."""
+    names, table = alphas.get("sources"), alphas.get("alphas")
+    if not isinstance(names, list) or not isinstance(table, Mapping) or not table:
+        return None
+    rows = [list(v) for v in table.values()]
+    if any(len(r) != len(names) for r in rows):
+        return None
+    out = {}
+    for t, name in enumerate(names):
+        mean = statistics.fmean(float(r[t]) for r in rows)
+        top = sum(1 for r in rows if max(range(len(r)), key=lambda k: r[k]) == t) / len(rows)
+        out[str(name)] = (mean, top)
+    return out

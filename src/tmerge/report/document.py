@@ -13,19 +13,27 @@ from typing import Any
 
 from tmerge.errors import RunError
 from tmerge.report import (
+    CURVES_MD,
     ENDPOINTS_CSV,
     ENDPOINTS_MD,
     FIG3_EXAMPLES,
     FIG4_PAIRED,
     FIG5_ALPHAS,
     FIG5_TRAJECTORY,
+    FIG_CURVES,
     STATS_CSV,
     STATS_MD,
     TABLE2_CSV,
     TABLE2_MD,
     TABLE3_MD,
 )
-from tmerge.report.diagnostics import ALPHA_INITS, alpha_runs, distance_summary, summarise_alphas
+from tmerge.report.diagnostics import (
+    ALPHA_INITS,
+    alpha_runs,
+    distance_summary,
+    per_source_alphas,
+    summarise_alphas,
+)
 from tmerge.report.runs import SINGLE, RunIndex, TargetRun, config_value, init_sort_key, ordered_inits
 from tmerge.report.tables import MISSING, Row, md_table
 from tmerge.runs import (
@@ -183,6 +191,20 @@ def mixing_section(index: RunIndex) -> str:
             [_alpha_line(r, index.root) for r in runs],
         )
     )
+    per_source = [(r, per_source_alphas(r.alphas)) for r in runs if isinstance(r.alphas, dict)]
+    lines = [
+        [str(r.portion), "—" if r.seed is None else str(r.seed), r.init, name, f"{mean:.3f}", f"{top:.0%}"]
+        for r, found in per_source
+        if found
+        for name, (mean, top) in found.items()
+    ]
+    if lines:
+        parts.append(
+            "Per source: the mean α over the merged layers and the share of layers where the source "
+            "has the largest α. In the negative control (`sources=[task1,task2,noise]`, "
+            "`tmerge noise-source`) the noise source should have the smallest of both.\n"
+        )
+        parts.append(md_table(["portion", "seed", "init", "source", "mean α", "largest in"], lines))
     return "\n".join(parts)
 
 
@@ -265,6 +287,8 @@ def report_markdown(
         "subjects, a class some subjects lack over those that have it, and the share of those "
         f"without it predicted empty ([CSV]({ENDPOINTS_CSV}))\n"
         f"- [Table 3]({TABLE3_MD}) — epochs and validation scores of the adaption and fine-tune stages\n"
+        f"- [Learning curves]({CURVES_MD}) ([figure]({FIG_CURVES})) — fixed-protocol runs: test Dice after "
+        "fine-tune epochs 1, 2, 4, … and the last; start, area under the curve and end per init\n"
         f"- [Table 4]({FORGETTING_MD}) — forgetting of the source tasks\n"
         f"- [Paired statistics]({STATS_MD}) — T-IMM − other: across seeds (hierarchical bootstrap CI, "
         "training variance included) and per subject (bootstrap CI, Wilcoxon p; training variance "
