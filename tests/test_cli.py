@@ -85,6 +85,8 @@ def test_bad_config_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
         (["timm", "adaption.delta_lr=-1"], "adaption.delta_lr: got -1.0; expected a positive number"),
         (["timm", "adaption.max_epochs=0"], "adaption.max_epochs: got 0; expected an integer >= 1"),
         (["timm", "adaption.patience=0"], "adaption.patience: got 0; expected an integer >= 1"),
+        (["timm", "protocol=fixed", "fixed.epochs=0"], "fixed.epochs: got 0; expected an integer >= 1"),
+        (["timm", "fixed.warmup_epochs=-1"], "fixed.warmup_epochs: got -1; expected an integer >= 0"),
         # What MONAI's sliding window would refuse only at the first validation.
         (["task1", "loss.sw_overlap=1"], "loss.sw_overlap: got 1.0; expected a number >= 0 and < 1"),
         (["task1", "loss.sw_roi=20"], "loss.sw_roi: got 20; expected 0 (the training patch) or a multiple of 16"),
