@@ -59,6 +59,87 @@ def test_bad_config_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+# ---- the catalogue of bad settings (issue 24): refused when composed, nothing written ------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Trainer settings that crashed inside Lightning as "internal error" (exit 1).
+        (["task1", "trainer.devices=abc"], "trainer.devices: got 'abc'; expected a device count >= 1"),
+        (["task1", "trainer.precision=fp8"], "trainer.precision: got 'fp8'; expected one of auto, "),
+        (["task1", "trainer.strategy=magic"], "trainer.strategy: got 'magic'; expected 'auto' or a Lightning"),
+        (["task1", "trainer.accelerator=fpga"], "trainer.accelerator: got 'fpga'; expected one of auto, cpu"),
+        # Budgets that ran to the end as if they were results.
+        (["timm", "trainer.max_epochs=0"], "trainer.max_epochs: got 0; expected an integer >= 1"),
+        (["task1", "epochs=0"], "trainer.max_epochs: got 0; expected an integer >= 1"),
+        (["task1", "trainer.limit_train_batches=0"], "trainer.limit_train_batches: got 0.0; expected a fraction"),
+        (["task1", "trainer.patience=-1"], "trainer.patience: got -1; expected an integer >= 0"),
+        (["task1", "optim.lr=-1"], "optim.lr: got -1.0; expected a positive number"),
+        (["timm", "optim.lr=0"], "optim.lr: got 0.0; expected a positive number"),
+        (["task1", "optim.weight_decay=-0.1"], "optim.weight_decay: got -0.1; expected a finite number >= 0"),
+        (["task1", "optim.plateau_factor=2"], "optim.plateau_factor: got 2.0; expected a number > 0 and < 1"),
+        (["task1", "optim.plateau_patience=-1"], "optim.plateau_patience: got -1; expected an integer >= 0"),
+        (["task1", "optim.min_lr=-1"], "optim.min_lr: got -1.0; expected a finite number >= 0"),
+        (["timm", "adaption.lr=-1"], "adaption.lr: got -1.0; expected a positive number"),
+        (["timm", "adaption.delta_lr=-1"], "adaption.delta_lr: got -1.0; expected a positive number"),
+        (["timm", "adaption.max_epochs=0"], "adaption.max_epochs: got 0; expected an integer >= 1"),
+        (["timm", "adaption.patience=0"], "adaption.patience: got 0; expected an integer >= 1"),
+        (["timm", "protocol=fixed", "fixed.epochs=0"], "fixed.epochs: got 0; expected an integer >= 1"),
+        (["timm", "fixed.warmup_epochs=-1"], "fixed.warmup_epochs: got -1; expected an integer >= 0"),
+        # What MONAI's sliding window would refuse only at the first validation.
+        (["task1", "loss.sw_overlap=1"], "loss.sw_overlap: got 1.0; expected a number >= 0 and < 1"),
+        (["task1", "loss.sw_roi=20"], "loss.sw_roi: got 20; expected 0 (the training patch) or a multiple of 16"),
+        (["task1", "loss.sw_batch_size=0"], "loss.sw_batch_size: got 0; expected an integer >= 1"),
+        # Cases that were already refused (the issue's catalogue).
+        (["timm", "portion=abc"], "config key data.portion (command line): Value 'abc'"),
+        (["timm", "portion=0"], "portion: got 0; expected a percentage between 1 and 100"),
+        (["timm", "portion=8.5"], "config key data.portion (command line): Value '8.5'"),
+        (["sweep", "seeds=foo"], "config key seeds (command line)"),
+        (["target", "init=magic"], "init: expected one of"),
+        (["timm", "data.patch_size=50"], "patch_size: got 50; expected a multiple of 16"),
+        (["task1", "trainer.max_epoch=3"], "config key trainer.max_epoch (command line)"),
+        (["task1", "max_epochs"], "'max_epochs': overrides are key=value pairs"),
+    ],
+)
+def test_bad_setting_is_one_line_exit_2_and_writes_nothing(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("TMERGE_DEBUG", raising=False)
+    monkeypatch.setenv("TMERGE_DATA", str(tmp_path / "data"))
+    runs = tmp_path / "runs"
+    assert main([*args, f"runs_dir={runs}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"tmerge {args[0]}: error: ") and message in err
+    assert not runs.exists() and not (tmp_path / "data").exists()  # no run folder, lock or cache
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["trainer.accelerator=gpu"], "trainer.accelerator: got 'gpu' but no CUDA/MPS device was found on this "
+         "machine; expected cpu or auto"),
+        (["trainer.accelerator=cpu", "trainer.devices=[0]"], "trainer.devices: got [0] but Lightning refuses it"),
+        (["trainer.accelerator=cpu", "trainer.strategy=fsdp"], "trainer.strategy: got 'fsdp' but Lightning refuses"),
+    ],
+)
+@pytest.mark.parametrize("command", ["task1", "timm"])
+def test_trainer_settings_this_machine_cannot_run_are_refused_before_anything_is_written(
+    command, args, message, capsys, tmp_path, monkeypatch
+):
+    """Composed fine (``--show-config`` of a GPU job works on a login node), refused when the
+    stage starts on a machine without what they need, naming the key."""
+    monkeypatch.delenv("TMERGE_DEBUG", raising=False)
+    monkeypatch.setenv("TMERGE_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr("tmerge.runner.available_accelerators", lambda: ["cpu"])  # as a CPU-only machine
+    runs = tmp_path / "runs"
+    assert main([command, *args, f"runs_dir={runs}", "--show-config"]) == 0
+    capsys.readouterr()
+    assert main([command, *args, f"runs_dir={runs}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"tmerge {command}: error: {message}")
+    assert not runs.exists() and not (tmp_path / "data").exists()
+
+
 def test_console_script_exit_status(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tmerge.cli", "task1", "no.such.key=1"],

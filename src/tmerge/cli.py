@@ -254,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The message names the file or key at fault; the traceback only helps to debug tmerge.
         if debug_requested(args.debug):
             traceback.print_exc(file=sys.stderr)
-        print(f"tmerge {args.command}: error: {exc}", file=sys.stderr)
+        # One line, whatever a library's text embedded in the message holds.
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"tmerge {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"tmerge {args.command}: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ This module only composes, validates and saves them:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,28 @@ def experiment_file(stage: str, profile: str = "default") -> Path | None:
     folder = experiments_dir() if profile == "default" else experiments_dir() / profile
     path = folder / f"{stage}.yaml"
     return path if path.is_file() else None
+
+
+def check_count(key: str, value: int, least: int) -> None:
+    """Refuse an integer setting below ``least``, naming ``key`` and the value."""
+    if not value >= least:
+        raise ConfigError(f"{key}: got {value!r}; expected an integer >= {least}")
+
+
+def check_number(
+    key: str, value: float, *, least: float = 0.0, strict: bool = True, below: float | None = None
+) -> None:
+    """Refuse a real setting that is not finite, not above ``least`` (``strict``; else not at
+    least ``least``), or not below ``below``, naming ``key``, the value and the allowed range."""
+    low = value > least if strict else value >= least
+    if math.isfinite(value) and low and (below is None or value < below):
+        return
+    bound = f"> {least:g}" if strict else f">= {least:g}"
+    if below is not None:
+        expected = f"a number {bound} and < {below:g}"
+    else:
+        expected = "a positive number" if strict and least == 0 else f"a finite number {bound}"
+    raise ConfigError(f"{key}: got {value!r}; expected {expected}")
 
 
 def _describe(exc: OmegaConfBaseException) -> str:

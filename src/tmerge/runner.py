@@ -9,6 +9,7 @@ in :mod:`tmerge.callbacks`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from tmerge.callbacks import BestMetrics, EpochSummary, RngState, SaveOnSigterm, StopIfStopped
+from tmerge.config import check_count
 from tmerge.errors import ConfigError, Interrupted
 from tmerge.io import read_json, write_json
 from tmerge.resume import checkpoint_progress, resume_point
@@ -60,6 +62,128 @@ class TrainerConfig:
     deterministic: bool = False  # True: deterministic algorithms (slower on GPU)
     # False: one summary line per epoch (readable in logs and under make); True: tqdm bars.
     progress_bar: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse values Lightning would reject (or run as nonsense) before a run folder exists.
+
+        What this machine offers (an accelerator, a device count, a strategy's requirements) is
+        checked when a stage starts (:func:`check_trainer`), not here: ``--show-config`` of a GPU
+        job composes on a login node, and ``tmerge predict`` reads a GPU run's config on a CPU."""
+        accelerators = accelerator_names()
+        if self.accelerator not in accelerators:
+            raise ConfigError(
+                f"trainer.accelerator: got {self.accelerator!r}; expected one of {', '.join(accelerators)}"
+            )
+        check_devices(self.devices)
+        check_count("trainer.num_nodes", self.num_nodes, 1)
+        strategies = strategy_names()
+        if str(self.strategy).lower() not in strategies:
+            raise ConfigError(
+                f"trainer.strategy: got {self.strategy!r}; expected 'auto' or a Lightning strategy name, "
+                "such as ddp, ddp_spawn, fsdp or deepspeed (all: lightning.pytorch.strategies.StrategyRegistry)"
+            )
+        check_precision(self.precision, "trainer.precision")
+        check_compile(self.compile, "trainer.compile")
+        check_count("trainer.max_epochs", self.max_epochs, 1)  # every stage with a trainer trains
+        check_count("trainer.min_epochs", self.min_epochs, 0)
+        if self.min_epochs > self.max_epochs:
+            raise ConfigError(
+                f"trainer.min_epochs: got {self.min_epochs}, more than trainer.max_epochs={self.max_epochs}; "
+                "expected 0 <= min_epochs <= max_epochs"
+            )
+        check_count("trainer.patience", self.patience, 0)
+        check_batches("trainer.limit_train_batches", self.limit_train_batches, allow_zero=False)
+        # 0 is Lightning's way to skip validation (the last checkpoint is then the result).
+        check_batches("trainer.limit_val_batches", self.limit_val_batches, allow_zero=True)
+        check_count("trainer.check_val_every_n_epoch", self.check_val_every_n_epoch, 1)
+        check_count("trainer.log_every_n_steps", self.log_every_n_steps, 1)
+
+
+def accelerator_names() -> list[str]:
+    """The ``accelerator`` values Lightning knows: ``auto``, ``gpu`` and its registry's names."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    return ["auto", "cpu", "gpu", *sorted(set(AcceleratorRegistry.available_accelerators()) - {"cpu"})]
+
+
+def strategy_names() -> set[str]:
+    """The ``strategy`` names Lightning accepts: ``auto`` and its registry's."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return {"auto", *StrategyRegistry.available_strategies()}
+
+
+def precision_names() -> list[str]:
+    """The ``precision`` values Lightning accepts (as strings), and the project's ``auto``."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    def flat(hint: Any) -> list[Any]:
+        args = typing.get_args(hint)
+        return [v for a in args for v in flat(a)] if args else [hint]
+
+    names = ["auto"]
+    for value in flat(_PRECISION_INPUT):
+        if str(value) not in names:
+            names.append(str(value))
+    return sorted(names, key=lambda n: n != "auto" and "-" not in n)  # full names before aliases
+
+
+def check_precision(value: Any, key: str) -> None:
+    """Refuse a precision Lightning does not accept, naming ``key``."""
+    names = precision_names()
+    if str(value) not in names:
+        raise ConfigError(f"{key}: got {value!r}; expected one of {', '.join(names)}")
+
+
+def check_compile(value: Any, key: str) -> None:
+    """Refuse a compile switch other than auto/true/false (any case; a bool as it is)."""
+    if not isinstance(value, bool) and str(value).strip().lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"{key}: got {value!r}; expected 'auto', 'true' or 'false'")
+
+
+def check_devices(value: Any) -> None:
+    """Refuse a ``trainer.devices`` that is no device count, id list or ``auto``.
+
+    Allowed: ``auto``; an int >= 1 or -1 (every device), also as a string; a non-empty list of
+    distinct device ids >= 0, also as a comma-separated string (``"0,1"``). Whether this machine
+    has them is :func:`check_trainer`'s question.
+    """
+    ok = False
+    if isinstance(value, bool):
+        ok = False
+    elif isinstance(value, int):
+        ok = value >= 1 or value == -1
+    elif isinstance(value, str):
+        text = value.strip()
+        parts = [p.strip() for p in text.split(",")]
+        if text == "auto" or text == "-1":
+            ok = True
+        elif "," in text:
+            ok = all(p.isdigit() for p in parts) and len(set(map(int, parts))) == len(parts)
+        else:
+            ok = text.isdigit() and int(text) >= 1
+    elif isinstance(value, (list, tuple)):
+        ok = (
+            len(value) > 0
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            and len(set(value)) == len(value)
+        )
+    if not ok:
+        raise ConfigError(
+            f"trainer.devices: got {value!r}; expected a device count >= 1, -1 (every device), "
+            "a list of distinct device ids such as [0, 1], or 'auto'"
+        )
+
+
+def check_batches(key: str, value: float, *, allow_zero: bool) -> None:
+    """Refuse a ``limit_*_batches`` that is neither a fraction (<= 1) nor a whole batch count."""
+    fraction = (value >= 0 if allow_zero else value > 0) and value <= 1
+    count = value > 1 and math.isfinite(value) and float(value).is_integer()
+    if not (fraction or count):
+        low = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(f"{key}: got {value!r}; expected a fraction in {low} or a whole batch count > 1")
 
 
 def quiet_lightning() -> None:
@@ -111,6 +235,98 @@ def resolve_compile(compile: str | bool, accelerator: str) -> bool:
     if value in ("true", "false"):
         return value == "true"
     raise ConfigError(f"trainer.compile: expected 'auto', 'true' or 'false', got {compile!r}")
+
+
+#: What Lightning raises when its own argument checks refuse a Trainer setting.
+_REFUSALS = (MisconfigurationException, ValueError, TypeError, ImportError)
+#: The Trainer arguments taken from the user's settings that Lightning checks against this
+#: machine, in the order their culprit is looked for, with values it accepts anywhere.
+_NEUTRAL = {"strategy": "auto", "devices": 1, "precision": "32-true", "num_nodes": 1, "accelerator": "auto"}
+
+
+def available_accelerators() -> list[str]:
+    """The ``accelerator`` names this machine can run: ``cpu``, ``gpu`` with a CUDA or MPS
+    device, and each of Lightning's accelerators that says it is available."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    found = ["cpu"]
+    for name in sorted(set(AcceleratorRegistry.available_accelerators()) - {"cpu"}):
+        try:
+            available = AcceleratorRegistry[name]["accelerator"].is_available()
+        except Exception:  # noqa: BLE001 - e.g. an XLA build that cannot start: not available
+            available = False
+        if available:
+            found.append(name)
+    if "cuda" in found or "mps" in found:
+        found.insert(1, "gpu")
+    return found
+
+
+def _machine_args(cfg: TrainerConfig) -> dict[str, Any]:
+    return {
+        "accelerator": cfg.accelerator,
+        "devices": cfg.devices,
+        "num_nodes": cfg.num_nodes,
+        "strategy": cfg.strategy,
+        "precision": resolve_precision(cfg.precision, cfg.accelerator),
+    }
+
+
+def _build_check(args: dict[str, Any]) -> Exception | None:
+    """What Lightning refuses in a Trainer of ``args`` alone (nothing of tmerge's), or None."""
+    try:
+        L.Trainer(
+            **args,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    except _REFUSALS as exc:
+        return exc
+    return None
+
+
+def check_trainer(cfg: TrainerConfig) -> None:
+    """Whether this machine can run the trainer settings ``cfg``; call it before a stage
+    creates anything.
+
+    The accelerator must be present here; then Lightning's own checks of the accelerator,
+    devices, strategy, precision and node count run on a Trainer built from those settings
+    alone (a device id this machine lacks, a strategy that needs a GPU or a missing package,
+    a precision the accelerator cannot run).
+
+    Raises:
+        ConfigError: naming the trainer key at fault (the one whose neutral value Lightning
+            accepts), the value received and Lightning's reason.
+    """
+    found = available_accelerators()
+    if cfg.accelerator != "auto" and cfg.accelerator not in found:
+        kinds = {"gpu": "CUDA/MPS", "cuda": "CUDA", "mps": "MPS", "tpu": "TPU (XLA)"}
+        kind = kinds.get(cfg.accelerator, "such")
+        options = [*found, "auto"]
+        raise ConfigError(
+            f"trainer.accelerator: got {cfg.accelerator!r} but no {kind} device was found on this machine; "
+            f"expected {', '.join(options[:-1])} or {options[-1]}"
+        )
+    quiet_lightning()
+    args = _machine_args(cfg)
+    refused = _build_check(args)
+    if refused is None:
+        return
+    reason = " ".join(str(refused).split()) or type(refused).__name__
+    for key, neutral in _NEUTRAL.items():
+        if args[key] != neutral and _build_check({**args, key: neutral}) is None:
+            value = repr(getattr(cfg, key))
+            if key == "precision" and args[key] != cfg.precision:
+                value += f" (here {args[key]})"
+            raise ConfigError(
+                f"trainer.{key}: got {value} but Lightning refuses it on this machine: {reason}"
+            )
+    given = ", ".join(f"{key}={getattr(cfg, key)!r}" for key in reversed(_NEUTRAL))
+    raise ConfigError(
+        f"trainer ({given}): Lightning refuses these settings together on this machine: {reason}"
+    )
 
 
 def fit(
@@ -167,26 +383,28 @@ def fit(
     sigterm = SaveOnSigterm(run_dir)
     quiet_lightning()
     progress: list[Callback] = [] if trainer_cfg.progress_bar else [EpochSummary(label, monitor, mode)]
-    trainer = L.Trainer(
-        default_root_dir=str(run_dir),
-        accelerator=trainer_cfg.accelerator,
-        devices=trainer_cfg.devices,
-        num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
-        precision=resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator),
-        max_epochs=max_epochs or trainer_cfg.max_epochs,
-        min_epochs=trainer_cfg.min_epochs,
-        limit_train_batches=_count_or_fraction(trainer_cfg.limit_train_batches),
-        limit_val_batches=0 if fixed else _count_or_fraction(trainer_cfg.limit_val_batches),
-        num_sanity_val_steps=0 if fixed else None,
-        check_val_every_n_epoch=trainer_cfg.check_val_every_n_epoch,
-        log_every_n_steps=trainer_cfg.log_every_n_steps,
-        deterministic=trainer_cfg.deterministic,
-        enable_progress_bar=trainer_cfg.progress_bar,
-        enable_model_summary=False,
-        logger=list(loggers) or False,
-        callbacks=[best, checkpoint, *stoppers, RngState(), sigterm, *progress, *callbacks],
-    )
+    try:
+        trainer = L.Trainer(
+            default_root_dir=str(run_dir),
+            **_machine_args(trainer_cfg),
+            max_epochs=max_epochs or trainer_cfg.max_epochs,
+            min_epochs=trainer_cfg.min_epochs,
+            limit_train_batches=_count_or_fraction(trainer_cfg.limit_train_batches),
+            limit_val_batches=0 if fixed else _count_or_fraction(trainer_cfg.limit_val_batches),
+            num_sanity_val_steps=0 if fixed else None,
+            check_val_every_n_epoch=trainer_cfg.check_val_every_n_epoch,
+            log_every_n_steps=trainer_cfg.log_every_n_steps,
+            deterministic=trainer_cfg.deterministic,
+            enable_progress_bar=trainer_cfg.progress_bar,
+            enable_model_summary=False,
+            logger=list(loggers) or False,
+            callbacks=[best, checkpoint, *stoppers, RngState(), sigterm, *progress, *callbacks],
+        )
+    except _REFUSALS:
+        # Lightning's own argument checks: the user's settings alone give a ConfigError naming
+        # the key; if they pass, tmerge's own arguments are at fault and the traceback stays.
+        check_trainer(trainer_cfg)
+        raise
     done = run_dir / FIT_FILE
     if done.is_file():
         log.info("%s: already trained (%s); continuing after training", label, done)

@@ -180,3 +180,66 @@ def test_nifti_readers_name_the_file(tmp_path: Path) -> None:
         find_modality(tmp_path, "T1w")
     with pytest.raises(DataError, match="subject s: b.nii has shape"):
         check_same_geometry({"a.nii": ((2, 2, 2), np.eye(4)), "b.nii": ((2, 2, 3), np.eye(4))}, "s")
+
+
+# ---- blank modalities (issue 24) ------------------------------------------------------------------
+
+
+def _brain_of(root: Path) -> np.ndarray:
+    """SUBJECT's brain mask: the voxels where any modality is non-zero."""
+    return np.any([np.asarray(nib.load(_file(root, m)).dataobj) != 0 for m in ("t1", "t1ce", "t2", "flair")], axis=0)
+
+
+@pytest.mark.parametrize(("fill", "detail"), [(0.0, "(all zero)"), (7.0, "(constant 7 within the brain mask")])
+def test_blank_modality_is_refused_naming_the_file(brats: Path, tmp_path: Path, fill: float, detail: str) -> None:
+    """A modality with no signal (zero-filled, or one value on the whole brain) is almost always
+    a conversion error: the subject is refused, its file named, and nothing is cached for it."""
+    brain = _brain_of(brats)
+    _rewrite(_file(brats, "t1"), lambda d, a: (np.where(brain, fill, 0).astype(np.float32), a))
+    message = _prepare(brats, tmp_path)
+    assert message.startswith(f"{_file(brats, 't1')} (subject {SUBJECT}): this modality is blank {detail}")
+    assert "set data.allow_blank_modality=true to accept it" in message and "zero-fills" in message
+    assert not list((tmp_path / "cache").rglob(f"{SUBJECT}.npz"))
+
+
+def test_blank_modality_is_accepted_with_the_option(brats: Path, tmp_path: Path) -> None:
+    """``allow_blank_modality=true`` (datasets that zero-fill missing sequences): the subject is
+    preprocessed, the blank channel carries no signal, and it is cached apart from the default
+    settings' caches, whose key does not change."""
+    from tmerge.data.preprocess import PreprocessSettings, cache_file
+
+    _rewrite(_file(brats, "t1"), lambda d, a: (np.zeros_like(d, dtype=np.float32), a))
+    dm = _module(brats, tmp_path, allow_blank_modality=True)
+    dm.prepare_data()
+    settings = dm.preprocess_settings()
+    assert settings.allow_blank_modality
+    path = cache_file(tmp_path / "cache", settings, "brats", str(dm.root), SUBJECT)
+    default = cache_file(tmp_path / "cache", PreprocessSettings(min_size=16), "brats", str(dm.root), SUBJECT)
+    assert path.is_file() and path.parent != default.parent and not default.exists()
+    with np.load(path) as npz:
+        image = npz["image"]
+    brain = np.any(image != 0, axis=0)
+    t1 = image[0][brain]
+    assert t1.min() == t1.max()  # one value on the whole brain: no signal, but finite
+    assert _module(brats, tmp_path).preprocess_settings() == PreprocessSettings(min_size=16)
+
+
+def test_all_zero_subject_is_named_as_such(brats: Path, tmp_path: Path) -> None:
+    for m in ("t1", "t1ce", "t2", "flair"):
+        _rewrite(_file(brats, m), lambda d, a: (np.zeros_like(d, dtype=np.float32), a))
+    message = _prepare(brats, tmp_path)
+    assert f"subject {SUBJECT}: " in message and "are all zero; expected skull-stripped brain images" in message
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_zero_byte_and_truncated_files_name_the_file(brats: Path, tmp_path: Path, suffix: str) -> None:
+    gz = _file(brats, "t2")
+    path = gz.with_name(gz.name.replace(".nii.gz", suffix))
+    if suffix == ".nii":  # an uncompressed file in its place, truncated
+        data = gz.read_bytes()
+        gz.unlink()
+        path.write_bytes(gzip.decompress(data)[:400])
+    else:
+        path.write_bytes(b"")
+    message = _prepare(brats, tmp_path)
+    assert str(path) in message and "not a readable NIfTI" in message

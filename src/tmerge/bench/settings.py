@@ -11,7 +11,7 @@ from lightning.fabric.plugins import Precision
 
 from tmerge.errors import ConfigError
 from tmerge.nets.config import NetConfig
-from tmerge.runner import resolve_compile, resolve_precision
+from tmerge.runner import check_compile, check_precision, resolve_compile, resolve_precision
 
 SECTIONS = ("step", "lightning", "data", "fisher", "adaption")
 FISHER_METHODS = ("loop", "vmap", "compile")
@@ -48,6 +48,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check_precision(self.precision, "precision")  # as trainer.precision is, when composed
+        check_compile(self.compile, "compile")
         multiple = 2 ** (self.net.depth - 1)
         if self.patch_size is not None and (self.patch_size < multiple or self.patch_size % multiple):
             raise ConfigError(

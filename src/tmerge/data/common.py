@@ -87,6 +87,10 @@ class DataConfig:
     spacing: list[float] | None = None
     # Axis codes every case is reoriented to first, e.g. RAS. None: as the files store it.
     orientation: str | None = None
+    # A modality that is all zero or constant within the brain (voxels where any modality is
+    # non-zero) is refused, naming its file: it is almost always a conversion error. true: accept
+    # it, for datasets that zero-fill missing sequences.
+    allow_blank_modality: bool = False
 
     def __post_init__(self) -> None:
         if self.patch_size < 16 or self.patch_size % 16:
@@ -425,6 +429,7 @@ class SegmentationDataModule(L.LightningDataModule):
             spacing=None if c.spacing is None else tuple(float(v) for v in c.spacing),  # type: ignore[arg-type]
             orientation=None if c.orientation is None else str(c.orientation).upper(),
             labels=labels,
+            allow_blank_modality=bool(c.allow_blank_modality),
         )
 
     def subject_meta(self, meta: dict[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,8 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except _READ_ERRORS as exc:
-        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())  # nibabel's own text may span lines
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {reason})") from None
     # Some tools write 3-D volumes as (X, Y, Z, 1); that is still one 3-D volume.
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

@@ -67,6 +67,8 @@ class PreprocessSettings:
         orientation: Axis codes every case is reoriented to (e.g. ``"RAS"``); ``None``: none.
         labels: The dataset's label convention, mapped to the internal labels on reading;
             ``None``: the kind's native one (BraTS 0/1/2/4 checked as they are, HCP aseg).
+        allow_blank_modality: Accept a modality that is all zero or constant within the brain
+            (a zero-filled missing sequence) instead of refusing the subject.
     """
 
     n4: bool = False
@@ -78,6 +80,7 @@ class PreprocessSettings:
     spacing: tuple[float, float, float] | None = None
     orientation: str | None = None
     labels: LabelMapping | None = None
+    allow_blank_modality: bool = False
 
     @property
     def resamples(self) -> bool:
@@ -87,18 +90,75 @@ class PreprocessSettings:
     def digest(self, **extra: Any) -> str:
         """Short stable hash of the settings plus ``extra`` (e.g. kind and dataset root).
 
-        Settings added after the first cache (spacing, orientation, labels) enter the hash only
-        when set, so the caches of the defaults keep their keys."""
+        Settings added after the first cache (spacing, orientation, labels, allow_blank_modality)
+        enter the hash only when not at their default, so the caches of the defaults keep their
+        keys."""
         settings = dataclasses.asdict(self)
-        for key in _OPTIONAL_KEYS:
-            if settings[key] is None:
+        for key, default in _OPTIONAL_KEYS.items():
+            if settings[key] == default:
                 del settings[key]
         payload = {"version": _PIPELINE_VERSION, **settings, **extra}
         return _sha(json.dumps(payload, sort_keys=True, default=str))[:16]
 
 
-# Settings whose default (None) is left out of the cache key.
-_OPTIONAL_KEYS = ("spacing", "orientation", "labels")
+# Settings left out of the cache key at their default (the value given here).
+_OPTIONAL_KEYS: dict[str, Any] = {
+    "spacing": None,
+    "orientation": None,
+    "labels": None,
+    "allow_blank_modality": False,
+}
+
+#: The config key that accepts blank modalities (named in :class:`BlankModality`'s message).
+ALLOW_BLANK_KEY = "data.allow_blank_modality"
+
+
+class BlankModality(DataError):
+    """A modality with no signal in a subject: all zero, or constant within the brain mask.
+
+    Attributes:
+        path: The modality's file.
+        detail: What was found (``"all zero"``, ``"constant 7 within the brain mask …"``).
+    """
+
+    def __init__(self, path: Path, detail: str, subject: str = "", option: str = ALLOW_BLANK_KEY) -> None:
+        self.path, self.detail, self.subject = Path(path), detail, subject
+        of = f" (subject {subject})" if subject else ""
+        super().__init__(
+            f"{path}{of}: this modality is blank ({detail}); expected an image with signal, and a blank "
+            f"sequence is most often a conversion error. If the dataset zero-fills missing sequences, "
+            f"set {option}=true to accept it"
+        )
+
+    def with_option(self, option: str) -> BlankModality:
+        """The same error, naming ``option`` as the key that accepts it (e.g. in ``tmerge predict``)."""
+        return BlankModality(self.path, self.detail, self.subject, option)
+
+
+def check_modalities(volumes: Mapping[Path, np.ndarray], subject: str = "") -> None:
+    """Refuse a modality that carries no signal: all zero, or one constant value on the brain
+    (voxels where any modality is non-zero). A subject that is all zero is not checked here.
+
+    Args:
+        volumes: file → its ``(X, Y, Z)`` intensities, every modality of one subject on one grid.
+        subject: Subject id for the message.
+
+    Raises:
+        BlankModality: naming the first blank modality's file.
+    """
+    brain = np.any(np.stack(list(volumes.values())) != 0, axis=0)
+    if not brain.any():
+        return
+    for path, volume in volumes.items():
+        inside = volume[brain]
+        low, high = inside.min(), inside.max()
+        if low != high:
+            continue
+        if not volume.any():
+            detail = "all zero"
+        else:
+            detail = f"constant {float(low):g} within the brain mask, the voxels where any modality is non-zero"
+        raise BlankModality(Path(path), detail, subject)
 
 
 @dataclass
@@ -390,6 +450,8 @@ def preprocess_subject(
     Raises:
         DataError: a file is missing/unreadable/not finite, geometries differ, a label value is
             invalid, or the images are all zero.
+        BlankModality: a modality is all zero or constant within the brain (a :class:`DataError`),
+            unless ``settings.allow_blank_modality``.
     """
     volumes: list[np.ndarray] = []
     geometry: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
@@ -404,6 +466,8 @@ def preprocess_subject(
         geometry[Path(label_file).name] = (raw.shape, label_affine)
         label = _dataset_labels(raw, label_file, kind, settings.labels)
     check_same_geometry(geometry, subject)
+    if not settings.allow_blank_modality:  # on the files' own grid, before any resampling
+        check_modalities(dict(zip(map(Path, files.values()), volumes, strict=True)), subject)
     original_shape, original_affine = volumes[0].shape, affine
     grid: dict[str, Any] = {}
     if settings.resamples:

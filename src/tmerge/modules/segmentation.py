@@ -22,6 +22,7 @@ from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
+from tmerge.config import check_count, check_number
 from tmerge.data.labels import LabelScheme
 from tmerge.errors import ConfigError
 from tmerge.evaluate import N_PREVIEWS, MetricsConfig, Prediction, evaluate_subject, preview, summarise
@@ -47,6 +48,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("plateau", "poly"):
             raise ConfigError(f"optim.schedule: expected 'plateau' or 'poly', got {self.schedule!r}")
+        check_number("optim.lr", self.lr)  # a negative rate would climb the loss
+        check_number("optim.weight_decay", self.weight_decay, strict=False)
+        check_number("optim.plateau_factor", self.plateau_factor, below=1.0)  # torch's own rule
+        check_count("optim.plateau_patience", self.plateau_patience, 0)
+        check_number("optim.min_lr", self.min_lr, strict=False)
 
 
 @dataclass
@@ -67,6 +73,14 @@ class LossConfig:
         # folder exists, in one line.
         if self.name not in LOSSES:
             raise ConfigError(f"loss.name: expected one of {', '.join(LOSSES)}, got {self.name!r}")
+        # MONAI's sliding window would refuse these only when the first volume is inferred.
+        if self.sw_roi < 0 or self.sw_roi % 16:
+            raise ConfigError(
+                f"loss.sw_roi: got {self.sw_roi}; expected 0 (the training patch) or a multiple of 16 "
+                "(the network downsamples 4×)"
+            )
+        check_number("loss.sw_overlap", self.sw_overlap, strict=False, below=1.0)
+        check_count("loss.sw_batch_size", self.sw_batch_size, 1)
 
 
 #: The training objectives :func:`build_loss` knows.

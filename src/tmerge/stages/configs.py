@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tmerge.config import check_count, check_number
 from tmerge.data.target import TargetDataConfig
 from tmerge.errors import ConfigError
 from tmerge.evaluate import MetricsConfig
@@ -101,12 +102,10 @@ class AdaptionConfig:
 
     def __post_init__(self) -> None:
         for key in ("lr", "delta_lr", "eps"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"adaption.{key}: expected a positive number, got {getattr(self, key)!r}")
-        if self.max_epochs < 1 or self.patience < 1:
-            raise ConfigError(
-                f"adaption.max_epochs/patience: expected positive counts, got {self.max_epochs}/{self.patience}"
-            )
+            check_number(f"adaption.{key}", getattr(self, key))
+        check_count("adaption.max_epochs", self.max_epochs, 1)
+        # >= 1: the runner reads patience 0 as "the trainer's patience".
+        check_count("adaption.patience", self.patience, 1)
 
 
 @dataclass
@@ -177,10 +176,8 @@ class FixedProtocolConfig:
     curve: bool = True  # learning-curve points on the test subjects
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.warmup_epochs < 0:
-            raise ConfigError(
-                f"fixed.epochs/warmup_epochs: expected >= 1 and >= 0, got {self.epochs}/{self.warmup_epochs}"
-            )
+        check_count("fixed.epochs", self.epochs, 1)
+        check_count("fixed.warmup_epochs", self.warmup_epochs, 0)
 
 
 @dataclass

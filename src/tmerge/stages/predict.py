@@ -8,8 +8,10 @@ axes), and label maps in each case's original geometry (shape and affine of its 
 named ``<case>.nii.gz`` in the dataset's label convention.
 
 The weights come from the run's best checkpoint (loaded with ``weights_only=True``) or, for a
-folder without one, its ``net`` weights. A case that cannot be read is named in one line and
-skipped; the other cases go on, and the command exits with status 2 at the end.
+folder without one, its ``net`` weights. A case that cannot be read, or one with a blank
+modality (all zero or constant within the brain; ``allow_blank_modality=true`` accepts it, by
+default the run's ``data.allow_blank_modality``), is named in one line and skipped; the other
+cases go on, and the command exits with status 2 at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from tmerge.config import compose
 from tmerge.data.common import Subject, VolumeDataset, collate_volumes
-from tmerge.data.preprocess import preprocess_subject
+from tmerge.data.preprocess import BlankModality, preprocess_subject
 from tmerge.errors import ConfigError, DataError, RunError, TmergeError
 from tmerge.evaluate import evaluate_subject, save_prediction
 from tmerge.modules.segmentation import SegmentationModule
@@ -56,6 +58,9 @@ class PredictConfig:
     output: str | None = None  # folder for <case>.nii.gz (created)
     tta: bool = False  # mirroring test-time augmentation: mean over the 8 flips of the 3 axes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
+    # Accept a case with a blank modality (all zero or constant within the brain, e.g. a
+    # zero-filled missing sequence). None: as the run's data.allow_blank_modality.
+    allow_blank_modality: bool | None = None
 
     def require_paths(self) -> None:
         """Refuse a missing path (checked when the command runs, so that --show-config works)."""
@@ -198,6 +203,8 @@ def run_predict(cfg: PredictConfig) -> Path:
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     module.to(device)
     settings = dm.preprocess_settings()
+    if cfg.allow_blank_modality is not None:
+        settings = dataclasses.replace(settings, allow_blank_modality=bool(cfg.allow_blank_modality))
     known, labels = input_convention(dm, Path(str(cfg.input)).expanduser())
     if known:  # else: the values of the dataset the run was trained on
         settings = dataclasses.replace(settings, labels=labels)
@@ -207,7 +214,9 @@ def run_predict(cfg: PredictConfig) -> Path:
         try:
             files, _ = dm.subject_files(folder, labelled=False)
             pre = preprocess_subject(files, None, dm.kind, settings, case)
-        except TmergeError as exc:  # a truncated or missing file: name it, go on with the others
+        except TmergeError as exc:  # a truncated, missing or blank file: name it, go on with the others
+            if isinstance(exc, BlankModality):  # the key that accepts it here is predict's own
+                exc = exc.with_option("allow_blank_modality")
             log.error("predict: %s skipped: %s", case, exc)
             failed.append(case)
             continue

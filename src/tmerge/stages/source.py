@@ -26,7 +26,7 @@ from tmerge.merge.distance import layer_distances, summarise_distances
 from tmerge.nets import head_names, layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.resume import is_rank_zero
-from tmerge.runner import fit
+from tmerge.runner import check_trainer, fit
 from tmerge.runs import (
     FISHER_FILE,
     INIT_FILE,
@@ -92,6 +92,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
     run_dir = root / name
     if cfg.init_from == name:
         raise ConfigError(f"init_from: a run cannot start from itself ({name!r})")
+    check_trainer(cfg.trainer)  # this machine runs the trainer settings (accelerator, devices, …)
     # Everything that can fail on the user's input is checked before the run folder is touched
     # (the DataModule does no I/O before prepare_data).
     dm = HCPDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))

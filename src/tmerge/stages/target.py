@@ -29,7 +29,7 @@ from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
 from tmerge.nets import input_names, layer_groups, partition
 from tmerge.paths import runs_dir
-from tmerge.runner import fit
+from tmerge.runner import check_trainer, fit
 from tmerge.runs import (
     INIT_FILE,
     PREDICTIONS_DIR,
@@ -159,6 +159,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     if cfg.init not in INITS:
         raise ConfigError(f"init: expected one of {', '.join(INITS)}, got {cfg.init!r}")
     init = INITS[cfg.init]
+    check_trainer(cfg.trainer)  # this machine runs the trainer settings (accelerator, devices, …)
     per_seed = cfg.seed_folder if cfg.seed_folder is not None else len(cfg.seeds) > 1
     cfg = run_config(cfg)
     dm = TargetDataModule(**dataclasses.asdict(cfg.data))  # reads the dataset's description only
