@@ -4,6 +4,7 @@
 #   make test                           the test suite
 #   make task1 ARGS="trainer.max_epochs=3"   overrides pass through ARGS
 #   make task1 PROFILE=paper            the paper's scale (experiments/paper/)
+#   make benchmark                      the fixed protocol, ≥ 8 seeds, both targets + controls
 #
 # The first target that needs Python creates .venv and installs the project into it.
 
@@ -87,3 +88,26 @@ forgetting: install
 .PHONY: report
 report: install
 	$(TMERGE) report --profile $(PROFILE) $(ARGS)
+
+# The decisive benchmark (docs/protocol.md §7): protocol=fixed over SEEDS on the BraTS-like target
+# at 4 % and on the positive control (the generated `structures` target), two sweeps side by side
+# with one thread each, then the negative control (a noise source merged as a third). Resumable:
+# finished runs are skipped. Logs in $(RUNS)/benchmark-*.log; then `make report`.
+.PHONY: benchmark
+SEEDS ?= [0,1,2,3,4,5,6,7]
+BENCH_INITS ?= [none,m1,m2,imm,mean-timm,timm]
+RUNS = $${TMERGE_RUNS:-runs}
+STRUCTURES = $${TMERGE_DATA:-data}/default/structures
+BENCH = OMP_NUM_THREADS=1 $(TMERGE) sweep --profile $(PROFILE) protocol=fixed seed_folder=true "seeds=$(SEEDS)"
+benchmark: install
+	$(TMERGE) data "kinds=[hcp,brats,structures]"
+	$(TMERGE) task1 --profile $(PROFILE)
+	$(TMERGE) task2 --profile $(PROFILE)
+	$(TMERGE) noise-source from=task1 name=noise
+	mkdir -p $(RUNS)
+	( $(BENCH) "inits=$(BENCH_INITS)" portion=4 $(ARGS) > $(RUNS)/benchmark-brats.log 2>&1 && \
+	  $(BENCH) "inits=[timm]" run_name=timm-noise "sources=[task1,task2,noise]" portion=4 $(ARGS) \
+	    > $(RUNS)/benchmark-negative.log 2>&1 ) & brats=$$!; \
+	$(BENCH) "inits=$(BENCH_INITS)" data.root=$(STRUCTURES) data.test_size=10 data.pool_size=null \
+	  data.n4=false portion=20 $(ARGS) > $(RUNS)/benchmark-structures.log 2>&1 & structures=$$!; \
+	wait $$brats && wait $$structures
