@@ -3,13 +3,16 @@
 The network predicts on the preprocessed grid (cropped to the brain, padded to a multiple of 16).
 A prediction is turned into a label map there, put back into the original voxel grid
 (:func:`tmerge.data.preprocess.uncrop`; outside the crop box is background) and scored against the
-true label map on that full grid, with distances in mm from the image's affine:
+true label map on that full grid, with distances in mm from the image's affine.
 
-* BraTS (``"sigmoid"``): the three region outputs become a label map 0/1/2/4
-  (:func:`~tmerge.data.labels.regions_to_brats`, the innermost region wins), and both prediction
-  and truth are scored as the regions ET, TC, WT *of their label maps* — what the BraTS
-  evaluation does with a submitted file;
-* parcellation (``"softmax"``): the arg-max class, scored per foreground class.
+The prediction becomes a label map through the target's :class:`~tmerge.data.labels.LabelScheme`
+and both prediction and truth are scored as the scheme's classes *of their label maps*:
+
+* regions (``"sigmoid"``; BraTS: ET, TC, WT): the region outputs are painted into a label map,
+  the largest region first so the innermost wins (BraTS: 0/1/2/4, exactly
+  :func:`~tmerge.data.labels.regions_to_brats`), and each region is scored as the set of its
+  label values in both maps — what the BraTS evaluation does with a submitted file;
+* plain classes (``"softmax"``): the arg-max class, scored per foreground class.
 
 Scores per subject and class: Dice and HD95 (:func:`tmerge.metrics.dice_masks`,
 :func:`tmerge.metrics.hd95_masks`), as :class:`MetricsConfig` (``metrics.*``) says: HD95 pooled
