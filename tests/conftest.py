@@ -29,3 +29,36 @@ def tiny_default(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_default")
     generate_default(root, size=32, seed=0, n_hcp=58, n_brats=24, n_brats_val=2, workers=2, progress=False)
     return root
+
+
+#: A network and schedule small enough for seconds per stage on two cores (end-to-end tests).
+TINY_ARGS = (
+    "net.base_filters=4",
+    "net.depth=3",
+    "data.patch_size=16",
+    "data.batch_size=2",
+    "data.samples_per_volume=1",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "loss.sw_roi=32",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_args() -> list[str]:
+    """:data:`TINY_ARGS` as overrides."""
+    return list(TINY_ARGS)
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tiny_default, tmp_path_factory) -> Path:
+    """A runs folder with task1 and task2 trained tiny on the tiny HCP data, once per module
+    (each module's target runs go beside them)."""
+    from tmerge.cli import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", *TINY_ARGS]
+    assert main(["task1", *hcp]) == 0
+    assert main(["task2", *hcp]) == 0
+    return runs

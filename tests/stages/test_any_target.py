@@ -14,17 +14,6 @@ from tmerge.cli import main
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "net.base_filters=4",
-    "net.depth=3",
-    "data.patch_size=16",
-    "data.batch_size=2",
-    "data.samples_per_volume=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "loss.sw_roi=32",
-]
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +28,12 @@ def structures(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_default, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", *TINY]
-    assert main(["task1", *hcp]) == 0
-    assert main(["task2", *hcp]) == 0
-    return runs
+def runs(tiny_sources):
+    """task1 and task2, trained tiny once for this module (tests/conftest.py)."""
+    return tiny_sources
 
 
-def target_args(structures, runs, portion=100):
+def target_args(structures, runs, tiny, portion=100):
     return [
         f"data.root={structures}",
         f"runs_dir={runs}",
@@ -56,12 +42,12 @@ def target_args(structures, runs, portion=100):
         "data.pool_size=null",
         "data.n4=false",
         "adaption.max_epochs=1",
-        *TINY,
+        *tiny,
     ]
 
 
-def test_show_config_describes_the_target(structures, capsys):
-    assert main(["timm", "--show-config", *target_args(structures, "/tmp/unused")]) == 0
+def test_show_config_describes_the_target(structures, capsys, tiny_args):
+    assert main(["timm", "--show-config", *target_args(structures, "/tmp/unused", tiny_args)]) == 0
     out = capsys.readouterr().out
     assert "#   channels: ['syn1', 'syn2', 'syn3']" in out
     assert "#   output_mode: softmax" in out
@@ -90,16 +76,16 @@ def test_region_dataset_forced_to_softmax_is_one_error(tmp_path, capsys):
     assert "classes: sigmoid regions: organ = {1, 2}; lesion = {2}" in capsys.readouterr().out
 
 
-def test_wrong_length_channel_map_is_one_error(structures, runs, capsys):
-    assert main(["timm", "channel_map=[0,1]", *target_args(structures, runs)]) == 2
+def test_wrong_length_channel_map_is_one_error(structures, runs, capsys, tiny_args):
+    assert main(["timm", "channel_map=[0,1]", *target_args(structures, runs, tiny_args)]) == 2
     err = capsys.readouterr().err
     assert "channel_map: got [0, 1] (2 entries); expected one source channel per target channel, 3" in err
     assert not (runs / "targets").exists()
 
 
-def test_timm_on_a_non_brats_target(structures, runs, tmp_path, caplog):
+def test_timm_on_a_non_brats_target(structures, runs, tmp_path, caplog, tiny_args):
     caplog.set_level("INFO", logger="tmerge")
-    assert main(["timm", *target_args(structures, runs)]) == 0
+    assert main(["timm", *target_args(structures, runs, tiny_args)]) == 0
     assert "channels syn1, syn2, syn3 are not all among task1's (T1, T2): the input layer is re-initialised" in caplog.text
     run = runs / "targets" / "structures" / "p100" / "timm"
     summary = json.loads((run / "test_summary.json").read_text())

@@ -16,27 +16,15 @@ from tmerge.runs import best_state_dict
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "net.base_filters=4",
-    "net.depth=3",
-    "data.patch_size=16",
-    "data.batch_size=2",
-    "data.samples_per_volume=1",
-    "trainer.limit_train_batches=2",
-    "loss.sw_roi=32",
-]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_default, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    hcp = [f"data.root={tiny_default / 'hcp'}", f"runs_dir={runs}", "trainer.max_epochs=1", *TINY]
-    assert main(["task1", *hcp]) == 0
-    assert main(["task2", *hcp]) == 0
-    return runs
+def runs(tiny_sources):
+    """task1 and task2, trained tiny once for this module (tests/conftest.py)."""
+    return tiny_sources
 
 
-def fixed_args(tiny_default, runs, *extra):
+def fixed_args(tiny_default, runs, tiny, *extra):
     return [
         f"data.root={tiny_default / 'brats'}",
         f"runs_dir={runs}",
@@ -46,7 +34,7 @@ def fixed_args(tiny_default, runs, *extra):
         "protocol=fixed",
         "fixed.epochs=2",
         "fixed.warmup_epochs=1",
-        *TINY,
+        *tiny,
         *extra,
     ]
 
@@ -64,8 +52,8 @@ def never_validates():
     mp.undo()
 
 
-def test_fixed_protocol_trains_a_fixed_budget_and_tests_the_final_weights(runs, tiny_default, never_validates):
-    assert main(["target", "init=none", *fixed_args(tiny_default, runs)]) == 0
+def test_fixed_protocol_trains_a_fixed_budget_and_tests_the_final_weights(runs, tiny_default, never_validates, tiny_args):
+    assert main(["target", "init=none", *fixed_args(tiny_default, runs, tiny_args)]) == 0
     run = runs / "brats" / "p50" / "none"
     stages = json.loads((run / "stages.json").read_text())
     assert stages["protocol"] == "fixed"
@@ -99,21 +87,21 @@ def test_warm_up_freezes_exactly_p_but_the_input_layer(runs, tiny_default):
     assert any(not torch.equal(warmed[n], state[n]) for n in specific)
 
 
-def test_every_init_gets_the_same_warm_up(runs, tiny_default, never_validates):
-    assert main(["timm", *fixed_args(tiny_default, runs)]) == 0
-    assert main(["target", "init=m2", *fixed_args(tiny_default, runs)]) == 0
+def test_every_init_gets_the_same_warm_up(runs, tiny_default, never_validates, tiny_args):
+    assert main(["timm", *fixed_args(tiny_default, runs, tiny_args)]) == 0
+    assert main(["target", "init=m2", *fixed_args(tiny_default, runs, tiny_args)]) == 0
     stages = {i: json.loads((runs / "brats" / "p50" / i / "stages.json").read_text()) for i in ("none", "m2", "timm")}
     assert stages["timm"]["adaption"]["epochs"] == stages["m2"]["warmup"]["epochs"] == stages["none"]["warmup"]["epochs"] == 1
     assert {s["finetune"]["epochs"] for s in stages.values()} == {2}
 
 
-def test_curve_points_leave_the_training_unchanged(runs, tiny_default, never_validates):
+def test_curve_points_leave_the_training_unchanged(runs, tiny_default, never_validates, tiny_args):
     """The same run without curve points ends with bitwise the same weights and scores."""
     other = runs.parent / f"{runs.name}-nocurve"
     other.mkdir()
     for source in ("task1", "task2"):
         (other / source).symlink_to(runs / source)
-    args = [a.replace(f"runs_dir={runs}", f"runs_dir={other}") for a in fixed_args(tiny_default, runs)]
+    args = [a.replace(f"runs_dir={runs}", f"runs_dir={other}") for a in fixed_args(tiny_default, runs, tiny_args)]
     assert main(["target", "init=none", "fixed.curve=false", *args]) == 0
     mine, theirs = other / "brats" / "p50" / "none", runs / "brats" / "p50" / "none"
     assert not (mine / "curve.json").exists()
@@ -122,7 +110,7 @@ def test_curve_points_leave_the_training_unchanged(runs, tiny_default, never_val
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_negative_control_merges_a_noise_source(runs, tiny_default, never_validates):
+def test_negative_control_merges_a_noise_source(runs, tiny_default, never_validates, tiny_args):
     """`tmerge noise-source` makes a finished source run whose P is seeded noise with task1's
     Fisher; T-IMM merges it as a third source."""
     from safetensors.torch import load_file
@@ -138,7 +126,7 @@ def test_negative_control_merges_a_noise_source(runs, tiny_default, never_valida
         else:  # S kept
             assert torch.equal(noise[name], t)
     assert main(["noise-source", "from=task1", "name=noise", f"runs_dir={runs}"]) == 2  # exists
-    args = [a.replace("portion=50", "portion=25") for a in fixed_args(tiny_default, runs)]
+    args = [a.replace("portion=50", "portion=25") for a in fixed_args(tiny_default, runs, tiny_args)]
     assert main(["timm", "sources=[task1,task2,noise]", *args]) == 0
     alphas = json.loads((runs / "brats" / "p25" / "timm" / "alphas.json").read_text())
     assert alphas["sources"] == ["task1", "task2", "noise"]

@@ -484,12 +484,8 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _channels(path: Path, raw: Any, task: str) -> tuple[tuple[tuple[str, int], ...], int]:
-    wanted = TASK_CHANNELS[task]
-    expected = (
-        f"a mapping of channel indices 0..C-1 to names, naming each of the task's channels "
-        f'{", ".join(wanted)} once (e.g. {{"0": "{wanted[0].upper()}", …}})'
-    )
+def _channel_names(path: Path, raw: Any, expected: str) -> dict[int, str]:
+    """dataset.json's ``channel_names`` as index → name, indices exactly 0..C-1."""
     if not isinstance(raw, Mapping) or not raw:
         raise _json_error(path, "channel_names", raw, expected)
     try:
@@ -498,6 +494,16 @@ def _channels(path: Path, raw: Any, task: str) -> tuple[tuple[tuple[str, int], .
         raise _json_error(path, "channel_names", raw, expected) from None
     if sorted(names) != list(range(len(names))):
         raise _json_error(path, "channel_names", raw, expected)
+    return names
+
+
+def _channels(path: Path, raw: Any, task: str) -> tuple[tuple[tuple[str, int], ...], int]:
+    wanted = TASK_CHANNELS[task]
+    expected = (
+        f"a mapping of channel indices 0..C-1 to names, naming each of the task's channels "
+        f'{", ".join(wanted)} once (e.g. {{"0": "{wanted[0].upper()}", …}})'
+    )
+    names = _channel_names(path, raw, expected)
     channels = []
     for channel in wanted:
         hits = [i for i, name in names.items() if _norm(name) in _CHANNEL_ALIASES[channel]]
@@ -727,15 +733,7 @@ def paper_classes() -> dict[int, str]:
 
 def _generic_channels(path: Path, raw: Any) -> tuple[tuple[tuple[str, int], ...], int]:
     """Every channel of a dataset.json, by its own name, in index order."""
-    expected = 'a mapping of channel indices 0..C-1 to names, e.g. {"0": "CT", "1": "PET"}'
-    if not isinstance(raw, Mapping) or not raw:
-        raise _json_error(path, "channel_names", raw, expected)
-    try:
-        names = {int(k): str(v) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise _json_error(path, "channel_names", raw, expected) from None
-    if sorted(names) != list(range(len(names))):
-        raise _json_error(path, "channel_names", raw, expected)
+    names = _channel_names(path, raw, 'a mapping of channel indices 0..C-1 to names, e.g. {"0": "CT", "1": "PET"}')
     ordered = [names[i] for i in range(len(names))]
     if len({_norm(n) for n in ordered}) != len(ordered):
         raise _json_error(path, "channel_names", raw, "distinct channel names")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmerge.report.runs import RunIndex, TargetRun
-from tmerge.report.tables import MISSING, Row, md_table, row_runs
+from tmerge.report.tables import MISSING, Row, md_table, row_runs, spread_cell
 from tmerge.runs import CURVE_FILE
 
 #: The score a curve is summarised by.
@@ -83,14 +83,6 @@ def read_curve(run: TargetRun, score: str = CURVE_SCORE) -> Curve | None:
     return Curve(tuple(e for e, _ in pairs), tuple(s for _, s in pairs))
 
 
-def _cell(values: Sequence[float]) -> str:
-    if not values:
-        return MISSING
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def curves_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
     """The learning-curve table: start, area and end per init and row (mean ± sd over seeds)."""
     parts = [
@@ -112,9 +104,9 @@ def curves_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
                     row.label(),
                     init,
                     str(len(curves)),
-                    _cell([c.start for c in curves]),
-                    _cell([c.area for c in curves]),
-                    _cell([c.end for c in curves]),
+                    spread_cell([c.start for c in curves]),
+                    spread_cell([c.area for c in curves]),
+                    spread_cell([c.end for c in curves]),
                 ]
             )
     if not body:

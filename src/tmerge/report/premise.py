@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 from tmerge.report.runs import RunIndex, SourceRun, TargetRun
-from tmerge.report.tables import MISSING, Row, md_table, metric_cell, row_runs
+from tmerge.report.tables import MISSING, Row, md_table, metric_cell, row_runs, spread_cell
 
 #: Gain in validation Dice over a source's last three validated epochs above which it is
 #: reported as still rising (not converged).
@@ -37,14 +36,6 @@ def probe_score(run: TargetRun, score: str = "dice_mean") -> float | None:
     return None
 
 
-def _cell(values: Sequence[float]) -> str:
-    if not values:
-        return MISSING
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
-
-
 def probe_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
     """Probe scores per init and row, and each init's paired difference to random P (``none``)
     over the seeds both have."""
@@ -57,8 +48,8 @@ def probe_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -
             if not scores:
                 continue
             diffs = [s - random_p[k] for k, s in scores.items() if random_p.get(k) is not None]
-            diff = MISSING if init == "none" or not diffs else _cell(diffs)
-            body.append([row.label(), init, _cell(list(scores.values())), diff])
+            diff = MISSING if init == "none" or not diffs else spread_cell(diffs, count=True)
+            body.append([row.label(), init, spread_cell(list(scores.values()), count=True), diff])
     if not body:
         return "No fixed-protocol run recorded a probe score (`protocol=fixed`).\n"
     return md_table(["portion", "init", "probe test Dice", "− random P (paired by seed)"], body)

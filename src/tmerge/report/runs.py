@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,15 +237,26 @@ def read_per_subject(
         raise RunError(
             f"{path}: expected columns subject,{','.join(columns)}, got {','.join(reader.fieldnames or [])}"
         )
+    return _subject_rows(path, reader, columns)
+
+
+def _subject_rows(
+    path: Path, reader: csv.DictReader, columns: Sequence[str], check: Any = None
+) -> dict[str, dict[str, float]]:
+    """``subject -> column -> value`` of a per-subject CSV's rows; ``check(line, values)`` may
+    refuse a row. Raises :class:`RunError` on a repeated subject or a cell that is no number."""
     rows: dict[str, dict[str, float]] = {}
     for line, row in enumerate(reader, start=2):
         subject = row["subject"]
         if subject in rows:
             raise RunError(f"{path}: subject {subject} appears twice (line {line})")
         try:
-            rows[subject] = {c: _number(row[c]) for c in columns}
+            values = {c: _number(row[c]) for c in columns}
         except ValueError as exc:
             raise RunError(f"{path}: line {line}: not a number ({exc})") from None
+        if check is not None:
+            check(line, values)
+        rows[subject] = values
     return rows
 
 
@@ -273,20 +284,13 @@ def read_regions(path: Path) -> dict[str, dict[str, float]]:
             f"{path}: expected columns subject,truth_<c>…,pred_<c>… for the same classes, got {','.join(fields)}"
         )
     columns = [*(f"truth_{c}" for c in truth), *(f"pred_{c}" for c in pred)]
-    rows: dict[str, dict[str, float]] = {}
-    for line, row in enumerate(reader, start=2):
-        subject = row["subject"]
-        if subject in rows:
-            raise RunError(f"{path}: subject {subject} appears twice (line {line})")
-        try:
-            values = {c: _number(row[c]) for c in columns}
-        except ValueError as exc:
-            raise RunError(f"{path}: line {line}: not a number ({exc})") from None
+
+    def counts(line: int, values: dict[str, float]) -> None:
         bad = [c for c, v in values.items() if not (math.isfinite(v) and v >= 0)]
         if bad:
             raise RunError(f"{path}: line {line}: {bad[0]} must be a voxel count >= 0, got {values[bad[0]]}")
-        rows[subject] = values
-    return rows
+
+    return _subject_rows(path, reader, columns, counts)
 
 
 def _read_regions(run: TargetRun) -> None:

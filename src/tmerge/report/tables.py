@@ -375,3 +375,14 @@ def table4_markdown(forgetting: Sequence[ForgettingRun]) -> str:
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def spread_cell(values: Sequence[float], digits: int = 3, count: bool = False) -> str:
+    """One value as it is, several as mean ± sample sd (and, with ``count``, how many); none:
+    :data:`MISSING`."""
+    if not values:
+        return MISSING
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    n = f" ({len(values)})" if count else ""
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{n}"
