@@ -95,6 +95,13 @@ COMMANDS: dict[str, Command] = {
         "run_sweep",
         "brats",
     ),
+    "shallow": Command(
+        "the premise checks' shallow baseline: a per-voxel MLP on intensities, no convolutions, on a target's splits",
+        "tmerge.stages.shallow",
+        "TargetStageConfig",
+        "run_shallow",
+        "brats",
+    ),
     "noise-source": Command(
         "the negative control's source: a finished source run with its fused layers replaced by seeded noise",
         "tmerge.stages.control",

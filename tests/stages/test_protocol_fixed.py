@@ -131,3 +131,15 @@ def test_negative_control_merges_a_noise_source(runs, tiny_default, never_valida
     alphas = json.loads((runs / "brats" / "p25" / "timm" / "alphas.json").read_text())
     assert alphas["sources"] == ["task1", "task2", "noise"]
     assert all(len(a) == 3 and abs(sum(a) - 1) < 1e-5 for a in alphas["alphas"].values())
+
+
+def test_shallow_baseline_is_a_column_of_its_own(runs, tiny_default, tiny_args):
+    """`tmerge shallow`: the per-voxel baseline on the same splits, written as a target run."""
+    args = [a for a in fixed_args(tiny_default, runs, tiny_args) if not a.startswith(("protocol", "fixed"))]
+    assert main(["shallow", *args]) == 0
+    run = runs / "brats" / "p50" / "shallow"
+    summary = json.loads((run / "test_summary.json").read_text())
+    assert summary["n"] == 8 and 0.0 <= summary["dice"]["mean"] <= 1.0
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["test"] == json.loads((runs / "brats" / "p50" / "none" / "splits.json").read_text())["test"]
+    assert (run / "test_regions.csv").read_text().startswith("subject,truth_ET,truth_TC,truth_WT,pred_ET")
