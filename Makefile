@@ -111,3 +111,6 @@ benchmark: install
 	$(BENCH) "inits=$(BENCH_INITS)" data.root=$(STRUCTURES) data.test_size=10 data.pool_size=null \
 	  data.n4=false portion=20 $(ARGS) > $(RUNS)/benchmark-structures.log 2>&1 & structures=$$!; \
 	wait $$brats && wait $$structures
+	OMP_NUM_THREADS=1 $(TMERGE) shallow --profile $(PROFILE) seed_folder=true "seeds=$(SEEDS)" portion=4 $(ARGS)
+	OMP_NUM_THREADS=1 $(TMERGE) shallow --profile $(PROFILE) seed_folder=true "seeds=$(SEEDS)" data.root=$(STRUCTURES) \
+	  data.test_size=10 data.pool_size=null data.n4=false portion=20 $(ARGS)

@@ -110,7 +110,13 @@ def _sample(subject: Any, rng: np.random.Generator, mode: str) -> tuple[np.ndarr
     return x, y
 
 
-def run_shallow(cfg: TargetStageConfig) -> Path:
+def run_shallow(cfg: TargetStageConfig) -> list[Path]:
+    """The shallow baseline of ``cfg``'s target and portion, once per seed of ``seeds`` (each
+    seed's train/val draw, as a sweep's); return the run folders."""
+    return [_run_one(dataclasses.replace(cfg, seed=seed)) for seed in cfg.seeds]
+
+
+def _run_one(cfg: TargetStageConfig) -> Path:
     """Train and test the shallow baseline of ``cfg``'s target, portion and seed; return its folder."""
     cfg = run_config(dataclasses.replace(cfg, init="shallow"))
     dm = TargetDataModule(**dataclasses.asdict(cfg.data))
