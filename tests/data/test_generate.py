@@ -254,3 +254,26 @@ def test_missing_deepmriprep_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(anatomy.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=r"pip install --no-deps deepmriprep==0\.3\.0"):
         anatomy.template_dir()
+
+
+def test_structures_target_is_deterministic_and_nnunet(tmp_path: Path) -> None:
+    """The positive control: the same arrays in one process and in two, an nnU-Net v2 raw
+    dataset that reads as a non-BraTS target, labels 0/1/2 inside the brain."""
+    import json
+
+    from tmerge.data.formats import open_target
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert generate_default(one, kinds=("structures",), size=16, workers=1, progress=False) == {"structures": 70}
+    generate_default(two, kinds=("structures",), size=16, workers=2, progress=False)
+    a, b = _files(one / "structures"), _files(two / "structures")
+    images = [k for k in a if k.endswith(".nii.gz")]
+    assert len(images) == 60 * 4 + 10 * 3 and set(images) == {k for k in b if k.endswith(".nii.gz")}
+    assert all(_same_content(a[k], b[k]) for k in images)
+    spec = json.loads((one / "structures" / "dataset.json").read_text())
+    assert spec["channel_names"] == {"0": "syn1", "1": "syn2", "2": "syn3"}
+    layout = open_target(one / "structures")
+    assert layout.task == "target" and layout.scheme.classes == ("thalamus", "caudate")
+    label = _array(a["labelsTr/structures_001.nii.gz"])
+    image = _array(a["imagesTr/structures_001_0000.nii.gz"])
+    assert set(np.unique(label)) == {0, 1, 2} and not (label[image == 0] > 0).any()

@@ -31,3 +31,16 @@ def test_classifier_learns_an_intensity_rule(mode):
         out = net(torch.from_numpy(x))
     pred = out.argmax(1).numpy() if mode == "softmax" else np.where(out[:, 0] > 0, 1, np.where(out[:, 1] > 0, 2, 0))
     assert (pred == labels).mean() > 0.97
+
+
+def test_noise_source_tensors_are_seeded_and_of_the_tensors_scale():
+    from tmerge.stages.control import noise_like
+
+    gen = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(50, 40, generator=gen) * 3 + 1, "s": torch.ones(5)}
+    one, two, other = noise_like(state, ["a"], 7), noise_like(state, ["a"], 7), noise_like(state, ["a"], 8)
+    assert torch.equal(one["a"], two["a"]) and not torch.equal(one["a"], other["a"])
+    assert one["s"] is state["s"]  # S untouched
+    assert float(one["a"].std()) == pytest.approx(float(state["a"].std()), rel=0.05)
+    assert float(one["a"].mean()) == pytest.approx(float(state["a"].mean()), abs=0.15)
+    assert abs(float(torch.corrcoef(torch.stack([one["a"].flatten(), state["a"].flatten()]))[0, 1])) < 0.1
