@@ -77,6 +77,9 @@ PER_SUBJECT_FILE = "test_per_subject.csv"
 REGIONS_FILE = "test_regions.csv"
 #: Test scores after log-spaced epochs (:class:`tmerge.callbacks.LearningCurve`); optional.
 CURVE_FILE = "curve.json"
+#: A target run's target: name, kind, channels, label scheme and mapping (tmerge predict reads it
+#: where the dataset root is not there).
+TARGET_FILE = "target.json"
 #: A target run is finished when this exists (written last).
 TARGET_MARKER = "test_summary.json"
 #: Label maps of the test subjects, in their original geometry.

@@ -121,3 +121,20 @@ def test_splits_of_a_small_dataset_say_what_is_possible():
     assert (len(small["train"]), len(small["val"])) == (10, 2)  # round(0.5 · 24) = 12, 80/20
     with pytest.raises(DataError, match=r"gives 1 subjects; need at least 2 .* portion >= 7 with this pool"):
         brats_splits(ids, 5, test_size=6, pool_size=None)
+
+
+def test_a_recorded_target_stands_in_for_its_missing_root(tmp_path):
+    """A run's target.json lets its network predict where the dataset root is not: the same
+    channels, scheme and label mapping (values written back as the dataset's)."""
+    from tmerge.data.target import TargetDataModule
+
+    root = _nnunet(tmp_path / "ds", {"background": 0, "liver": 2, "spleen": 5}, values=(0, 2, 5))
+    here = TargetDataModule(root=str(root))
+    recorded = json.loads(json.dumps(here.recorded()))  # through JSON, as the run folder holds it
+    assert LabelScheme.from_meta(recorded["scheme"]) == here.scheme
+    away = TargetDataModule(root=str(tmp_path / "elsewhere"), described=recorded)
+    assert (away.kind, away.modalities, away.scheme, away.name) == ("target", ("CT", "PET", "DWI"), here.scheme, "ds")
+    assert away.preprocess_settings().labels == here.preprocess_settings().labels
+    assert away.n_outputs == 3 and away.output_mode == "softmax"
+    region = LabelScheme("sigmoid", ("organ", "lesion"), ((1, 2), (2,)), paint=(1, 2), names=((1, "a"), (2, "b")))
+    assert LabelScheme.from_meta(json.loads(json.dumps(region.as_meta()))) == region

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -116,6 +117,18 @@ def test_timm_on_a_non_brats_target(structures, runs, tmp_path, caplog, tiny_arg
     for name in ts:
         mine, theirs = nib.load(out / name), nib.load(run / "predictions" / "validation" / name)
         assert np.array_equal(mine.affine, theirs.affine)
+        assert np.array_equal(np.asarray(mine.dataobj), np.asarray(theirs.dataobj)), name
+    # On a machine without the training dataset's root: the run's target.json, loose files.
+    loose = tmp_path / "loose"
+    shutil.copytree(structures / "imagesTs", loose)
+    away = structures.with_name("structures-away")
+    structures.rename(away)
+    try:
+        assert main(["predict", f"run={run}", f"input={loose}", f"output={tmp_path / 'elsewhere'}"]) == 0
+    finally:
+        away.rename(structures)
+    for name in ts:
+        mine, theirs = nib.load(tmp_path / "elsewhere" / name), nib.load(run / "predictions" / "validation" / name)
         assert np.array_equal(np.asarray(mine.dataobj), np.asarray(theirs.dataobj)), name
     # export: the JSON describes the channels and the labels in the dataset's values
     assert main(["export", f"run={run}", f"out={tmp_path / 'export'}"]) == 0

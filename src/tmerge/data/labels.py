@@ -435,6 +435,27 @@ class LabelScheme:
         """Label value → name for the values of a predicted label map (background included)."""
         return {0: "background", **dict(self.names)}
 
+    def as_meta(self) -> dict[str, object]:
+        """JSON form; :meth:`from_meta` reads it back."""
+        return {
+            "mode": self.mode,
+            "classes": list(self.classes),
+            "values": [list(v) for v in self.values],
+            "paint": list(self.paint),
+            "names": [[k, n] for k, n in self.names],
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, object]) -> LabelScheme:
+        """The scheme written by :meth:`as_meta`."""
+        return cls(
+            str(meta["mode"]),
+            tuple(str(c) for c in meta["classes"]),  # type: ignore[union-attr]
+            tuple(tuple(int(v) for v in vs) for vs in meta["values"]),  # type: ignore[union-attr]
+            tuple(int(v) for v in meta.get("paint", ())),  # type: ignore[union-attr]
+            tuple((int(k), str(n)) for k, n in meta.get("names", ())),  # type: ignore[union-attr]
+        )
+
     def describe(self) -> str:
         """One line: mode and classes, e.g. ``softmax over 2 classes: thalamus, caudate``."""
         if self.mode == "softmax":

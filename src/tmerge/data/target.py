@@ -25,6 +25,7 @@ nnU-Net: ``imagesTs``) is optional; it is the prediction set of the 100 % portio
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,8 @@ from tmerge.data.formats import (
     Layout,
     open_target,
 )
-from tmerge.data.labels import BRATS_SCHEME, LabelScheme
+from tmerge.data.labels import BRATS_SCHEME, LabelMapping, LabelScheme
+from tmerge.data.preprocess import PreprocessSettings
 from tmerge.data.splits import brats_splits
 from tmerge.errors import ConfigError, DataError
 
@@ -128,11 +130,19 @@ class TargetDataModule(SegmentationDataModule):
     config_class = TargetDataConfig
     label_dtype = torch.float32
 
-    def __init__(self, run_dir: str | None = None, **fields: Any) -> None:
+    def __init__(self, run_dir: str | None = None, described: dict[str, Any] | None = None, **fields: Any) -> None:
         super().__init__(run_dir=run_dir, **fields)
         c = self.config
         scheme, name = BRATS_SCHEME, BRATS_TARGET
-        if c.root is not None and self.root.is_dir():
+        self._recorded_labels: LabelMapping | None = None
+        if described is not None and not (c.root is not None and self.root.is_dir()):
+            # A finished run's target (tmerge.runs.TARGET_FILE), its dataset root not here.
+            self.kind = described["kind"]
+            self.modalities = tuple(described["channels"])
+            scheme, name = LabelScheme.from_meta(described["scheme"]), described["name"]
+            if described.get("labels"):
+                self._recorded_labels = LabelMapping.from_meta(described["labels"])
+        elif c.root is not None and self.root.is_dir():
             layout = open_target(self.root, c.layout, c.output_mode)
             self._layout = layout
             self.kind = layout.task  # "brats" or "target"
@@ -158,6 +168,25 @@ class TargetDataModule(SegmentationDataModule):
         if self._layout is None and self.config.root is not None and self.root.is_dir():
             self._layout = open_target(self.root, self.config.layout, self.config.output_mode)
         return super().layout
+
+    def recorded(self) -> dict[str, Any]:
+        """What a run records of its target (:data:`tmerge.runs.TARGET_FILE`), so that its
+        network can predict where the dataset root is not (``described=`` reads it back)."""
+        mapping = self.preprocess_settings().labels
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "channels": list(self.modalities),
+            "scheme": self.scheme.as_meta(),
+            "labels": None if mapping is None else mapping.as_meta(),
+        }
+
+    def preprocess_settings(self) -> PreprocessSettings:
+        """As the base's; a recorded target's label mapping where its root is not here."""
+        settings = super().preprocess_settings()
+        if settings.labels is None and self._recorded_labels is not None:
+            return dataclasses.replace(settings, labels=self._recorded_labels)
+        return settings
 
     def describe(self) -> dict[str, Any]:
         """What the target is, for ``--show-config`` and the export: name, layout, channels,

@@ -172,13 +172,16 @@ def adapt(
     if cfg.protocol == "fixed":  # the merged P's probe, as every other init's warm-up records it
         summary["test"] = probe_scores(dm, module)
     first = [a[0] for a in alphas.values()]
+    if cfg.protocol == "fixed":
+        scored = f"no validation (fixed protocol), probe test Dice {summary['test'].get('dice_mean', float('nan')):.3f}"
+    else:
+        scored = f"val Dice {summary['val_dice'] or float('nan'):.3f}, val loss {summary['val_loss'] or float('nan'):.4f}"
     log.info(
-        "%s: %d epochs (best %s), val Dice %.3f, val loss %.4f; α of %s per layer %.2f–%.2f (mean %.2f): %s",
+        "%s: %d epochs (best %s), %s; α of %s per layer %.2f–%.2f (mean %.2f): %s",
         label,
         result.epochs,
         result.best_epoch,
-        summary["val_dice"] or float("nan"),
-        summary["val_loss"] or float("nan"),
+        scored,
         names[0],
         min(first),
         max(first),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,15 +31,18 @@ import torch
 
 from tmerge.config import compose
 from tmerge.data.common import Subject, VolumeDataset, collate_volumes
+from tmerge.data.formats import IndexedCase
 from tmerge.data.preprocess import BlankModality, preprocess_subject
 from tmerge.errors import ConfigError, DataError, RunError, TmergeError
 from tmerge.evaluate import evaluate_subject, save_prediction
+from tmerge.io import read_json
 from tmerge.modules.segmentation import SegmentationModule
 from tmerge.runs import (
     BEST_CKPT,
     CONFIG_FILE,
     NET_FILE,
     SOURCE_MARKER,
+    TARGET_FILE,
     TARGET_MARKER,
     best_state_dict,
     is_finished,
@@ -91,7 +95,9 @@ def load_run(run_dir: Path) -> tuple[Any, Any, SegmentationModule]:
             "finish it first or name another folder"
         )
     cfg = compose(schema, None, files=[run_dir / CONFIG_FILE])
-    dm = datamodule(**dataclasses.asdict(cfg.data))
+    recorded = run_dir / TARGET_FILE
+    described = {"described": read_json(recorded)} if schema is TargetStageConfig and recorded.is_file() else {}
+    dm = datamodule(**described, **dataclasses.asdict(cfg.data))
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
     ckpt = run_dir / BEST_CKPT
     state = best_state_dict(ckpt) if ckpt.is_file() else load_net(run_dir / NET_FILE)[0]
@@ -105,8 +111,8 @@ def load_run(run_dir: Path) -> tuple[Any, Any, SegmentationModule]:
 
 def find_cases(dm: Any, given: Path) -> dict[str, Path]:
     """Case id → folder: ``given`` itself (a case folder, or the folder of a given image file),
-    every subject of the dataset rooted there, every case folder directly under it, or the cases
-    of one folder of an nnU-Net dataset (``<root>/imagesTs``).
+    every subject of the dataset rooted there, every case folder directly under it, or the
+    nnU-Net-named images in it (``<root>/imagesTs``, or loose ``<case>_0000.nii.gz`` …).
 
     Raises:
         DataError: nothing there holds the images the run's network takes.
@@ -121,20 +127,31 @@ def find_cases(dm: Any, given: Path) -> dict[str, Path]:
         cases = {**found.labelled, **found.unlabelled}
     except DataError:
         cases = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and _is_case(dm, d)}
-    if not cases:  # one folder of an nnU-Net dataset (imagesTs/, imagesTr/): its cases only
-        with contextlib.suppress(DataError):
-            found = dm.discover(folder.parent)
-            cases = {
-                case: handle
-                for case, handle in {**found.labelled, **found.unlabelled}.items()
-                if getattr(handle, "folder", None) == folder
-            }
+    if not cases:  # a folder of nnU-Net-named images (<root>/imagesTs, or loose files)
+        cases = indexed_cases(folder, tuple(dm.modalities))
     if not cases:
         raise DataError(
             f"input: {folder} holds no case with the images this run takes ({', '.join(dm.modalities)}); "
             f"expected a case folder, one of its files, or a dataset root ({dm.layout_hint()})"
         )
     return cases
+
+
+def indexed_cases(folder: Path, channels: tuple[str, ...]) -> dict[str, IndexedCase]:
+    """The cases of a folder of nnU-Net-named images ``<case>_<XXXX>.nii[.gz]`` that have every
+    one of the run's channels (0000 … C-1), in the run's channel order."""
+    pattern = re.compile(r"^(.+)_(\d{4})(\.nii(?:\.gz)?)$")
+    found: dict[tuple[str, str], set[int]] = {}
+    for f in sorted(folder.iterdir()):
+        m = pattern.match(f.name)
+        if m and f.is_file():
+            found.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
+    order = tuple((name, i) for i, name in enumerate(channels))
+    return {
+        case: IndexedCase(folder, case, order, ending)
+        for (case, ending), indices in sorted(found.items())
+        if indices >= set(range(len(channels)))
+    }
 
 
 def input_convention(dm: Any, given: Path) -> tuple[bool, Any]:

@@ -18,7 +18,15 @@ from tmerge.evaluate import evaluate_subject, summarise, write_scores
 from tmerge.io import write_json, write_text
 from tmerge.modules.segmentation import SegmentationModule
 from tmerge.report.endpoints import regions_csv
-from tmerge.runs import NET_FILE, PER_SUBJECT_FILE, REGIONS_FILE, STAGES_FILE, TARGET_MARKER, save_net
+from tmerge.runs import (
+    NET_FILE,
+    PER_SUBJECT_FILE,
+    REGIONS_FILE,
+    STAGES_FILE,
+    TARGET_FILE,
+    TARGET_MARKER,
+    save_net,
+)
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.module import architecture_meta
 
@@ -52,6 +60,7 @@ def write_results(
     weights (for prediction and export), the test scores with the marker last, and the W&B model
     artifact of the three. Returns the test summary."""
     write_json(run_dir / STAGES_FILE, stages)
+    write_json(run_dir / TARGET_FILE, dm.recorded())
     meta = target_meta(cfg, dm, list(stages["sources"]))
     save_net(run_dir / NET_FILE, net, meta)
     write_text(run_dir / REGIONS_FILE, regions_csv(records, dm.class_names))  # voxels per class, for the endpoints
