@@ -38,6 +38,8 @@ Files (written by the stages, formats fixed because reports read them):
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -377,9 +379,6 @@ def write_scores(
     """Write the per-subject scores (``subject`` + :func:`score_columns`, sorted by subject) as CSV
     and then their :func:`summarise` (under ``convention``) as JSON, each atomically; return the
     summary."""
-    import csv
-    import io
-
     from tmerge.io import write_json, write_text
 
     buf = io.StringIO()
@@ -390,3 +389,32 @@ def write_scores(
     summary = summarise(records, class_names, convention)
     write_json(summary_path, summary)
     return summary
+
+
+def record_count(record: Mapping[str, Any], key: str) -> float:
+    """A voxel count ``key`` (``truth_<c>``/``pred_<c>``) of a per-subject record, checked: present,
+    finite and >= 0 (ValueError naming the subject otherwise)."""
+    try:
+        value = float(record[key])
+    except KeyError:
+        raise ValueError(f"record {record.get('subject', '?')} has no {key}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"record {record.get('subject', '?')}: {key} must be a count >= 0, got {value}")
+    return value
+
+
+def regions_columns(classes: Sequence[str]) -> list[str]:
+    """Columns of :data:`tmerge.runs.REGIONS_FILE` after ``subject``: ``truth_<c>…, pred_<c>…``."""
+    return [*(f"truth_{c}" for c in classes), *(f"pred_{c}" for c in classes)]
+
+
+def regions_csv(records: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> str:
+    """The text of :data:`tmerge.runs.REGIONS_FILE`: ``subject`` and :func:`regions_columns`, one
+    row per record (each with ``subject`` and the counts), sorted by subject."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    columns = regions_columns(classes)
+    writer.writerow(["subject", *columns])
+    for r in sorted(records, key=lambda r: str(r["subject"])):
+        writer.writerow([str(r["subject"]), *(int(record_count(r, c)) for c in columns)])
+    return buf.getvalue()

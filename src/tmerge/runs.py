@@ -73,7 +73,7 @@ ADAPTION_DIR = "adaption"
 WARMUP_DIR = "warmup"  # the fixed protocol's S warm-up (P frozen)
 PER_SUBJECT_FILE = "test_per_subject.csv"
 #: Per test subject, the voxels of each class in the truth and the prediction:
-#: ``subject,truth_<c>…,pred_<c>…`` (:func:`tmerge.report.endpoints.regions_csv`); optional.
+#: ``subject,truth_<c>…,pred_<c>…`` (:func:`tmerge.evaluate.regions_csv`); optional.
 REGIONS_FILE = "test_regions.csv"
 #: Test scores after log-spaced epochs (:class:`tmerge.callbacks.LearningCurve`); optional.
 CURVE_FILE = "curve.json"

@@ -49,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tmerge.evaluate import record_count, regions_columns, regions_csv  # noqa: F401 - re-exported: the file the endpoints read
 from tmerge.metrics import voxel_counts  # noqa: F401 - re-exported: the counts the endpoints read
 from tmerge.report.runs import RunIndex, TargetRun
 from tmerge.report.tables import MISSING, Cell, Row, md_table, row_runs, scoring_header, seed_count
@@ -81,16 +82,6 @@ def _dice(record: Mapping[str, Any], c: str) -> float:
         raise ValueError(f"record {record.get('subject', '?')} has no dice_{c}") from None
 
 
-def _count(record: Mapping[str, Any], key: str) -> float:
-    try:
-        value = float(record[key])
-    except KeyError:
-        raise ValueError(f"record {record.get('subject', '?')} has no {key}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"record {record.get('subject', '?')}: {key} must be a count >= 0, got {value}")
-    return value
-
-
 def _scored(values: Sequence[float]) -> list[float]:
     """``values`` without NaN (a class empty in both maps under the brats2023 rules)."""
     return [v for v in values if not math.isnan(v)]
@@ -104,7 +95,7 @@ def _mean(values: Sequence[float]) -> float | None:
 def present_mean(record: Mapping[str, Any], classes: Sequence[str]) -> float | None:
     """One subject's primary score: the mean of ``dice_<c>`` over the classes c with
     ``truth_<c> > 0``; None when its truth has none of them."""
-    return _mean([_dice(record, c) for c in classes if _count(record, f"truth_{c}") > 0])
+    return _mean([_dice(record, c) for c in classes if record_count(record, f"truth_{c}") > 0])
 
 
 def paper_mean(records: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> float | None:
@@ -121,17 +112,17 @@ def mean_over_all(records: Sequence[Mapping[str, Any]], c: str) -> float | None:
 
 def mean_over_present(records: Sequence[Mapping[str, Any]], c: str) -> tuple[float | None, int]:
     """Mean ``dice_<c>`` over the records with ``truth_<c> > 0``, and their number."""
-    values = [_dice(r, c) for r in records if _count(r, f"truth_{c}") > 0]
+    values = [_dice(r, c) for r in records if record_count(r, f"truth_{c}") > 0]
     return _mean(values), len(values)
 
 
 def kept_empty(records: Sequence[Mapping[str, Any]], c: str) -> tuple[float | None, int]:
     """Share of the records with ``truth_<c> == 0`` that have ``pred_<c> == 0``, and how many
     records have ``truth_<c> == 0``."""
-    empty = [r for r in records if _count(r, f"truth_{c}") == 0]
+    empty = [r for r in records if record_count(r, f"truth_{c}") == 0]
     if not empty:
         return None, 0
-    kept = sum(_count(r, f"pred_{c}") == 0 for r in empty)
+    kept = sum(record_count(r, f"pred_{c}") == 0 for r in empty)
     return kept / len(empty), len(empty)
 
 
@@ -206,23 +197,6 @@ def endpoint_title(name: str) -> str:
 
 
 # ---- writing the voxel counts (for the stages) --------------------------------------------------
-
-
-def regions_columns(classes: Sequence[str]) -> list[str]:
-    """Columns of :data:`tmerge.runs.REGIONS_FILE` after ``subject``: ``truth_<c>…, pred_<c>…``."""
-    return [*(f"truth_{c}" for c in classes), *(f"pred_{c}" for c in classes)]
-
-
-def regions_csv(records: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> str:
-    """The text of :data:`tmerge.runs.REGIONS_FILE`: ``subject`` and :func:`regions_columns`, one
-    row per record (each with ``subject`` and the counts), sorted by subject."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    columns = regions_columns(classes)
-    writer.writerow(["subject", *columns])
-    for r in sorted(records, key=lambda r: str(r["subject"])):
-        writer.writerow([str(r["subject"]), *(int(_count(r, c)) for c in columns)])
-    return buf.getvalue()
 
 
 # ---- the report's tables ------------------------------------------------------------------------

@@ -14,10 +14,9 @@ from torch import nn
 
 from tmerge.artifacts import TARGET_TYPE, log_model
 from tmerge.data.target import TargetDataModule
-from tmerge.evaluate import evaluate_subject, summarise, write_scores
+from tmerge.evaluate import evaluate_subject, regions_csv, summarise, write_scores
 from tmerge.io import write_json, write_text
 from tmerge.modules.segmentation import SegmentationModule
-from tmerge.report.endpoints import regions_csv
 from tmerge.runs import (
     NET_FILE,
     PER_SUBJECT_FILE,
@@ -63,7 +62,6 @@ def write_results(
     write_json(run_dir / TARGET_FILE, dm.recorded())
     meta = target_meta(cfg, dm, list(stages["sources"]))
     save_net(run_dir / NET_FILE, net, meta)
-    write_text(run_dir / REGIONS_FILE, regions_csv(records, dm.class_names))  # voxels per class, for the endpoints
     summary = write_test_results(run_dir, records, dm.class_names, cfg.metrics.convention)
     files = {f: run_dir / f for f in (NET_FILE, STAGES_FILE, TARGET_MARKER)}
     log_model(
@@ -102,6 +100,9 @@ def write_test_results(
         The summary: ``{"n", "dice": {<c>…, "mean"}, "hd95": {<c>…}}`` (formats:
         :mod:`tmerge.evaluate`).
     """
+    if records and all(f"truth_{c}" in r for r in records for c in class_names):
+        # The voxels of each class per subject (which subjects lack one: the report's endpoints).
+        write_text(run_dir / REGIONS_FILE, regions_csv(records, class_names))
     return write_scores(run_dir / PER_SUBJECT_FILE, run_dir / TARGET_MARKER, records, class_names, convention)
 
 

@@ -27,10 +27,9 @@ from torch import nn
 
 from tmerge.data.target import TargetDataModule
 from tmerge.evaluate import evaluate_subject
-from tmerge.io import write_json, write_text
+from tmerge.io import write_json
 from tmerge.paths import runs_dir
-from tmerge.report.endpoints import regions_csv
-from tmerge.runs import REGIONS_FILE, STAGES_FILE, TARGET_MARKER, target_dir
+from tmerge.runs import STAGES_FILE, TARGET_MARKER, target_dir
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.protocol import stage_guard, start_run
 from tmerge.stages.results import write_test_results
@@ -145,7 +144,6 @@ def _run_one(cfg: TargetStageConfig) -> Path:
                 result = evaluate_subject(logits, subject.target, subject.meta, dm.scheme, metrics=cfg.metrics)
                 records.append({"subject": subject.id, **result.scores, **result.counts})
         write_json(run_dir / STAGES_FILE, {"init": "shallow", "sources": [], "voxels": int(x.shape[0]), "features": int(x.shape[1])})
-        write_text(run_dir / REGIONS_FILE, regions_csv(records, dm.class_names))
         summary = write_test_results(run_dir, records, dm.class_names, cfg.metrics.convention)
         log.info("shallow p%s: test Dice mean %.3f over %d subjects (per-voxel MLP, no convolutions)", cfg.data.portion, summary["dice"]["mean"], summary["n"])
     return run_dir
