@@ -628,7 +628,11 @@ def read_dataset_json(root: Path, task: str) -> NnUNetSpec:
         DataError: naming the file and the key that is missing or malformed, and what was expected.
     """
     path = Path(root) / NNUNET_FILE
-    data = _load_dataset_json(path)
+    return _task_spec(path, _load_dataset_json(path), task)
+
+
+def _file_ending(path: Path, data: dict[str, Any]) -> str:
+    """The dataset.json's ``file_ending``, once its three required keys are checked there."""
     for key in ("channel_names", "labels", "file_ending"):
         if key not in data:
             hint = (
@@ -644,6 +648,12 @@ def read_dataset_json(root: Path, task: str) -> NnUNetSpec:
         raise _json_error(
             path, "file_ending", ending, f"one of {', '.join(NIFTI_SUFFIXES)} (tmerge reads NIfTI)"
         )
+    return ending
+
+
+def _task_spec(path: Path, data: dict[str, Any], task: str) -> NnUNetSpec:
+    """A parsed dataset.json (``path``'s ``data``) checked for the task ``task``."""
+    ending = _file_ending(path, data)
     channels, n_channels = _channels(path, data["channel_names"], task)
     entries, regions = _label_entries(path, data["labels"])
     if task == "brats":
@@ -787,14 +797,13 @@ def _load_dataset_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def is_brats_dataset(root: Path) -> bool:
-    """Whether an nnU-Net root describes the BraTS task: the four tumour MR channels and
-    tumour labels (regions or named labels) that :func:`read_dataset_json` maps to BraTS'."""
+def _brats_spec(path: Path, data: dict[str, Any]) -> NnUNetSpec | None:
+    """The BraTS task's reading of a parsed dataset.json — the four tumour MR channels and
+    tumour labels (regions or named labels) — or None where it does not describe BraTS."""
     try:
-        read_dataset_json(root, "brats")
+        return _task_spec(path, data, "brats")
     except DataError:
-        return False
-    return True
+        return None
 
 
 def open_target(root: Path, layout: str | None = None, output_mode: str = "auto") -> Layout:
@@ -846,8 +855,9 @@ def open_target(root: Path, layout: str | None = None, output_mode: str = "auto"
             f"data.output_mode=softmax: {path} declares regions (lists of label values), which overlap and "
             "need one sigmoid output each; expected auto or sigmoid"
         )
-    if output_mode != "softmax" and is_brats_dataset(root):
-        return dataclasses.replace(_open_nnunet(root, "brats"), scheme=BRATS_SCHEME)
+    brats = _brats_spec(path, data) if output_mode != "softmax" else None
+    if brats is not None:
+        return dataclasses.replace(_nnunet_layout(root, "brats", brats), scheme=BRATS_SCHEME)
     if output_mode == "sigmoid" and not regions:
         raise ConfigError(
             f"data.output_mode=sigmoid: {path} declares plain labels (one value per class), not regions; "
@@ -858,14 +868,7 @@ def open_target(root: Path, layout: str | None = None, output_mode: str = "auto"
 
 def _open_generic(root: Path, data: dict[str, Any]) -> Layout:
     path = root / NNUNET_FILE
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in data:
-            raise DataError(
-                f"{path}: missing key {key!r}; expected an nnU-Net v2 dataset.json with channel_names, labels and file_ending"
-            )
-    ending = data["file_ending"]
-    if ending not in NIFTI_SUFFIXES:
-        raise _json_error(path, "file_ending", ending, f"one of {', '.join(NIFTI_SUFFIXES)} (tmerge reads NIfTI)")
+    ending = _file_ending(path, data)
     channels, n_channels = _generic_channels(path, data["channel_names"])
     entries, regions = _label_entries(path, data["labels"])
     labels, scheme = _generic_labels(path, entries, regions, data.get("regions_class_order"))
