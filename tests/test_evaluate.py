@@ -17,20 +17,18 @@ from torch.utils.data import DataLoader
 
 from tmerge.callbacks import PredictionWriter
 from tmerge.data.common import Subject, VolumeDataset, collate_volumes
-from tmerge.data.labels import REGIONS, brats_regions
+from tmerge.data.labels import BRATS_SCHEME, REGIONS, LabelScheme, brats_regions
 from tmerge.data.preprocess import PreprocessSettings, preprocess_subject, uncrop, voxel_spacing
 from tmerge.evaluate import (
     MetricsConfig,
     evaluate_subject,
     format_summary,
-    label_map,
     per_subject_rows,
     prediction_file,
     preview,
     save_prediction,
     score_label_maps,
     summarise,
-    target_label_map,
 )
 from tmerge.metrics import max_distance
 from tmerge.modules.segmentation import SegmentationModule
@@ -96,12 +94,12 @@ def _perfect_logits(target: np.ndarray) -> torch.Tensor:
 def test_label_maps_from_outputs_and_targets():
     seg = np.array([0, 1, 2, 4, 2, 0], dtype=np.uint8).reshape(1, 1, 6)
     regions = brats_regions(seg)
-    assert np.array_equal(label_map(regions.astype(np.float32), "sigmoid"), seg)
-    assert np.array_equal(target_label_map(regions.astype(np.float32), "sigmoid"), seg)
+    assert np.array_equal(BRATS_SCHEME.label_map(regions.astype(np.float32)), seg)
+    assert np.array_equal(BRATS_SCHEME.target_label_map(regions.astype(np.float32)), seg)
     # Non-nested predicted regions: the innermost present wins (ET over TC over WT).
-    assert label_map(np.array([1, 0, 0]).reshape(3, 1, 1, 1), "sigmoid").item() == 4
+    assert BRATS_SCHEME.label_map(np.array([1, 0, 0]).reshape(3, 1, 1, 1)).item() == 4
     onehot = np.eye(3)[[0, 2, 1]].T.reshape(3, 1, 1, 3)
-    assert label_map(onehot, "softmax").ravel().tolist() == [0, 2, 1]
+    assert LabelScheme.plain(["a", "b"]).label_map(onehot).ravel().tolist() == [0, 2, 1]
     with pytest.raises(ValueError, match="BraTS regions"):
         score_label_maps(seg, seg, "sigmoid", ["a", "b"])
 

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from tmerge.data.labels import BRATS_SCHEME, REGIONS, LabelScheme, dataset_labels
+from tmerge.data.labels import BRATS_SCHEME, LabelScheme, dataset_labels
 from tmerge.data.nifti import save_labels
 from tmerge.data.preprocess import original_labels, uncrop, voxel_spacing
 from tmerge.errors import ConfigError
@@ -140,27 +140,6 @@ def as_scheme(scheme: Scheme, class_names: Sequence[str] | None = None) -> Label
     if class_names is None:
         raise ValueError(f"output mode {scheme!r} needs its class names")
     return LabelScheme.of(check_output_mode(scheme), class_names)
-
-
-def label_map(onehot: np.ndarray, scheme: Scheme, class_names: Sequence[str] | None = None) -> np.ndarray:
-    """Hard prediction ``(C, D, H, W)`` (one-/multi-hot) → label map ``(D, H, W)`` uint8.
-
-    Regions are painted the largest first, the innermost winning (BraTS: ET, TC, WT → 0/1/2/4);
-    plain classes: the class index (0 background)."""
-    onehot = np.asarray(onehot)
-    if isinstance(scheme, str) and class_names is None:  # the built-in conventions by mode
-        class_names = REGIONS if scheme == "sigmoid" else [str(k) for k in range(1, onehot.shape[0])]
-    return as_scheme(scheme, class_names).label_map(onehot)
-
-
-def target_label_map(
-    target: np.ndarray, scheme: Scheme, class_names: Sequence[str] | None = None
-) -> np.ndarray:
-    """Training target ``(L, D, H, W)`` (region masks, or ``L = 1`` class indices) → label map."""
-    target = np.asarray(target)
-    if isinstance(scheme, str) and class_names is None:
-        class_names = REGIONS if scheme == "sigmoid" else ["1"]
-    return as_scheme(scheme, class_names).target_label_map(target)
 
 
 def score_label_maps(

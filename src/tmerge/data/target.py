@@ -41,7 +41,6 @@ from tmerge.data.formats import (
     GENERIC,
     TARGET_OUTPUT_MODES,
     TASK_CHANNELS,
-    Layout,
     open_target,
 )
 from tmerge.data.labels import BRATS_SCHEME, LabelMapping, LabelScheme
@@ -162,13 +161,6 @@ class TargetDataModule(SegmentationDataModule):
         # Class indices for softmax (as the parcellation sources), region masks for sigmoid.
         self.label_dtype = torch.int64 if scheme.mode == "softmax" else torch.float32
 
-    @property
-    def layout(self) -> Layout:
-        """The root opened as a target (:func:`tmerge.data.formats.open_target`)."""
-        if self._layout is None and self.config.root is not None and self.root.is_dir():
-            self._layout = open_target(self.root, self.config.layout, self.config.output_mode)
-        return super().layout
-
     def recorded(self) -> dict[str, Any]:
         """What a run records of its target (:data:`tmerge.runs.TARGET_FILE`), so that its
         network can predict where the dataset root is not (``described=`` reads it back)."""
@@ -191,8 +183,13 @@ class TargetDataModule(SegmentationDataModule):
     def describe(self) -> dict[str, Any]:
         """What the target is, for ``--show-config`` and the export: name, layout, channels,
         output mode, classes and the dataset's label values."""
-        layout = self._layout.format.name if self._layout is not None else "brats2018 (embedded default)"
-        mapping = self._layout.labels if self._layout is not None else None
+        if self._layout is not None:
+            layout = self._layout.format.name
+        elif self.config.root is None:
+            layout = "brats2018 (embedded default)"
+        else:
+            layout = "not found (taken for BraTS)"
+        mapping = self.preprocess_settings().labels
         return {
             "name": self.name,
             "root": str(self.root),

@@ -31,6 +31,7 @@ from tmerge.runner import fit
 from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, WARMUP_DIR, Source, best_state_dict
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.module import segmentation_module
+from tmerge.stages.results import curve_score
 
 if TYPE_CHECKING:
     from tmerge.stages.inits import Initialised
@@ -85,8 +86,6 @@ def probe_scores(dm: TargetDataModule, module: L.LightningModule) -> dict[str, f
     """The test scores of a network whose P was frozen (the end of a warm-up or an adaption):
     the frozen-feature probe of the premise checks — what the initialisation's P alone is worth
     on the target. A scoring pass that leaves the training untouched (random state restored)."""
-    from tmerge.stages.results import curve_score
-
     with untouched(module):
         return curve_score(dm)(None, module)  # type: ignore[arg-type]
 
