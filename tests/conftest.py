@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from tiny_settings import TINY_ARGS
 
 # Offline, silent W&B for every test; nothing may reach the network.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -31,24 +32,6 @@ def tiny_default(tmp_path_factory) -> Path:
     return root
 
 
-#: A network and schedule small enough for seconds per stage on two cores (end-to-end tests).
-TINY_ARGS = (
-    "net.base_filters=4",
-    "net.depth=3",
-    "data.patch_size=16",
-    "data.batch_size=2",
-    "data.samples_per_volume=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "loss.sw_roi=32",
-)
-
-
-@pytest.fixture(scope="session")
-def tiny_args() -> list[str]:
-    """:data:`TINY_ARGS` as overrides."""
-    return list(TINY_ARGS)
 
 
 @pytest.fixture(scope="module")

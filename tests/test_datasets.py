@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from tiny_settings import TINY_ARGS
 
 from tmerge.cli import main
 
@@ -32,18 +33,7 @@ assert _spec is not None and _spec.loader is not None
 layouts = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(layouts)
 
-# As tests/test_pipeline.py: seconds per stage on two cores.
-TINY = [
-    "net.base_filters=4",
-    "net.depth=3",
-    "data.patch_size=16",
-    "data.batch_size=2",
-    "data.samples_per_volume=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "loss.sw_roi=32",
-]
+TINY = list(TINY_ARGS)
 LAYOUTS = ("brats2018", "brats2021", "brats2023", "nnunet")
 # Written label values of each layout (the generated tumours have every label).
 CONVENTION = {

@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_settings import TINY_SCHEDULE
 
 from tmerge.cli import main
 from tmerge.nets import layer_groups, partition
@@ -19,16 +20,8 @@ from tmerge.nets.config import NetConfig
 
 pytestmark = pytest.mark.slow
 
-# As tests/test_pipeline.py's TINY, with each network at a size that downsamples 16³ patches to 4³.
-SCHEDULE = [
-    "data.patch_size=16",
-    "data.batch_size=2",
-    "data.samples_per_volume=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "loss.sw_roi=32",
-]
+# The tiny schedule, with each network at a size that downsamples 16³ patches to 4³.
+SCHEDULE = list(TINY_SCHEDULE)
 NETS = {
     "dynunet": ["net.name=dynunet", "net.filters=[4,8,16]", "net.strides=[2,2]"],
     "segresnet": [

@@ -16,24 +16,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_settings import TINY_ARGS, tiny_brats
 
 from tmerge.cli import main
 from tmerge.io import file_sha256
 
 pytestmark = pytest.mark.slow
 
-# A network and schedule small enough for seconds per stage on two cores.
-TINY = [
-    "net.base_filters=4",
-    "net.depth=3",
-    "data.patch_size=16",
-    "data.batch_size=2",
-    "data.samples_per_volume=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "loss.sw_roi=32",
-]
+TINY = list(TINY_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +37,7 @@ def runs(tiny_default, tmp_path_factory):
 
 
 def brats_args(tiny_default, runs):
-    return [
-        f"data.root={tiny_default / 'brats'}",
-        f"runs_dir={runs}",
-        "portion=50",
-        "data.test_size=8",
-        "data.pool_size=16",
-        "adaption.max_epochs=1",
-        *TINY,
-    ]
+    return [*tiny_brats(tiny_default, runs), "adaption.max_epochs=1", *TINY]
 
 
 def test_source_runs_write_their_artefacts(runs):

@@ -10,6 +10,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from tiny_settings import TINY_ARGS
 
 from tmerge.cli import main
 
@@ -34,7 +35,7 @@ def runs(tiny_sources):
     return tiny_sources
 
 
-def target_args(structures, runs, tiny, portion=100):
+def target_args(structures, runs, portion=100):
     return [
         f"data.root={structures}",
         f"runs_dir={runs}",
@@ -43,12 +44,12 @@ def target_args(structures, runs, tiny, portion=100):
         "data.pool_size=null",
         "data.n4=false",
         "adaption.max_epochs=1",
-        *tiny,
+        *TINY_ARGS,
     ]
 
 
-def test_show_config_describes_the_target(structures, capsys, tiny_args):
-    assert main(["timm", "--show-config", *target_args(structures, "/tmp/unused", tiny_args)]) == 0
+def test_show_config_describes_the_target(structures, capsys):
+    assert main(["timm", "--show-config", *target_args(structures, "/tmp/unused")]) == 0
     out = capsys.readouterr().out
     assert "#   channels: ['syn1', 'syn2', 'syn3']" in out
     assert "#   output_mode: softmax" in out
@@ -77,16 +78,16 @@ def test_region_dataset_forced_to_softmax_is_one_error(tmp_path, capsys):
     assert "classes: sigmoid regions: organ = {1, 2}; lesion = {2}" in capsys.readouterr().out
 
 
-def test_wrong_length_channel_map_is_one_error(structures, runs, capsys, tiny_args):
-    assert main(["timm", "channel_map=[0,1]", *target_args(structures, runs, tiny_args)]) == 2
+def test_wrong_length_channel_map_is_one_error(structures, runs, capsys):
+    assert main(["timm", "channel_map=[0,1]", *target_args(structures, runs)]) == 2
     err = capsys.readouterr().err
     assert "channel_map: got [0, 1] (2 entries); expected one source channel per target channel, 3" in err
     assert not (runs / "targets").exists()
 
 
-def test_timm_on_a_non_brats_target(structures, runs, tmp_path, caplog, tiny_args):
+def test_timm_on_a_non_brats_target(structures, runs, tmp_path, caplog):
     caplog.set_level("INFO", logger="tmerge")
-    assert main(["timm", *target_args(structures, runs, tiny_args)]) == 0
+    assert main(["timm", *target_args(structures, runs)]) == 0
     assert "channels syn1, syn2, syn3 are not all among task1's (T1, T2): the input layer is re-initialised" in caplog.text
     run = runs / "targets" / "structures" / "p100" / "timm"
     summary = json.loads((run / "test_summary.json").read_text())

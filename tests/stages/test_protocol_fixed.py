@@ -8,6 +8,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from tiny_settings import TINY_ARGS, tiny_brats
 
 from tmerge.cli import main
 from tmerge.data.target import TargetDataModule
@@ -24,17 +25,13 @@ def runs(tiny_sources):
     return tiny_sources
 
 
-def fixed_args(tiny_default, runs, tiny, *extra):
+def fixed_args(tiny_default, runs, *extra):
     return [
-        f"data.root={tiny_default / 'brats'}",
-        f"runs_dir={runs}",
-        "portion=50",
-        "data.test_size=8",
-        "data.pool_size=16",
+        *tiny_brats(tiny_default, runs),
         "protocol=fixed",
         "fixed.epochs=2",
         "fixed.warmup_epochs=1",
-        *tiny,
+        *TINY_ARGS,
         *extra,
     ]
 
@@ -52,8 +49,8 @@ def never_validates():
     mp.undo()
 
 
-def test_fixed_protocol_trains_a_fixed_budget_and_tests_the_final_weights(runs, tiny_default, never_validates, tiny_args):
-    assert main(["target", "init=none", *fixed_args(tiny_default, runs, tiny_args)]) == 0
+def test_fixed_protocol_trains_a_fixed_budget_and_tests_the_final_weights(runs, tiny_default, never_validates):
+    assert main(["target", "init=none", *fixed_args(tiny_default, runs)]) == 0
     run = runs / "brats" / "p50" / "none"
     stages = json.loads((run / "stages.json").read_text())
     assert stages["protocol"] == "fixed"
@@ -87,21 +84,21 @@ def test_warm_up_freezes_exactly_p_but_the_input_layer(runs, tiny_default):
     assert any(not torch.equal(warmed[n], state[n]) for n in specific)
 
 
-def test_every_init_gets_the_same_warm_up(runs, tiny_default, never_validates, tiny_args):
-    assert main(["timm", *fixed_args(tiny_default, runs, tiny_args)]) == 0
-    assert main(["target", "init=m2", *fixed_args(tiny_default, runs, tiny_args)]) == 0
+def test_every_init_gets_the_same_warm_up(runs, tiny_default, never_validates):
+    assert main(["timm", *fixed_args(tiny_default, runs)]) == 0
+    assert main(["target", "init=m2", *fixed_args(tiny_default, runs)]) == 0
     stages = {i: json.loads((runs / "brats" / "p50" / i / "stages.json").read_text()) for i in ("none", "m2", "timm")}
     assert stages["timm"]["adaption"]["epochs"] == stages["m2"]["warmup"]["epochs"] == stages["none"]["warmup"]["epochs"] == 1
     assert {s["finetune"]["epochs"] for s in stages.values()} == {2}
 
 
-def test_curve_points_leave_the_training_unchanged(runs, tiny_default, never_validates, tiny_args):
+def test_curve_points_leave_the_training_unchanged(runs, tiny_default, never_validates):
     """The same run without curve points ends with bitwise the same weights and scores."""
     other = runs.parent / f"{runs.name}-nocurve"
     other.mkdir()
     for source in ("task1", "task2"):
         (other / source).symlink_to(runs / source)
-    args = [a.replace(f"runs_dir={runs}", f"runs_dir={other}") for a in fixed_args(tiny_default, runs, tiny_args)]
+    args = [a.replace(f"runs_dir={runs}", f"runs_dir={other}") for a in fixed_args(tiny_default, runs)]
     assert main(["target", "init=none", "fixed.curve=false", *args]) == 0
     mine, theirs = other / "brats" / "p50" / "none", runs / "brats" / "p50" / "none"
     assert not (mine / "curve.json").exists()
@@ -110,7 +107,7 @@ def test_curve_points_leave_the_training_unchanged(runs, tiny_default, never_val
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_negative_control_merges_a_noise_source(runs, tiny_default, never_validates, tiny_args):
+def test_negative_control_merges_a_noise_source(runs, tiny_default, never_validates):
     """`tmerge noise-source` makes a finished source run whose P is seeded noise with task1's
     Fisher; T-IMM merges it as a third source."""
     from safetensors.torch import load_file
@@ -126,16 +123,16 @@ def test_negative_control_merges_a_noise_source(runs, tiny_default, never_valida
         else:  # S kept
             assert torch.equal(noise[name], t)
     assert main(["noise-source", "from=task1", "name=noise", f"runs_dir={runs}"]) == 2  # exists
-    args = [a.replace("portion=50", "portion=25") for a in fixed_args(tiny_default, runs, tiny_args)]
+    args = [a.replace("portion=50", "portion=25") for a in fixed_args(tiny_default, runs)]
     assert main(["timm", "sources=[task1,task2,noise]", *args]) == 0
     alphas = json.loads((runs / "brats" / "p25" / "timm" / "alphas.json").read_text())
     assert alphas["sources"] == ["task1", "task2", "noise"]
     assert all(len(a) == 3 and abs(sum(a) - 1) < 1e-5 for a in alphas["alphas"].values())
 
 
-def test_shallow_baseline_is_a_column_of_its_own(runs, tiny_default, tiny_args):
+def test_shallow_baseline_is_a_column_of_its_own(runs, tiny_default):
     """`tmerge shallow`: the per-voxel baseline on the same splits, written as a target run."""
-    args = [a for a in fixed_args(tiny_default, runs, tiny_args) if not a.startswith(("protocol", "fixed"))]
+    args = [a for a in fixed_args(tiny_default, runs) if not a.startswith(("protocol", "fixed"))]
     assert main(["shallow", *args]) == 0
     run = runs / "brats" / "p50" / "shallow"
     summary = json.loads((run / "test_summary.json").read_text())
