@@ -211,8 +211,6 @@ def _report_target(
     if not paths and not notes[FIG5_TRAJECTORY]:
         notes[FIG5_TRAJECTORY] = [f"no finished {cfg.reference} run with {ALPHAS_FILE}"]
     figures.plot_alpha_trajectory(paths, out / FIG5_TRAJECTORY, empty="; ".join(notes[FIG5_TRAJECTORY]))
-    if not main:
-        index.forgetting = []  # the sources' forgetting belongs to the main report
     parcellation, p_notes = parcellation_rows(index.forgetting)
     if not index.forgetting:
         p_notes = [f"no {FORGETTING_DIR}/p<portion>/ folder (make forgetting PORTION=…)"]

@@ -429,8 +429,8 @@ def _target_classes(base: Path, target: str) -> tuple[str, ...]:
 
 
 def discover(root: Path, target: str = TARGETS_DIR) -> RunIndex:
-    """Every run folder of ``target`` (BraTS by default; :func:`tmerge.runs.target_root`), and
-    every source and forgetting run folder under ``root``."""
+    """Every run folder of ``target`` (BraTS by default; :func:`tmerge.runs.target_root`), every
+    source run folder under ``root`` and, for BraTS, every forgetting folder."""
     base = target_root(root, target)
     classes = _target_classes(base, target)
     columns = tuple(score_columns(classes)) if classes else SCORE_COLUMNS
@@ -463,7 +463,8 @@ def discover(root: Path, target: str = TARGETS_DIR) -> RunIndex:
                 info=_read_optional_json(folder / RUN_FILE),
             )
         )
-    for fdir in _subdirs(root / FORGETTING_DIR):
+    # Table 4 is of the BraTS runs' T-IMM α: another target's report has no forgetting.
+    for fdir in _subdirs(root / FORGETTING_DIR) if target == TARGETS_DIR else []:
         portion = _portion(fdir.name)
         if portion is None:
             continue
