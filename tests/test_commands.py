@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from tmerge.cli import COMMANDS, main
-from tmerge.config import PROFILES, experiment_file
+from tmerge.config import PROFILES, experiment_files
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -33,10 +33,12 @@ def test_show_config_of_every_command_and_profile(command, profile, capsys):
     schema = cmd.load(cmd.schema)
     assert set(shown) == {f.name for f in dataclasses.fields(schema)}
     values = _leaves(shown)
-    path = experiment_file(cmd.experiment, profile) if cmd.experiment else None
+    paths = experiment_files(cmd.experiment, profile) if cmd.experiment else []
     preset = dict(p.split("=", 1) for p in cmd.preset)
-    # The file's values as the command resolves them (interpolations such as ${oc.env:HCP_ROOT,…}).
-    written = OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path else {}
+    # The files' values as the command resolves them (interpolations such as ${oc.env:HCP_ROOT,…}),
+    # a layered profile's own file above its base profile's.
+    merged = OmegaConf.merge(*(OmegaConf.load(p) for p in paths)) if paths else None
+    written = OmegaConf.to_container(merged, resolve=True) if merged is not None else {}
     for key, value in _leaves(written or {}).items():
         if key not in preset:  # the preset (init=timm for `tmerge timm`) is applied above the file
             assert values[key] == value, f"{command} --profile {profile}: {key} is not the file's {value!r}"

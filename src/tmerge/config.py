@@ -28,8 +28,13 @@ from tmerge.io import write_text
 
 T = TypeVar("T")
 
-#: The two families of experiment settings, selected by one switch (``--profile`` / ``PROFILE=``).
-PROFILES = ("default", "paper")
+#: The families of experiment settings, selected by one switch (``--profile`` / ``PROFILE=``):
+#: ``default`` (CPU-sized, embedded data), ``paper`` (the paper's scale) and ``benchmark`` (the
+#: default's settings with ``experiments/benchmark/<stage>.yaml`` merged on top: converged sources
+#: and the fixed protocol of ``make benchmark``).
+PROFILES = ("default", "paper", "benchmark")
+#: Profiles whose files refine another profile's instead of replacing them.
+LAYERED = {"benchmark": "default"}
 
 
 def project_root() -> Path:
@@ -56,6 +61,15 @@ def experiment_file(stage: str, profile: str = "default") -> Path | None:
     folder = experiments_dir() if profile == "default" else experiments_dir() / profile
     path = folder / f"{stage}.yaml"
     return path if path.is_file() else None
+
+
+def experiment_files(stage: str, profile: str = "default") -> list[Path]:
+    """The YAML files for ``stage`` under ``profile``, lowest layer first: a layered profile's
+    base file (e.g. ``experiments/task1.yaml``) under its own (``experiments/benchmark/task1.yaml``)."""
+    base = LAYERED.get(profile)
+    files = experiment_files(stage, base) if base is not None else []
+    own = experiment_file(stage, profile)
+    return files + ([own] if own is not None else [])
 
 
 def check_count(key: str, value: int, least: int) -> None:
@@ -112,7 +126,7 @@ def compose(
         schema: the stage's dataclass (its defaults are the lowest layer).
         stage: name of the experiment file to merge (``experiments/<stage>.yaml``), if any.
         overrides: ``key=value`` strings from the command line (highest layer).
-        profile: ``"default"`` (CPU-sized, embedded data) or ``"paper"`` (the paper's scale).
+        profile: one of :data:`PROFILES`.
         aliases: short key → full key (e.g. ``{"portion": "data.portion"}``).
         files: YAML files merged above the experiment file and below the overrides (e.g. a
             ``tmerge merge`` recipe).
@@ -125,14 +139,12 @@ def compose(
             or the file.
     """
     cfg = OmegaConf.structured(schema)
-    layers = [experiment_file(stage, profile)] if stage is not None else []
+    layers: list[Path] = experiment_files(stage, profile) if stage is not None else []
     for given in files:
         if not Path(given).is_file():
             raise ConfigError(f"{given}: file not found; expected a YAML file")
         layers.append(Path(given))
     for path in layers:
-        if path is None:
-            continue
         try:
             layer = OmegaConf.load(path)
         except Exception as exc:  # YAML syntax errors come in several types
