@@ -5,6 +5,7 @@
 #   make task1 ARGS="trainer.max_epochs=3"   overrides pass through ARGS
 #   make task1 PROFILE=paper            the paper's scale (experiments/paper/)
 #   make benchmark                      the fixed protocol, ≥ 8 seeds, both targets + controls
+#   make benchmark-report               its report (runs/benchmark/report/)
 #
 # The first target that needs Python creates .venv and installs the project into it.
 
@@ -23,7 +24,7 @@ RUN     = $(TMERGE) $(1) --profile $(PROFILE) $(ARGS)
 .PHONY: help install data task1 task2 source test test-slow test-all lint clean
 
 help:
-	@sed -n '2,9p' Makefile
+	@sed -n '2,10p' Makefile
 
 install: $(VENV)/.installed
 
@@ -89,28 +90,36 @@ forgetting: install
 report: install
 	$(TMERGE) report --profile $(PROFILE) $(ARGS)
 
-# The decisive benchmark (docs/protocol.md §7): protocol=fixed over SEEDS on the BraTS-like target
-# at 4 % and on the positive control (the generated `structures` target), two sweeps side by side
-# with one thread each, then the negative control (a noise source merged as a third). Resumable:
-# finished runs are skipped. Logs in $(RUNS)/benchmark-*.log; then `make report`.
-.PHONY: benchmark
+# The decisive benchmark (docs/protocol.md §8), `--profile benchmark` (experiments/benchmark/):
+# sources trained until their validation Dice is flat, then protocol=fixed over SEEDS on the
+# BraTS-like target at 4 % and on the positive control (the generated `structures` target, 20 %):
+# none, the best single source (named before running: M2 on BraTS, the paper's and earlier sweeps'
+# best; M1 on the positive control, whose structures are task 1's), IMM, mean-T-IMM and T-IMM; the
+# negative control (a noise source merged as a third) and the shallow baseline. Two sweeps side by
+# side with one thread each. Everything goes to BENCH_RUNS; resumable: finished runs are skipped.
+# Logs in $(BENCH_RUNS)/benchmark-*.log; then `make benchmark-report`.
+.PHONY: benchmark benchmark-sources benchmark-report
 SEEDS ?= [0,1,2,3,4,5,6,7]
-BENCH_INITS ?= [none,m1,m2,imm,mean-timm,timm]
-RUNS = $${TMERGE_RUNS:-runs}
-STRUCTURES = $${TMERGE_DATA:-data}/default/structures
-BENCH = OMP_NUM_THREADS=1 $(TMERGE) sweep --profile $(PROFILE) protocol=fixed seed_folder=true "seeds=$(SEEDS)"
-benchmark: install
+BENCH_RUNS ?= runs/benchmark
+STRUCTURES = data.root=$${TMERGE_DATA:-data}/default/structures data.test_size=10 data.pool_size=null \
+  data.n4=false portion=20
+BENCH_ENV = TMERGE_RUNS=$(BENCH_RUNS) OMP_NUM_THREADS=1
+BENCH = $(BENCH_ENV) $(TMERGE) sweep --profile benchmark seed_folder=true "seeds=$(SEEDS)"
+benchmark-sources: install
 	$(TMERGE) data "kinds=[hcp,brats,structures]"
-	$(TMERGE) task1 --profile $(PROFILE)
-	$(TMERGE) task2 --profile $(PROFILE)
-	$(TMERGE) noise-source from=task1 name=noise
-	mkdir -p $(RUNS)
-	( $(BENCH) "inits=$(BENCH_INITS)" portion=4 $(ARGS) > $(RUNS)/benchmark-brats.log 2>&1 && \
+	TMERGE_RUNS=$(BENCH_RUNS) $(TMERGE) task1 --profile benchmark
+	TMERGE_RUNS=$(BENCH_RUNS) $(TMERGE) task2 --profile benchmark
+	TMERGE_RUNS=$(BENCH_RUNS) $(TMERGE) noise-source from=task1 name=noise
+
+benchmark: benchmark-sources
+	( $(BENCH) "inits=[none,m2,imm,mean-timm,timm]" portion=4 $(ARGS) > $(BENCH_RUNS)/benchmark-brats.log 2>&1 && \
 	  $(BENCH) "inits=[timm]" run_name=timm-noise "sources=[task1,task2,noise]" portion=4 $(ARGS) \
-	    > $(RUNS)/benchmark-negative.log 2>&1 ) & brats=$$!; \
-	$(BENCH) "inits=$(BENCH_INITS)" data.root=$(STRUCTURES) data.test_size=10 data.pool_size=null \
-	  data.n4=false portion=20 $(ARGS) > $(RUNS)/benchmark-structures.log 2>&1 & structures=$$!; \
+	    > $(BENCH_RUNS)/benchmark-negative.log 2>&1 ) & brats=$$!; \
+	$(BENCH) "inits=[none,m1,imm,mean-timm,timm]" $(STRUCTURES) $(ARGS) \
+	  > $(BENCH_RUNS)/benchmark-structures.log 2>&1 & structures=$$!; \
 	wait $$brats && wait $$structures
-	OMP_NUM_THREADS=1 $(TMERGE) shallow --profile $(PROFILE) seed_folder=true "seeds=$(SEEDS)" portion=4 $(ARGS)
-	OMP_NUM_THREADS=1 $(TMERGE) shallow --profile $(PROFILE) seed_folder=true "seeds=$(SEEDS)" data.root=$(STRUCTURES) \
-	  data.test_size=10 data.pool_size=null data.n4=false portion=20 $(ARGS)
+	$(BENCH_ENV) $(TMERGE) shallow --profile benchmark seed_folder=true "seeds=$(SEEDS)" portion=4 $(ARGS)
+	$(BENCH_ENV) $(TMERGE) shallow --profile benchmark seed_folder=true "seeds=$(SEEDS)" $(STRUCTURES) $(ARGS)
+
+benchmark-report: install
+	TMERGE_RUNS=$(BENCH_RUNS) $(TMERGE) report --profile benchmark $(ARGS)
