@@ -46,6 +46,18 @@ def test_profile_selects_family(experiments):
         compose(Outer, "stage", profile="huge")
 
 
+def test_benchmark_profile_refines_the_default_files(experiments):
+    (experiments / "benchmark").mkdir()
+    (experiments / "benchmark" / "stage.yaml").write_text("inner:\n  name: long\n")
+    cfg = compose(Outer, "stage", ["seed=5"], profile="benchmark")
+    # default file's lr, benchmark file's name, the command line's seed; paper's file not read
+    assert (cfg.seed, cfg.inner.lr, cfg.inner.name) == (5, 0.5, "long")
+    # keys (and, below, stages) the benchmark profile does not refine are the default profile's
+    assert compose(Outer, "stage", profile="benchmark").seed == 3
+    (experiments / "benchmark" / "stage.yaml").unlink()
+    assert compose(Outer, "stage", profile="benchmark").inner.name == "x"
+
+
 def test_missing_stage_file_uses_defaults(experiments):
     assert compose(Outer, "nothing-here").seed == 0
 
