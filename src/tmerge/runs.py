@@ -173,6 +173,24 @@ def best_state_dict(ckpt_path: str | Path, prefix: str = "net.") -> dict[str, to
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def load_fisher(path: Path) -> dict[str, torch.Tensor]:
+    """Read a Fisher written by :class:`~tmerge.callbacks.FisherCallback`: ``{name: F}`` as float32
+    CPU tensors, in the file's (sorted) order. What it must hold: :func:`tmerge.fisher.fisher_problem`.
+
+    Raises:
+        RunError: missing or unreadable file, naming it.
+    """
+    if not path.is_file():
+        raise RunError(
+            f"{path}: Fisher file not found (it is written by FisherCallback at the end of training)"
+        )
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise RunError(f"{path}: not a readable safetensors Fisher file ({exc})") from None
+    return {n: t.float() for n, t in tensors.items()}
+
+
 def check_architecture(
     path: Path, meta: Mapping[str, Any], expected: Mapping[str, Any], keys: Sequence[str]
 ) -> None:
@@ -223,31 +241,27 @@ def check_fisher_matches(
     net_path: Path,
     state: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
+    names: Sequence[str] = (),
 ) -> None:
-    """Refuse a Fisher that was not computed for the weights beside it: wrong shapes, negative
-    entries, a hash that differs from the one the weights recorded, or non-finite entries.
+    """Refuse a Fisher that was not computed for the weights beside it: one lacking a name of
+    ``names``, of other shapes than the weights, with non-finite or negative entries
+    (:func:`tmerge.fisher.fisher_problem`), or whose hash differs from the one the weights recorded.
 
     Raises:
         RunError: naming the Fisher file and what does not match.
     """
-    from tmerge.fisher import check_finite
+    from tmerge.fisher import fisher_problem
 
-    for key, value in fisher.items():
-        if key in state and value.shape != state[key].shape:
-            raise RunError(
-                f"{fisher_path}: Fisher of another model: {key} has shape {tuple(value.shape)}, "
-                f"the weights in {net_path} {tuple(state[key].shape)}"
-            )
-    negative = [k for k, v in fisher.items() if bool((v < 0).any())]
-    if negative:
-        raise RunError(f"{fisher_path}: not a Fisher: {negative[0]!r} has negative entries (a Fisher is ≥ 0)")
+    shapes = {n: state[n].shape for n in [*names, *fisher] if n in state}
+    problem = fisher_problem(fisher, shapes, str(fisher_path))
+    if problem:
+        raise RunError(problem)
     recorded = meta.get("fisher_sha256")
     if recorded and file_sha256(fisher_path) != recorded:
         raise RunError(
             f"{fisher_path}: not the Fisher computed for {net_path} (its hash differs from the one "
             "recorded with the weights); restore the run's own Fisher or retrain it with force=true"
         )
-    check_finite(dict(fisher), str(fisher_path))
 
 
 # --- source models -------------------------------------------------------------------------------
@@ -301,8 +315,6 @@ def load_source(
     Raises:
         RunError: naming the file and what is wrong with it, and how to make it where that helps.
     """
-    from tmerge.fisher import load_fisher
-
     files = (NET_FILE, SOURCE_MARKER, *((FISHER_FILE,) if with_fisher else ()))
     folder = source_folder(runs_root, name, wandb_mode, files)
     path = folder / NET_FILE
@@ -325,6 +337,9 @@ def load_source(
         # Every fused parameter of the source has a Fisher (its first layer included, though
         # a first layer of another shape than the target's is not merged).
         fisher_path = folder / FISHER_FILE
-        fisher = load_fisher(fisher_path, expected_names=[n for n in fused if n in state])
-        check_fisher_matches(fisher_path, fisher, path, state, meta)
+        names = [n for n in fused if n in state]
+        stored = load_fisher(fisher_path)
+        # In the weights' order (the file's is sorted): sums over the Fisher add up in the same order.
+        fisher = {n: stored[n] for n in [*names, *stored] if n in stored}
+        check_fisher_matches(fisher_path, fisher, path, state, meta, names)
     return Source(name, state, meta, fisher, folder)

@@ -1,8 +1,8 @@
 """Computes and saves the empirical Fisher of the best model at the end of training.
 
-The Fisher itself (per-sample gradients, sums, normalisation, files) is in :mod:`tmerge.fisher`;
-this module is only its Lightning adapter: which weights, which samples on which rank, the
-reduction over ranks and the file.
+The Fisher itself (per-sample gradients, sums, normalisation, what a Fisher must be) is in
+:mod:`tmerge.fisher`; this module is only its Lightning adapter: which weights, which samples on
+which rank, the reduction over ranks and the file.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from tmerge.fisher import (
     NORMALIZE,
     LossFn,
     autocast_for,
-    check_finite,
     check_method,
     compute_fisher_sums,
+    fisher_problem,
     normalize_fisher,
 )
 from tmerge.io import write_safetensors
@@ -161,7 +161,9 @@ class FisherCallback(pl.Callback):
             fisher[n] = (flat[offset : offset + size] / count).view_as(result.sums[n])
             offset += size
         path = (self.dirpath or Path(trainer.default_root_dir)) / self.filename
-        check_finite(fisher, str(path))
+        problem = fisher_problem(fisher, {}, str(path))
+        if problem:
+            raise RunError(f"{problem}; the model or loss produced NaN/inf gradients")
         fisher = normalize_fisher(fisher, self.normalize)
 
         if trainer.is_global_zero:

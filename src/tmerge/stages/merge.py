@@ -33,12 +33,20 @@ from torch import Tensor
 
 from tmerge.config import to_container
 from tmerge.errors import ConfigError, RunError
-from tmerge.fisher import NORMALIZE, load_fisher, normalize_fisher
+from tmerge.fisher import NORMALIZE, normalize_fisher
 from tmerge.io import file_sha256, write_json, write_safetensors
 from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS, Method, check_params
 from tmerge.merge.task_vectors import check_state_dicts
-from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, check_fisher_matches, check_init_matches, load_net
+from tmerge.runs import (
+    FISHER_FILE,
+    INIT_FILE,
+    NET_FILE,
+    check_fisher_matches,
+    check_init_matches,
+    load_fisher,
+    load_net,
+)
 
 log = logging.getLogger("tmerge")
 

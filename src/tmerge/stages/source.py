@@ -16,10 +16,10 @@ from pathlib import Path
 import lightning as L
 
 from tmerge.artifacts import SOURCE_TYPE, log_model
+from tmerge.callbacks import FisherCallback
 from tmerge.config import to_container
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
-from tmerge.fisher import FisherCallback
 from tmerge.io import file_sha256, write_json
 from tmerge.loggers import stage_loggers, wandb_run
 from tmerge.merge.distance import layer_distances, summarise_distances
