@@ -268,6 +268,28 @@ def test_callback_validates_its_arguments(kwargs: dict, match: str) -> None:
         FisherCallback(**kwargs)
 
 
+def test_the_fisher_options_are_validated_once() -> None:
+    """The functions, the callback and the configs refuse an option with one message, the
+    configs naming their key."""
+    from tmerge.errors import ConfigError
+    from tmerge.stages.configs import FisherConfig, MergeFisherConfig
+
+    said = "normalize: expected one of none, sum, l2, per_tensor, got 'max'"
+    net, x, y = _net(), torch.randn(1, C, S, S, S), torch.randint(0, K, (1, S, S, S))
+    for refuse in (
+        lambda: normalize_fisher({}, "max"),
+        lambda: empirical_fisher(net, [(x, y)], F.cross_entropy, normalize="max"),
+        lambda: FisherCallback(normalize="max"),
+    ):
+        with pytest.raises(ValueError, match=f"^{said}$"):
+            refuse()
+    for config in (FisherConfig, MergeFisherConfig):
+        with pytest.raises(ConfigError, match=f"^fisher.{said}$"):
+            config(normalize="max")
+    with pytest.raises(ConfigError, match="^fisher.method: expected one of auto, loop, vmap, compile, got 'jit'$"):
+        FisherConfig(method="jit")
+
+
 # --------------------------------------------------------------------------------------------
 # FisherCallback end to end (a subprocess per run, so that Lightning's DDP launcher can re-run it)
 # --------------------------------------------------------------------------------------------

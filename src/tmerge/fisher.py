@@ -324,19 +324,32 @@ class FisherSums:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
-def check_method(method: str, chunk_size: int | None, max_samples: int | None) -> None:
-    """Refuse an unknown ``method`` or a ``chunk_size``/``max_samples`` that is not a positive
-    integer (``None`` is fine for both).
+def check_options(
+    *,
+    normalize: str | None = None,
+    method: str | None = None,
+    chunk_size: int | None = None,
+    max_samples: int | None = None,
+    prefix: str = "",
+) -> None:
+    """The one validation of the Fisher's options, for the functions here, the callback and the
+    configs: an unknown ``normalize`` or ``method`` (``None``: not given, not checked), or a
+    ``chunk_size``/``max_samples`` that is not a positive integer (``None`` is fine for both).
+
+    Args:
+        prefix: Put before the option's name in the message: the config section that holds it
+            (``"fisher."``), so that the message names the user's key.
 
     Raises:
-        ValueError: naming the argument and the value it got.
+        ValueError: ``"<prefix><option>: expected …, got …"``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    if normalize is not None and normalize not in NORMALIZE:
+        raise ValueError(f"{prefix}normalize: expected one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"{prefix}method: expected one of {', '.join(METHODS)}, got {method!r}")
+    for name, value in (("chunk_size", chunk_size), ("max_samples", max_samples)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{prefix}{name}: expected a positive integer or None (all), got {value!r}")
 
 
 def _select_names(model: nn.Module, names: Sequence[str] | None) -> dict[str, nn.Parameter]:
@@ -529,7 +542,7 @@ def compute_fisher_sums(
 
     Logs one line (logger ``tmerge``, INFO) with the sample count, the time and volumes/s.
     """
-    check_method(method, chunk_size, max_samples)
+    check_options(method=method, chunk_size=chunk_size, max_samples=max_samples)
     selected = _select_names(model, names)
     if not selected:
         raise ValueError(f"no parameters to compute a Fisher for in {type(model).__name__}")
@@ -628,8 +641,7 @@ def normalize_fisher(fisher: Mapping[str, Tensor], mode: str) -> dict[str, Tenso
     Raises:
         ValueError: On an unknown ``mode``, or a zero total for ``"sum"``/``"l2"``.
     """
-    if mode not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {mode!r}")
+    check_options(normalize=mode)
     if mode == "none":
         return dict(fisher)
     # Accumulate the statistics in float64 so large tensors do not lose precision.
@@ -704,8 +716,7 @@ def empirical_fisher(
         >>> fisher["0.weight"].shape
         torch.Size([2, 1, 3, 3, 3])
     """
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    check_options(normalize=normalize)
     result = compute_fisher_sums(
         model,
         dataloader,

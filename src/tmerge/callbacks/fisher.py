@@ -19,10 +19,9 @@ from typing_extensions import override
 
 from tmerge.errors import RunError
 from tmerge.fisher import (
-    NORMALIZE,
     LossFn,
     autocast_for,
-    check_method,
+    check_options,
     compute_fisher_sums,
     fisher_problem,
     normalize_fisher,
@@ -98,9 +97,7 @@ class FisherCallback(pl.Callback):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if normalize not in NORMALIZE:
-            raise ValueError(f"FisherCallback: normalize must be one of {NORMALIZE}, got {normalize!r}")
-        check_method(method, chunk_size, max_samples)
+        check_options(normalize=normalize, method=method, chunk_size=chunk_size, max_samples=max_samples)
         if not isinstance(filename, str) or not filename.endswith(".safetensors") or "/" in filename:
             raise ValueError(
                 f"FisherCallback: filename must be a bare '*.safetensors' name, got {filename!r}"
