@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tmerge.modules.segmentation import build_loss
 from tmerge.nets import Isensee2017, layer_groups, partition
-from tmerge.runs import Source
+from tmerge.sources import Source
 from tmerge.stages.adaption import adapt
 from tmerge.stages.configs import AdaptionConfig, TargetStageConfig
 from tmerge.stages.inits import Initialised

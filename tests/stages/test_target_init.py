@@ -15,7 +15,7 @@ from tmerge.merge import AdaptiveMerge
 from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule, param_groups
 from tmerge.nets import Isensee2017, head_names, layer_groups, partition
-from tmerge.runs import Source
+from tmerge.sources import Source
 from tmerge.stages.configs import TargetStageConfig, VectorMergeConfig
 from tmerge.stages.inits import INITS, initialise, vector_candidates
 from tmerge.stages.target import run_config

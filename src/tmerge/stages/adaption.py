@@ -28,7 +28,8 @@ from tmerge.loggers import stage_loggers
 from tmerge.merge import AdaptiveMerge
 from tmerge.nets import input_names, partition
 from tmerge.runner import fit
-from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, WARMUP_DIR, Source, best_state_dict
+from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, WARMUP_DIR, best_state_dict
+from tmerge.sources import Source
 from tmerge.stages.configs import TargetStageConfig
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.results import curve_score

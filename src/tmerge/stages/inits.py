@@ -33,24 +33,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tmerge.errors import ConfigError, RunError
+from tmerge.errors import ConfigError
 from tmerge.fisher import normalize_fisher
-from tmerge.loggers import wandb_mode
 from tmerge.merge import imm_merge, mergeable_layers
 from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS
 from tmerge.nets import head_names, layer_groups, partition
-from tmerge.paths import runs_dir
-from tmerge.runs import INIT_FILE, NET_FILE, Source, check_init_matches, load_net, source_folder
+from tmerge.sources import Source
 from tmerge.stages.adaption import adapt
 from tmerge.stages.configs import TargetStageConfig
-from tmerge.transfer import average_parameters, map_input_channels, transfer_parameters
+from tmerge.transfer import average_parameters, transfer_parameters
 
 log = logging.getLogger("tmerge")
 
@@ -242,59 +239,6 @@ def vector_candidates(cfg: TargetStageConfig, method: str) -> list[dict[str, Any
         values = [getattr(cfg.merge, key)] if single else list(getattr(cfg.merge, key))
         grid = [{**g, key: v} for g in grid for v in values]
     return grid
-
-
-# --- θ₀ of the task vectors ---------------------------------------------------------------------
-def load_base(
-    cfg: TargetStageConfig,
-    source_names: list[str],
-    target: dict[str, torch.Tensor],
-    plan: list[int] | None = None,
-    names: list[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """θ₀ of the task-vector methods (``merge.base``), its input layer (``names``) mapped by the
-    sources' channel ``plan`` (:func:`tmerge.stages.target.input_plan`; None: not mapped).
-
-    Raises:
-        RunError: the file does not exist, is unreadable, or is not the init its run recorded.
-    """
-    root = runs_dir(cfg.runs_dir)
-    if cfg.merge.base is None:
-        first = source_folder(root, source_names[0], wandb_mode(cfg.logger), (INIT_FILE,))
-        path = first / INIT_FILE
-        hint = f"retrain {source_names[0]} with this version (it saves its initial weights) or set merge.base"
-    elif (root / cfg.merge.base / NET_FILE).is_file():
-        path, hint = root / cfg.merge.base / NET_FILE, ""
-    else:
-        path, hint = Path(cfg.merge.base).expanduser(), "set merge.base to a run name or a safetensors file"
-    if not path.is_file():
-        raise RunError(f"merge.base: {path} does not exist; {hint}")
-    check_init_matches(path)
-    state, _ = load_net(path)
-    if plan is not None:
-        state = map_input_channels(state, target, plan, rescale=True, names=names)
-    return state
-
-
-def check_base(
-    path_hint: str, base: dict[str, torch.Tensor], sources: list[Source], layers: dict[str, list[str]]
-) -> None:
-    """Refuse a base θ₀ that lacks a merged parameter or holds it in another shape than the sources.
-
-    Raises:
-        RunError: naming the base and the first such parameter.
-    """
-    for names in layers.values():
-        for n in names:
-            if n not in base:
-                raise RunError(
-                    f"merge.base: {path_hint} has no {n!r}; expected the weights the sources started from"
-                )
-            if base[n].shape != sources[0].state[n].shape:
-                raise RunError(
-                    f"merge.base: {path_hint}: {n!r} has shape {tuple(base[n].shape)}, the sources "
-                    f"{tuple(sources[0].state[n].shape)}; expected the weights the sources started from"
-                )
 
 
 # --- the registry -------------------------------------------------------------------------------

@@ -38,15 +38,8 @@ from tmerge.io import file_sha256, write_json, write_safetensors
 from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS, Method, check_params
 from tmerge.merge.task_vectors import check_state_dicts
-from tmerge.runs import (
-    FISHER_FILE,
-    INIT_FILE,
-    NET_FILE,
-    check_fisher_matches,
-    check_init_matches,
-    load_fisher,
-    load_net,
-)
+from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, load_fisher, load_net
+from tmerge.sources import check_fisher_matches, check_init_matches
 
 log = logging.getLogger("tmerge")
 

@@ -32,11 +32,10 @@ from tmerge.runs import (
     INIT_FILE,
     NET_FILE,
     SOURCE_MARKER,
-    Source,
     best_state_dict,
-    load_source,
     save_net,
 )
+from tmerge.sources import Source, load_source
 from tmerge.stages.configs import FisherConfig, RunConfig
 from tmerge.stages.module import architecture_meta, segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
