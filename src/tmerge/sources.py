@@ -251,7 +251,7 @@ def input_plan(
 
 
 def map_input(
-    source: Source, target: dict[str, torch.Tensor], plan: list[int] | None, names: Sequence[str]
+    source: Source, target: Mapping[str, torch.Tensor], plan: list[int] | None, names: Sequence[str]
 ) -> None:
     """Adapt ``source`` (in place) to the target's input channels by ``plan``
     (:func:`input_plan`): its input layer ``names`` rebuilt from the planned source channels
@@ -259,9 +259,28 @@ def map_input(
     if plan is None:
         source.reinit = frozenset(names)
         return
-    source.state = map_input_channels(source.state, target, plan, rescale=True, names=names)
+    source.state = map_channels(source.state, target, plan, rescale=True, names=names)
     if source.fisher is not None:
-        source.fisher = map_input_channels(source.fisher, target, plan, rescale=False, names=names)
+        source.fisher = map_channels(source.fisher, target, plan, rescale=False, names=names)
+
+
+def map_channels(
+    tensors: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    plan: Sequence[int],
+    *,
+    rescale: bool,
+    names: Sequence[str] | None,
+) -> dict[str, torch.Tensor]:
+    """:func:`tmerge.transfer.map_input_channels`, a map it refuses raised as the user's error.
+
+    Raises:
+        ConfigError: ``channel_map`` names a source channel that does not exist.
+    """
+    try:
+        return map_input_channels(tensors, target, plan, rescale=rescale, names=names)
+    except ValueError as exc:  # its message names channel_map, the key
+        raise ConfigError(str(exc)) from None
 
 
 # --- θ₀ of the task vectors ---------------------------------------------------------------------
@@ -270,7 +289,7 @@ def load_base(
     configured: str | None,
     first_source: str,
     wandb_mode: str = "disabled",
-    target: dict[str, torch.Tensor] | None = None,
+    target: Mapping[str, torch.Tensor] | None = None,
     plan: list[int] | None = None,
     names: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -294,7 +313,7 @@ def load_base(
     check_init_matches(path)
     state, _ = load_net(path)
     if plan is not None and target is not None:
-        state = map_input_channels(state, target, plan, rescale=True, names=names)
+        state = map_channels(state, target, plan, rescale=True, names=names)
     return state
 
 

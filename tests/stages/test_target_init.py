@@ -16,10 +16,9 @@ from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule, param_groups
 from tmerge.nets import Isensee2017, head_names, layer_groups, partition
 from tmerge.sources import Source
-from tmerge.stages.configs import TargetStageConfig, VectorMergeConfig
+from tmerge.stages.configs import TargetStageConfig, TransferConfig, VectorMergeConfig
 from tmerge.stages.inits import INITS, initialise, vector_candidates
 from tmerge.stages.target import run_config
-from tmerge.transfer import TransferConfig
 
 
 def build(in_channels: int = 4, n_classes: int = 3) -> torch.nn.Module:

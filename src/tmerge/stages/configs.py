@@ -18,7 +18,6 @@ from tmerge.loggers import LoggerConfig
 from tmerge.modules.segmentation import LossConfig, OptimConfig
 from tmerge.nets.config import NetConfig
 from tmerge.runner import TrainerConfig
-from tmerge.transfer import TransferConfig
 
 
 def check_fisher_options(**options: Any) -> None:
@@ -57,6 +56,30 @@ class MergeFisherConfig:
 
     def __post_init__(self) -> None:
         check_fisher_options(normalize=self.normalize)
+
+
+#: How an initialisation treats the task-specific parameters S (paper §3.2).
+SPECIFIC_MODES = ("reinit", "keep")
+
+
+@dataclass
+class TransferConfig:
+    """How every initialisation treats S, the instance norms and the segmentation heads.
+
+    ``reinit`` (default, paper §3.2): S is freshly initialised for the target task by every
+    transfer method, single-source or merged, so no method starts with a head start in S.
+    ``keep``: the instance norms come from the source (for merged initialisations the mean of the
+    sources' norms, which is the α-weighted mean at the uniform α every merge starts from);
+    the heads are always re-created, the target has other classes.
+    """
+
+    specific: str = "reinit"
+
+    def __post_init__(self) -> None:
+        if self.specific not in SPECIFIC_MODES:
+            raise ConfigError(
+                f"transfer.specific: expected one of {', '.join(SPECIFIC_MODES)}, got {self.specific!r}"
+            )
 
 
 @dataclass
