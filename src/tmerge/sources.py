@@ -318,7 +318,10 @@ def load_base(
 
 
 def check_base(
-    path_hint: str, base: Mapping[str, torch.Tensor], sources: Sequence[Source], layers: Mapping[str, list[str]]
+    path_hint: str,
+    base: Mapping[str, torch.Tensor],
+    sources: Sequence[Source],
+    layers: Mapping[str, list[str]],
 ) -> None:
     """Refuse a base θ₀ that lacks a merged parameter or holds it in another shape than the sources.
 

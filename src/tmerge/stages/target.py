@@ -42,7 +42,8 @@ from tmerge.sources import (
 )
 from tmerge.stages.adaption import warm_up
 from tmerge.stages.configs import TargetStageConfig
-from tmerge.stages.inits import INITS, Initialisation, initialise
+from tmerge.stages.initialisation import Initialisation
+from tmerge.stages.inits import INITS, initialise
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
 from tmerge.stages.results import curve_score, test_subjects, write_results
