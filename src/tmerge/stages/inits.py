@@ -20,6 +20,9 @@ task-arithmetic, ties, dare, dare-ties, slerp
            task-vector merges of :mod:`tmerge.merge.methods` (θ₀: ``merge.base``)
 ========== ==============================================================================
 
+The merges of P (imm, mean-imm and the task-vector methods) run the methods' table of
+:mod:`tmerge.merge.methods`, as ``tmerge merge`` does: a method is implemented once.
+
 Every initialisation treats S alike (``transfer.specific``): ``reinit`` (default, paper §3.2)
 starts the instance norms and heads fresh for every method, ``keep`` takes the norms from the
 source(s) (the mean of the sources' for merges); the heads are always re-created. The sources'
@@ -39,7 +42,7 @@ from torch import nn
 
 from tmerge.errors import ConfigError
 from tmerge.fisher import normalize_fisher
-from tmerge.merge import imm_merge, mergeable_layers
+from tmerge.merge import mergeable_layers
 from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS
 from tmerge.nets import head_names, layer_groups, partition
@@ -131,44 +134,51 @@ def prepare_merge(ctx: InitContext, with_fisher: bool) -> Initialised:
     return Initialised(net, layers, fishers, eps, kept)
 
 
-def imm_builder(with_fisher: bool) -> Callable[[InitContext], Initialised]:
-    """P by eq. 2 with uniform α, Fisher-weighted (``imm``) or not (``mean-imm``)."""
-
-    def build(ctx: InitContext) -> Initialised:
-        start = prepare_merge(ctx, with_fisher)
-        states = [s.state for s in ctx.sources]
-        alphas = torch.full((len(states),), 1.0 / len(states))
-        merged = imm_merge(states, start.fishers, alphas, layers=start.layers, eps=start.eps)
-        start.net.load_state_dict({**start.net.state_dict(), **merged})
-        return start
-
-    return build
-
-
 def adaptive_builder(with_fisher: bool) -> Callable[[InitContext], Initialised]:
     """T-IMM: P is left to the adaption stage (:class:`~tmerge.merge.AdaptiveMerge`)."""
     return lambda ctx: prepare_merge(ctx, with_fisher)
 
 
-def vector_builder(method: str) -> Callable[[InitContext], Initialised]:
-    """P by the task-vector ``method`` from the sources and θ₀, with the candidate's parameters."""
+#: What a builder passes a method of the table besides the models, θ₀ and the Fishers.
+MethodParams = Callable[[InitContext, Initialised], dict[str, Any]]
+
+
+def method_builder(method: str, params: MethodParams) -> Callable[[InitContext], Initialised]:
+    """P by ``method`` of the merge methods' table (:data:`tmerge.merge.methods.METHODS`, the one
+    ``tmerge merge`` runs) over the mergeable layers, from the sources (with their normalised
+    Fishers where the method weighs by them) and θ₀ (where it needs it), with ``params``."""
+    spec = METHODS[method]
 
     def build(ctx: InitContext) -> Initialised:
-        spec = METHODS[method]
         if spec.base and ctx.base is None:
             raise ValueError(f"initialise: {ctx.cfg.init} needs the base θ₀")
-        start = prepare_merge(ctx, with_fisher=False)
+        start = prepare_merge(ctx, with_fisher=spec.fishers)
         names = [n for ns in start.layers.values() for n in ns]
         merged = spec.run(
             [{n: s.state[n] for n in names} for s in ctx.sources],
             None if ctx.base is None else {n: ctx.base[n] for n in names},
-            None,
-            **(ctx.params or vector_candidates(ctx.cfg, method)[0]),
+            None if start.fishers is None else [{n: f[n] for n in names if n in f} for f in start.fishers],
+            **params(ctx, start),
         )
         start.net.load_state_dict({**start.net.state_dict(), **merged})
         return start
 
     return build
+
+
+def eq2_params(ctx: InitContext, start: Initialised) -> dict[str, Any]:
+    """IMM's and mean-IMM's parameters: the table's uniform α, and eq. 2's ε of the run,
+    ``adaption.eps`` relative to the mean entry of all the normalised Fishers (those of layers
+    that are not merged included), the ε a T-IMM adaption of the same sources merges with."""
+    params: dict[str, Any] = {"eps": ctx.cfg.adaption.eps}
+    if start.fishers is not None:
+        params["fisher_scale"] = fisher_epsilon(start.fishers, 1.0)
+    return params
+
+
+def candidate_params(method: str) -> MethodParams:
+    """A task-vector method's parameters: the candidate being built, else the first of the grid."""
+    return lambda ctx, start: ctx.params or vector_candidates(ctx.cfg, method)[0]
 
 
 def vector_candidates(cfg: TargetStageConfig, method: str) -> list[dict[str, Any]]:
@@ -197,7 +207,7 @@ def register(name: str, init: Initialisation) -> Initialisation:
 def _vector(method: str) -> Initialisation:
     spec = METHODS[method]
     return Initialisation(
-        vector_builder(method),
+        method_builder(method, candidate_params(method)),
         _all_sources,
         merges=True,
         models=spec.models,
@@ -212,8 +222,8 @@ def _vector(method: str) -> Initialisation:
 register("none", Initialisation(build_none))
 register("m1", Initialisation(build_transfer, nth_source(0)))
 register("m2", Initialisation(build_transfer, nth_source(1)))
-register("imm", Initialisation(imm_builder(True), _all_sources, fisher=True, merges=True))
-register("mean-imm", Initialisation(imm_builder(False), _all_sources, merges=True))
+register("imm", Initialisation(method_builder("imm", eq2_params), _all_sources, fisher=True, merges=True))
+register("mean-imm", Initialisation(method_builder("mean-imm", eq2_params), _all_sources, merges=True))
 register("mean-timm", Initialisation(adaptive_builder(False), _all_sources, merges=True, adapt=adapt))
 register("timm", Initialisation(adaptive_builder(True), _all_sources, fisher=True, merges=True, adapt=adapt))
 for _name in ("task-arithmetic", "ties", "dare", "dare-ties", "slerp"):
