@@ -13,15 +13,10 @@ from torch import Tensor, nn
 
 from tmerge.callbacks import FisherCallback
 from tmerge.errors import RunError
-from tmerge.fisher import (
-    check_finite,
-    compute_fisher_sums,
-    empirical_fisher,
-    load_fisher,
-    normalize_fisher,
-)
+from tmerge.fisher import compute_fisher_sums, empirical_fisher, fisher_problem, normalize_fisher
 from tmerge.io import write_safetensors
 from tmerge.nets import Isensee2017, partition
+from tmerge.runs import load_fisher
 
 N, C, K, S = 8, 2, 3, 4  # samples, input channels, classes, spatial size
 
@@ -233,11 +228,9 @@ def test_bad_arguments() -> None:
 
 def test_load_fisher_roundtrip_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "fisher.safetensors"
-    write_safetensors(path, {"a.weight": torch.ones(2, 3), "b.bias": torch.zeros(4)}, {"samples": 3})
-    loaded = load_fisher(path, expected_names=["a.weight"])
-    assert set(loaded) == {"a.weight", "b.bias"} and loaded["a.weight"].shape == (2, 3)
-    with pytest.raises(RunError, match=r"fisher\.safetensors.*c\.weight, d\.bias"):
-        load_fisher(path, expected_names=["a.weight", "c.weight", "d.bias"])
+    write_safetensors(path, {"b.bias": torch.zeros(4), "a.weight": torch.ones(2, 3, dtype=torch.float64)})
+    loaded = load_fisher(path)
+    assert list(loaded) == ["a.weight", "b.bias"] and loaded["a.weight"].dtype == torch.float32
     with pytest.raises(RunError, match=r"nothere\.safetensors.*not found"):
         load_fisher(tmp_path / "nothere.safetensors")
     garbage = tmp_path / "garbage.safetensors"
@@ -246,10 +239,17 @@ def test_load_fisher_roundtrip_and_errors(tmp_path: Path) -> None:
         load_fisher(garbage)
 
 
-def test_check_finite_names_the_parameter() -> None:
-    check_finite({"a": torch.ones(2)}, "run")
-    with pytest.raises(RunError, match=r"'b\.weight'.*1 non-finite"):
-        check_finite({"a": torch.ones(2), "b.weight": torch.tensor([1.0, float("nan")])}, "run")
+def test_fisher_problem_names_the_first_fault() -> None:
+    shapes = {"a": (2,), "b.weight": (2,)}
+    assert fisher_problem({"a": torch.ones(2), "b.weight": torch.zeros(2)}, shapes, "f") is None
+    assert fisher_problem({"a": torch.ones(2)}, shapes, "f") == "f lacks 1 expected parameter(s), e.g. 'b.weight'"
+    wrong = fisher_problem({"a": torch.ones(2), "b.weight": torch.ones(3)}, shapes, "f")
+    assert wrong is not None and wrong.startswith("f['b.weight'] has shape (3,), expected the parameter's shape (2,)")
+    nan = fisher_problem({"a": torch.ones(2), "b.weight": torch.tensor([1.0, float("nan")])}, shapes, "f")
+    assert nan is not None and "f['b.weight'] has NaN or infinite" in nan and "got 1 of 2 non-finite" in nan
+    # Entries beyond the expected names are checked too (a Fisher covers more than is merged).
+    negative = fisher_problem({"a": torch.ones(2), "b.weight": torch.ones(2), "c": -torch.ones(1)}, shapes, "f")
+    assert negative == "f['c'] has negative entries; a diagonal Fisher is ≥ 0, got min -1"
 
 
 @pytest.mark.parametrize(
@@ -266,6 +266,28 @@ def test_check_finite_names_the_parameter() -> None:
 def test_callback_validates_its_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FisherCallback(**kwargs)
+
+
+def test_the_fisher_options_are_validated_once() -> None:
+    """The functions, the callback and the configs refuse an option with one message, the
+    configs naming their key."""
+    from tmerge.errors import ConfigError
+    from tmerge.stages.configs import FisherConfig, MergeFisherConfig
+
+    said = "normalize: expected one of none, sum, l2, per_tensor, got 'max'"
+    net, x, y = _net(), torch.randn(1, C, S, S, S), torch.randint(0, K, (1, S, S, S))
+    for refuse in (
+        lambda: normalize_fisher({}, "max"),
+        lambda: empirical_fisher(net, [(x, y)], F.cross_entropy, normalize="max"),
+        lambda: FisherCallback(normalize="max"),
+    ):
+        with pytest.raises(ValueError, match=f"^{said}$"):
+            refuse()
+    for config in (FisherConfig, MergeFisherConfig):
+        with pytest.raises(ConfigError, match=f"^fisher.{said}$"):
+            config(normalize="max")
+    with pytest.raises(ConfigError, match="^fisher.method: expected one of auto, loop, vmap, compile, got 'jit'$"):
+        FisherConfig(method="jit")
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +347,8 @@ def _check_run(out: Path, devices: int) -> None:
     assert info["world"] == devices and info["best"] != info["last"]
     # The callback left the best weights in the module and says which checkpoint they are from.
     assert info["fisher_best_path"] == info["best"] and info["module_holds_best"]
-    written = load_fisher(
-        out / "fisher.safetensors", expected_names=[n for n, _ in worker.make_net().named_parameters()]
-    )
+    stored = load_fisher(out / "fisher.safetensors")
+    written = {n: stored[n] for n, _ in worker.make_net().named_parameters()}
     from safetensors import safe_open
 
     with safe_open(str(out / "fisher.safetensors"), framework="pt") as f:
@@ -379,15 +400,6 @@ def test_callback_refuses_an_empty_fisher_dataset(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"Fisher dataset of SimpleNamespace is empty; got 0 samples"):
         FisherCallback().on_train_end(trainer, module)
     assert not any(tmp_path.iterdir())
-
-
-def test_fisher_callback_is_importable_from_tmerge_fisher() -> None:
-    """README and the source stage import it from tmerge.fisher, where it used to live."""
-    import tmerge.fisher
-
-    assert tmerge.fisher.FisherCallback is FisherCallback
-    with pytest.raises(AttributeError, match="no attribute 'FisherCallbak'"):
-        _ = tmerge.fisher.FisherCallbak
 
 
 @pytest.mark.slow

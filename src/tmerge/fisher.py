@@ -68,18 +68,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tmerge.errors import RunError
 from tmerge.stateless import stateless_call
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -327,19 +324,32 @@ class FisherSums:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
-def check_method(method: str, chunk_size: int | None, max_samples: int | None) -> None:
-    """Refuse an unknown ``method`` or a ``chunk_size``/``max_samples`` that is not a positive
-    integer (``None`` is fine for both).
+def check_options(
+    *,
+    normalize: str | None = None,
+    method: str | None = None,
+    chunk_size: int | None = None,
+    max_samples: int | None = None,
+    prefix: str = "",
+) -> None:
+    """The one validation of the Fisher's options, for the functions here, the callback and the
+    configs: an unknown ``normalize`` or ``method`` (``None``: not given, not checked), or a
+    ``chunk_size``/``max_samples`` that is not a positive integer (``None`` is fine for both).
+
+    Args:
+        prefix: Put before the option's name in the message: the config section that holds it
+            (``"fisher."``), so that the message names the user's key.
 
     Raises:
-        ValueError: naming the argument and the value it got.
+        ValueError: ``"<prefix><option>: expected …, got …"``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    if normalize is not None and normalize not in NORMALIZE:
+        raise ValueError(f"{prefix}normalize: expected one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"{prefix}method: expected one of {', '.join(METHODS)}, got {method!r}")
+    for name, value in (("chunk_size", chunk_size), ("max_samples", max_samples)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{prefix}{name}: expected a positive integer or None (all), got {value!r}")
 
 
 def _select_names(model: nn.Module, names: Sequence[str] | None) -> dict[str, nn.Parameter]:
@@ -532,7 +542,7 @@ def compute_fisher_sums(
 
     Logs one line (logger ``tmerge``, INFO) with the sample count, the time and volumes/s.
     """
-    check_method(method, chunk_size, max_samples)
+    check_options(method=method, chunk_size=chunk_size, max_samples=max_samples)
     selected = _select_names(model, names)
     if not selected:
         raise ValueError(f"no parameters to compute a Fisher for in {type(model).__name__}")
@@ -631,8 +641,7 @@ def normalize_fisher(fisher: Mapping[str, Tensor], mode: str) -> dict[str, Tenso
     Raises:
         ValueError: On an unknown ``mode``, or a zero total for ``"sum"``/``"l2"``.
     """
-    if mode not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {mode!r}")
+    check_options(normalize=mode)
     if mode == "none":
         return dict(fisher)
     # Accumulate the statistics in float64 so large tensors do not lose precision.
@@ -707,8 +716,7 @@ def empirical_fisher(
         >>> fisher["0.weight"].shape
         torch.Size([2, 1, 3, 3, 3])
     """
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    check_options(normalize=normalize)
     result = compute_fisher_sums(
         model,
         dataloader,
@@ -727,65 +735,48 @@ def empirical_fisher(
 
 
 # --------------------------------------------------------------------------------------------
-# Files
+# What a Fisher must be
 # --------------------------------------------------------------------------------------------
 
 
-def load_fisher(path: str | os.PathLike, expected_names: Iterable[str] | None = None) -> dict[str, Tensor]:
-    """Read a Fisher saved by :class:`~tmerge.callbacks.FisherCallback`.
+def fisher_problem(
+    fisher: Mapping[str, Tensor], shapes: Mapping[str, Sequence[int]], subject: str
+) -> str | None:
+    """What is wrong with a diagonal Fisher, or ``None``: the one check of a Fisher, wherever it
+    comes from (a file, a computation, an argument).
 
-    Args:
-        path: A ``.safetensors`` file.
-        expected_names: Parameter names that must be present (``None``: no check).
-
-    Returns:
-        ``{name: F}`` float32 CPU tensors, ordered as ``expected_names`` (then any others).
-
-    Raises:
-        RunError: If the file is missing or unreadable, or lacks some of ``expected_names``
-            (the message names the file and the missing keys).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(
-            f"{path}: Fisher file not found (it is written by FisherCallback at the end of training)"
-        )
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise RunError(f"{path}: not a readable safetensors Fisher file ({exc})") from None
-    order = list(tensors)
-    if expected_names is not None:
-        expected = list(expected_names)
-        missing = [n for n in expected if n not in tensors]
-        if missing:
-            shown = ", ".join(missing[:10]) + (f" … ({len(missing)} in all)" if len(missing) > 10 else "")
-            raise RunError(f"{path}: Fisher lacks {len(missing)} expected parameter(s): {shown}")
-        # safetensors stores keys sorted; give them back in the caller's (model) order.
-        order = expected + [n for n in order if n not in set(expected)]
-    return {n: tensors[n].float() for n in order}
-
-
-def check_finite(fisher: Mapping[str, Tensor], source: str) -> None:
-    """Raise :class:`RunError` naming the first parameter whose Fisher has a NaN or infinity.
-
-    A user-facing error on purpose: the Fisher comes from a file (a source run's, checked before
-    it is merged) or from a finished training (the callback), and ``source`` names which.
+    Checked in this order: every name of ``shapes`` is present; then each tensor (the names of
+    ``shapes`` first, in their order, then the others) has the parameter's shape, where
+    ``shapes`` gives it, and entries that are finite and ≥ 0.
 
     Args:
         fisher: ``{name: F}``.
-        source: What the Fisher belongs to (a file or a run), for the message.
+        shapes: name → the shape of the parameter the Fisher belongs to.
+        subject: What the Fisher is, to start the message with: a file, ``fishers[1]``.
+
+    Returns:
+        One line naming ``subject`` and the first parameter at fault, or ``None`` when the Fisher
+        is sound. Callers raise it: pure code as a ``ValueError``, the stages as the user's error.
     """
-    for name, value in fisher.items():
-        if not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise RunError(
-                f"{source}: Fisher of parameter {name!r} has {bad} non-finite value(s); "
-                "the model or loss produced NaN/inf gradients"
+    missing = [n for n in shapes if n not in fisher]
+    if missing:
+        return f"{subject} lacks {len(missing)} expected parameter(s), e.g. {missing[0]!r}"
+    for name in [*shapes, *(n for n in fisher if n not in shapes)]:
+        value, where = fisher[name], f"{subject}[{name!r}]"
+        if name in shapes and tuple(value.shape) != tuple(shapes[name]):
+            return (
+                f"{where} has shape {tuple(value.shape)}, expected the parameter's shape "
+                f"{tuple(shapes[name])}: the Fisher of another model"
             )
+        finite = torch.isfinite(value)
+        if not finite.all():
+            return (
+                f"{where} has NaN or infinite entries; expected finite values ≥ 0, "
+                f"got {int((~finite).sum())} of {value.numel()} non-finite"
+            )
+        if (value < 0).any():
+            return f"{where} has negative entries; a diagonal Fisher is ≥ 0, got min {float(value.min()):g}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,14 +793,3 @@ def autocast_for(precision: str | int | None) -> torch.dtype | None:
     training uses, and the Fisher's entries are tiny (median ≈ 1e-12 on the embedded data).
     """
     return torch.bfloat16 if str(precision) in ("bf16-mixed", "bf16") else None
-
-
-def __getattr__(name: str) -> Any:
-    """``FisherCallback`` lives in :mod:`tmerge.callbacks.fisher` with the other callbacks; it is
-    still importable from here (the README and the source stage import it so). Lazily, because
-    that module imports this one."""
-    if name == "FisherCallback":
-        from tmerge.callbacks.fisher import FisherCallback
-
-        return FisherCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,14 +27,14 @@ and W&B artifacts import it. Layout::
     <runs>/wandb/                           W&B runs (offline by default)
 
 A folder is finished exactly when its marker exists (:func:`is_finished`); readers ignore
-unfinished folders. Formats of the score files: :mod:`tmerge.evaluate`.
+unfinished folders. Formats of the score files: :mod:`tmerge.evaluate`. A leaf: the checks of a
+source model read through these names are :mod:`tmerge.sources`'.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from tmerge.errors import RunError
-from tmerge.io import file_sha256, write_safetensors
+from tmerge.io import write_safetensors
 
 # --- every stage ------------------------------------------------------------------------------
 CONFIG_FILE = "config.yaml"
@@ -173,158 +173,19 @@ def best_state_dict(ckpt_path: str | Path, prefix: str = "net.") -> dict[str, to
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def check_architecture(
-    path: Path, meta: Mapping[str, Any], expected: Mapping[str, Any], keys: Sequence[str]
-) -> None:
-    """Refuse weights whose architecture (``keys`` of the metadata) differs from ``expected``.
+def load_fisher(path: Path) -> dict[str, torch.Tensor]:
+    """Read a Fisher written by :class:`~tmerge.callbacks.FisherCallback`: ``{name: F}`` as float32
+    CPU tensors, in the file's (sorted) order. What it must hold: :func:`tmerge.fisher.fisher_problem`.
 
     Raises:
-        RunError: naming the file and every key that differs.
+        RunError: missing or unreadable file, naming it.
     """
-    from tmerge.nets.config import stored_architecture
-
-    meta = stored_architecture(dict(meta))  # weights without a network name are Isensee2017's
-    diffs = [
-        f"{k}={meta.get(k)!r} (expected {expected.get(k)!r})" for k in keys if meta.get(k) != expected.get(k)
-    ]
-    if diffs:
-        raise RunError(f"{path}: weights of another architecture: {', '.join(diffs)}")
-
-
-def check_init_matches(base: Path) -> None:
-    """Refuse a run folder's ``init.safetensors`` that is not the one its weights started from
-    (the source stage records its hash beside the trained weights)."""
-    net = base.parent / NET_FILE
-    if base.name != INIT_FILE or not net.is_file():
-        return
-    recorded = load_net(net)[1].get("init_sha256")
-    if recorded and file_sha256(base) != recorded:
-        raise RunError(
-            f"{base}: not the initial weights of {net} (its hash differs from the one recorded there)"
-        )
-
-
-def check_source_finished(path: Path, hint: str) -> None:
-    """Refuse the weights ``path`` of a source run that has not finished (no marker beside them:
-    killed during its Fisher, say) — its Fisher may be missing or stale.
-
-    Raises:
-        RunError: naming the run folder and how to finish it.
-    """
-    if not is_finished(path.parent, SOURCE_MARKER):
-        raise RunError(
-            f"source run {path.parent} is unfinished (no {SOURCE_MARKER}); re-run `{hint}` to finish it"
-        )
-
-
-def check_fisher_matches(
-    fisher_path: Path,
-    fisher: Mapping[str, torch.Tensor],
-    net_path: Path,
-    state: Mapping[str, torch.Tensor],
-    meta: Mapping[str, Any],
-) -> None:
-    """Refuse a Fisher that was not computed for the weights beside it: wrong shapes, negative
-    entries, a hash that differs from the one the weights recorded, or non-finite entries.
-
-    Raises:
-        RunError: naming the Fisher file and what does not match.
-    """
-    from tmerge.fisher import check_finite
-
-    for key, value in fisher.items():
-        if key in state and value.shape != state[key].shape:
-            raise RunError(
-                f"{fisher_path}: Fisher of another model: {key} has shape {tuple(value.shape)}, "
-                f"the weights in {net_path} {tuple(state[key].shape)}"
-            )
-    negative = [k for k, v in fisher.items() if bool((v < 0).any())]
-    if negative:
-        raise RunError(f"{fisher_path}: not a Fisher: {negative[0]!r} has negative entries (a Fisher is ≥ 0)")
-    recorded = meta.get("fisher_sha256")
-    if recorded and file_sha256(fisher_path) != recorded:
-        raise RunError(
-            f"{fisher_path}: not the Fisher computed for {net_path} (its hash differs from the one "
-            "recorded with the weights); restore the run's own Fisher or retrain it with force=true"
-        )
-    check_finite(dict(fisher), str(fisher_path))
-
-
-# --- source models -------------------------------------------------------------------------------
-@dataclass
-class Source:
-    """A trained source model: its weights ``name → tensor``, metadata and (optional) Fisher of
-    the same names and shapes."""
-
-    name: str
-    state: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-    fisher: dict[str, torch.Tensor] | None
-    folder: Path | None = None  # where it was loaded from
-    # Target parameters not to take from this source whatever their shape: the input layer
-    # when the target's channels match none of the source's (re-initialised, trained with S).
-    reinit: frozenset[str] = frozenset()
-
-
-def source_hint(name: str) -> str:
-    """How a user makes the source run ``name``."""
-    return f"make {name}" if name in ("task1", "task2") else f"tmerge source … name={name}"
-
-
-def source_folder(
-    runs_root: Path, name: str, wandb_mode: str = "disabled", files: Sequence[str] = ()
-) -> Path:
-    """The folder of the source ``name``: ``<runs>/<name>``, or for a W&B artifact reference
-    (``wandb:entity/project/name:version``) its folder in the local artifact cache, downloaded
-    first where ``wandb_mode`` allows (see :mod:`tmerge.artifacts`) and holding ``files``."""
-    from tmerge.artifacts import is_reference, resolve
-
-    if is_reference(name):
-        return resolve(name, runs_root, wandb_mode, tuple(files) or (NET_FILE, SOURCE_MARKER))
-    return runs_root / name
-
-
-def load_source(
-    runs_root: Path,
-    name: str,
-    *,
-    with_fisher: bool = False,
-    fused: Sequence[str] = (),
-    expected: Mapping[str, Any] | None = None,
-    wandb_mode: str = "disabled",
-) -> Source:
-    """A source model by run name (or W&B artifact reference), with every check: it exists, its
-    run finished, its architecture is ``expected`` (the metadata keys given), and its Fisher
-    (``with_fisher``) has an entry for every ``fused`` parameter of the weights, matches their
-    shapes and the hash they recorded, and is finite.
-
-    Raises:
-        RunError: naming the file and what is wrong with it, and how to make it where that helps.
-    """
-    from tmerge.fisher import load_fisher
-
-    files = (NET_FILE, SOURCE_MARKER, *((FISHER_FILE,) if with_fisher else ()))
-    folder = source_folder(runs_root, name, wandb_mode, files)
-    path = folder / NET_FILE
     if not path.is_file():
         raise RunError(
-            f"source model {name!r} not found: {path} does not exist; train it first ({source_hint(name)})"
+            f"{path}: Fisher file not found (it is written by FisherCallback at the end of training)"
         )
-    check_source_finished(path, source_hint(name))
-    state, meta = load_net(path)
-    if expected:
-        check_architecture(path, meta, expected, tuple(expected))
-    missing = [n for n in fused if n not in state]
-    if missing:
-        raise RunError(
-            f"{path}: weights of another network: {len(missing)} parameter(s) of the target are missing, "
-            f"e.g. {missing[0]!r}"
-        )
-    fisher = None
-    if with_fisher:
-        # Every fused parameter of the source has a Fisher (its first layer included, though
-        # a first layer of another shape than the target's is not merged).
-        fisher_path = folder / FISHER_FILE
-        fisher = load_fisher(fisher_path, expected_names=[n for n in fused if n in state])
-        check_fisher_matches(fisher_path, fisher, path, state, meta)
-    return Source(name, state, meta, fisher, folder)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise RunError(f"{path}: not a readable safetensors Fisher file ({exc})") from None
+    return {n: t.float() for n, t in tensors.items()}

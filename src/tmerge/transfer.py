@@ -1,4 +1,6 @@
-"""Parameter transfer: initialise a network from another model's weights where shapes match."""
+"""Parameter transfer: initialise a network from another model's weights where shapes match, average
+tensors of several, and rebuild an input layer for other input channels. Pure code: a bad
+argument is a ``ValueError``."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-from tmerge.errors import ConfigError
 
 
 @dataclass
@@ -64,30 +64,6 @@ def transfer_parameters(
     return report
 
 
-#: How an initialisation treats the task-specific parameters S (paper §3.2).
-SPECIFIC_MODES = ("reinit", "keep")
-
-
-@dataclass
-class TransferConfig:
-    """How every initialisation treats S, the instance norms and the segmentation heads.
-
-    ``reinit`` (default, paper §3.2): S is freshly initialised for the target task by every
-    transfer method, single-source or merged, so no method starts with a head start in S.
-    ``keep``: the instance norms come from the source (for merged initialisations the mean of the
-    sources' norms, which is the α-weighted mean at the uniform α every merge starts from);
-    the heads are always re-created, the target has other classes.
-    """
-
-    specific: str = "reinit"
-
-    def __post_init__(self) -> None:
-        if self.specific not in SPECIFIC_MODES:
-            raise ConfigError(
-                f"transfer.specific: expected one of {', '.join(SPECIFIC_MODES)}, got {self.specific!r}"
-            )
-
-
 @torch.no_grad()
 def average_parameters(
     net: nn.Module,
@@ -125,9 +101,9 @@ def average_parameters(
 
 
 def map_input_channels(
-    tensors: dict[str, torch.Tensor],
-    target: dict[str, torch.Tensor],
-    channel_map: list[int],
+    tensors: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    channel_map: Sequence[int],
     *,
     rescale: bool,
     names: Iterable[str] | None = None,
@@ -150,10 +126,11 @@ def map_input_channels(
         A copy of ``tensors`` with the mapped tensors replaced.
 
     Raises:
-        ConfigError: the map names a source channel that does not exist.
+        ValueError: the map names a source channel that does not exist (the message starts with
+            ``channel_map:``, the config key of the same name; the stages raise it as its error).
     """
     if any(not isinstance(c, int) or c < 0 for c in channel_map):
-        raise ConfigError(f"channel_map: expected source-channel indices >= 0, got {list(channel_map)}")
+        raise ValueError(f"channel_map: expected source-channel indices >= 0, got {list(channel_map)}")
     out = dict(tensors)
     index = torch.tensor(channel_map)
     copies = torch.bincount(index).clamp(min=1)
@@ -171,8 +148,8 @@ def map_input_channels(
         ):
             continue
         if int(index.max()) >= tensor.shape[1] or int(index.min()) < 0:
-            raise ConfigError(
-                f"channel_map: {channel_map} names source channel {int(index.max())}, "
+            raise ValueError(
+                f"channel_map: {list(channel_map)} names source channel {int(index.max())}, "
                 f"but {name} has {tensor.shape[1]} input channels (0…{tensor.shape[1] - 1})"
             )
         mapped = tensor.index_select(1, index)

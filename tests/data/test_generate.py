@@ -13,9 +13,9 @@ import pytest
 from scipy import ndimage
 
 from tmerge.data.anatomy import ASEG_LABELS
+from tmerge.data.formats import BRATS2018_TRAINING as BRATS_TRAINING
+from tmerge.data.formats import BRATS2018_VALIDATION as BRATS_VALIDATION
 from tmerge.data.generate import (
-    BRATS_TRAINING,
-    BRATS_VALIDATION,
     BRATS_VALIDATION_LABELS,
     MANIFEST_NAME,
     PENDING_NAME,

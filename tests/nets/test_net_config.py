@@ -10,7 +10,7 @@ from tmerge.cli import main
 from tmerge.errors import ConfigError, RunError
 from tmerge.nets import Isensee2017
 from tmerge.nets.config import NETS, NetConfig
-from tmerge.runs import check_architecture
+from tmerge.sources import check_architecture
 
 
 def test_default_is_isensee2017_built_as_before() -> None:

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from tmerge.modules.segmentation import build_loss
 from tmerge.nets import Isensee2017, layer_groups, partition
-from tmerge.runs import Source
+from tmerge.sources import Source
 from tmerge.stages.adaption import adapt
 from tmerge.stages.configs import AdaptionConfig, TargetStageConfig
-from tmerge.stages.inits import Initialised
+from tmerge.stages.initialisation import Initialised
 
 SIZE = 16  # voxels per edge
 TRAIN, VAL = 32, 2  # samples per epoch (16 steps at batch 2) and validation volumes

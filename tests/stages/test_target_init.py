@@ -11,15 +11,15 @@ import torch
 
 from tmerge.data.splits import brats_splits
 from tmerge.errors import ConfigError
-from tmerge.merge import AdaptiveMerge
+from tmerge.merge import AdaptiveMerge, imm_merge
+from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule, param_groups
 from tmerge.nets import Isensee2017, head_names, layer_groups, partition
-from tmerge.runs import Source
-from tmerge.stages.configs import TargetStageConfig, VectorMergeConfig
+from tmerge.sources import Source
+from tmerge.stages.configs import TargetStageConfig, TransferConfig, VectorMergeConfig
 from tmerge.stages.inits import INITS, initialise, vector_candidates
 from tmerge.stages.target import run_config
-from tmerge.transfer import TransferConfig
 
 
 def build(in_channels: int = 4, n_classes: int = 3) -> torch.nn.Module:
@@ -87,6 +87,22 @@ def test_merged_inits_normalise_fishers_and_mean_variants_have_none() -> None:
         "encoder.0.conv.conv" not in start.layers
         and len(start.layers) == len(layer_groups(build(), partition(build())[0])) - 1
     )
+
+
+@pytest.mark.parametrize("name", ["imm", "mean-imm"])
+def test_imm_inits_are_eq2_with_uniform_alpha_and_the_runs_eps(name: str) -> None:
+    """Through the methods' table, P is exactly eq. 2 at uniform α with ε = adaption.eps × the
+    mean entry of the normalised Fishers (all of them), the ε T-IMM adapts with."""
+    sources = [source(1), source(2)]
+    start = initialise(TargetStageConfig(init=name), INITS[name], build(), sources)
+    eps = fisher_epsilon(start.fishers, TargetStageConfig().adaption.eps)
+    assert start.eps == eps
+    expected = imm_merge(
+        [s.state for s in sources], start.fishers, torch.tensor([0.5, 0.5]), layers=start.layers, eps=eps
+    )
+    state = start.net.state_dict()
+    for n, v in expected.items():
+        assert torch.equal(state[n], v), n
 
 
 @pytest.mark.parametrize("name", ["task-arithmetic", "ties", "dare", "dare-ties", "slerp"])

@@ -10,11 +10,13 @@ from lightning.fabric import Fabric
 from lightning.fabric.plugins import Precision
 
 from tmerge.errors import ConfigError
+from tmerge.fisher import METHODS
 from tmerge.nets.config import NetConfig
 from tmerge.runner import check_compile, check_precision, resolve_compile, resolve_precision
 
 SECTIONS = ("step", "lightning", "data", "fisher", "adaption")
-FISHER_METHODS = ("loop", "vmap", "compile")
+#: The Fisher methods a benchmark times: every one but the rule that picks among them.
+FISHER_METHODS = tuple(m for m in METHODS if m != "auto")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Computes and saves the empirical Fisher of the best model at the end of training.
 
-The Fisher itself (per-sample gradients, sums, normalisation, files) is in :mod:`tmerge.fisher`;
-this module is only its Lightning adapter: which weights, which samples on which rank, the
-reduction over ranks and the file.
+The Fisher itself (per-sample gradients, sums, normalisation, what a Fisher must be) is in
+:mod:`tmerge.fisher`; this module is only its Lightning adapter: which weights, which samples on
+which rank, the reduction over ranks and the file.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from typing_extensions import override
 
 from tmerge.errors import RunError
 from tmerge.fisher import (
-    NORMALIZE,
     LossFn,
     autocast_for,
-    check_finite,
-    check_method,
+    check_options,
     compute_fisher_sums,
+    fisher_problem,
     normalize_fisher,
 )
 from tmerge.io import write_safetensors
@@ -98,9 +97,7 @@ class FisherCallback(pl.Callback):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if normalize not in NORMALIZE:
-            raise ValueError(f"FisherCallback: normalize must be one of {NORMALIZE}, got {normalize!r}")
-        check_method(method, chunk_size, max_samples)
+        check_options(normalize=normalize, method=method, chunk_size=chunk_size, max_samples=max_samples)
         if not isinstance(filename, str) or not filename.endswith(".safetensors") or "/" in filename:
             raise ValueError(
                 f"FisherCallback: filename must be a bare '*.safetensors' name, got {filename!r}"
@@ -161,7 +158,9 @@ class FisherCallback(pl.Callback):
             fisher[n] = (flat[offset : offset + size] / count).view_as(result.sums[n])
             offset += size
         path = (self.dirpath or Path(trainer.default_root_dir)) / self.filename
-        check_finite(fisher, str(path))
+        problem = fisher_problem(fisher, {}, str(path))
+        if problem:
+            raise RunError(f"{problem}; the model or loss produced NaN/inf gradients")
         fisher = normalize_fisher(fisher, self.normalize)
 
         if trainer.is_global_zero:

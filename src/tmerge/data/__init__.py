@@ -17,7 +17,7 @@ _EXPORTS = {
     "TargetDataModule": "tmerge.data.target",
     "DataConfig": "tmerge.data.common",
     "SegmentationDataModule": "tmerge.data.common",
-    "data_dir": "tmerge.data.common",
+    "data_dir": "tmerge.paths",
     "HCPDataConfig": "tmerge.data.hcp",
     "HCPDataModule": "tmerge.data.hcp",
 }
@@ -33,9 +33,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tmerge.data.common import DataConfig, SegmentationDataModule, data_dir
+    from tmerge.data.common import DataConfig, SegmentationDataModule
     from tmerge.data.hcp import HCPDataConfig, HCPDataModule
     from tmerge.data.target import TargetDataConfig, TargetDataModule
+    from tmerge.paths import data_dir
 
 
 def __getattr__(name: str) -> Any:

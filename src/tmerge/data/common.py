@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,20 +35,13 @@ from tmerge.data.formats import Discovery, Layout, case_files, detect, expected_
 from tmerge.data.preprocess import Kind, PreprocessSettings, is_cached, preprocess_cached
 from tmerge.data.splits import save_splits
 from tmerge.errors import ConfigError, DataError
+from tmerge.paths import default_cache, default_dataset
 from tmerge.runs import SPLITS_FILE
 
 log = logging.getLogger(__name__)
 
-#: Environment variable naming the data folder (default data and cache); ``data/`` if unset.
-DATA_ENV = "TMERGE_DATA"
-
 # Multiplier that spreads consecutive item indices over the seed space (Knuth's hash).
 _INDEX_MIX = 2654435761
-
-
-def data_dir() -> Path:
-    """The data folder: ``$TMERGE_DATA`` if set, else ``data/`` in the working directory."""
-    return Path(os.environ.get(DATA_ENV) or "data")
 
 
 @dataclass
@@ -442,7 +434,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def root(self) -> Path:
         """The dataset root (the embedded default's folder if ``root`` is None)."""
         if self.config.root is None:
-            return data_dir() / "default" / self.kind
+            return default_dataset(self.kind)
         return Path(self.config.root).expanduser()
 
     @property
@@ -465,7 +457,7 @@ class SegmentationDataModule(L.LightningDataModule):
     @property
     def cache_dir(self) -> Path:
         """The preprocessing cache folder."""
-        return Path(self.config.cache_dir).expanduser() if self.config.cache_dir else data_dir() / "cache"
+        return Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache()
 
     # ---- Lightning hooks --------------------------------------------------------------------
 

@@ -40,6 +40,14 @@ from typing import Any
 
 import numpy as np
 
+from tmerge.data.formats import (
+    BRATS2018_GRADES,
+    BRATS2018_TRAINING,
+    BRATS2018_VALIDATION,
+    HCP_FILES,
+    HCP_LABEL_FILE,
+    TASK_CHANNELS,
+)
 from tmerge.errors import DataError
 from tmerge.io import write_json
 
@@ -53,12 +61,13 @@ _TMP_PREFIX = ".tmp-"
 LABEL_KEY = "held-out:"
 
 KINDS = ("hcp", "brats", "structures")
-HCP_FILES = ("T1w_acpc_dc_restore_brain.nii.gz", "T2w_acpc_dc_restore_brain.nii.gz", "aparc+aseg.nii.gz")
-BRATS_TRAINING = "MICCAI_BraTS_2018_Data_Training"
-BRATS_VALIDATION = "MICCAI_BraTS_2018_Data_Validation"
+# The datasets' names are their layouts' (tmerge.data.formats): the generated data is read as real data.
+#: An HCP subject's files under ``<subject>/T1w/``: T1, T2, then the label map.
+HCP_NIFTI = tuple(f"{stem}.nii.gz" for stem in (*HCP_FILES.values(), HCP_LABEL_FILE))
+HGG, LGG = BRATS2018_GRADES
+BRATS_MODALITIES = TASK_CHANNELS["brats"]
 #: Beside ``root/brats``, not in it: the stages read the dataset root only.
 BRATS_VALIDATION_LABELS = "brats-validation-labels"
-BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: Fraction of high-grade gliomas (BraTS 2018 training: 210 HGG / 75 LGG).
 HGG_FRACTION = 0.75
 
@@ -162,7 +171,7 @@ def brats_subject_id(index: int, validation: bool = False) -> str:
 def brats_grade(seed: int, index: int, validation: bool = False) -> str:
     """Grade (``"HGG"`` or ``"LGG"``) of a synthetic BraTS subject, from its own RNG stream."""
     stream = _STREAM_BRATS_VAL if validation else _STREAM_BRATS_TRAIN
-    return "HGG" if _rng(seed, _STREAM_GRADE, stream, index).random() < HGG_FRACTION else "LGG"
+    return HGG if _rng(seed, _STREAM_GRADE, stream, index).random() < HGG_FRACTION else LGG
 
 
 def _jobs(root: Path, kind: str, seed: int, n_hcp: int, n_brats: int, n_brats_val: int) -> list[_Job]:
@@ -185,19 +194,19 @@ def _jobs(root: Path, kind: str, seed: int, n_hcp: int, n_brats: int, n_brats_va
         return train + test
     if kind == "hcp":
         return [
-            _Job("hcp", i, base / sid, tuple(f"T1w/{name}" for name in HCP_FILES))
+            _Job("hcp", i, base / sid, tuple(f"T1w/{name}" for name in HCP_NIFTI))
             for i, sid in enumerate(hcp_subject_ids(seed, n_hcp))
         ]
     jobs = []
     for i in range(n_brats):
         sid, grade = brats_subject_id(i), brats_grade(seed, i)
         files = tuple(f"{sid}_{m}.nii.gz" for m in (*BRATS_MODALITIES, "seg"))
-        jobs.append(_Job("brats", i, base / BRATS_TRAINING / grade / sid, files, grade))
+        jobs.append(_Job("brats", i, base / BRATS2018_TRAINING / grade / sid, files, grade))
     for i in range(n_brats_val):
         sid, grade = brats_subject_id(i, validation=True), brats_grade(seed, i, validation=True)
         files = tuple(f"{sid}_{m}.nii.gz" for m in BRATS_MODALITIES)
         label = root / BRATS_VALIDATION_LABELS / f"{sid}_seg.nii.gz"
-        jobs.append(_Job("brats_val", i, base / BRATS_VALIDATION / sid, files, grade, label))
+        jobs.append(_Job("brats_val", i, base / BRATS2018_VALIDATION / sid, files, grade, label))
     return jobs
 
 
@@ -241,7 +250,7 @@ def _subject_arrays(job: _Job, seed: int, anat: Any) -> dict[str, np.ndarray]:
     if job.kind == "hcp":
         rng = _rng(seed, _STREAM_HCP, job.index)
         subject = synth_hcp_subject(anat, rng)
-        t1, t2, aseg = HCP_FILES
+        t1, t2, aseg = HCP_NIFTI
         return {
             f"T1w/{t1}": _to_int16(subject["t1"], rng),
             f"T1w/{t2}": _to_int16(subject["t2"], rng),

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from tmerge.data.anatomy import Anatomy
+from tmerge.data.formats import BRATS2018_GRADES, TASK_CHANNELS
 
 # --- FreeSurfer aseg label groups used to shape contrasts and place tumours -----------------
 _CEREBRAL_WM = (2, 41)
@@ -64,7 +65,6 @@ _LESION_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "nonenh": (0.66, 0.95),
     },
 }
-_BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
 # --- smooth random fields --------------------------------------------------------------------
@@ -450,9 +450,9 @@ def synth_brats_subject(
     Raises:
         ValueError: If ``grade`` is not HGG or LGG.
     """
-    if grade not in ("HGG", "LGG"):
+    if grade not in BRATS2018_GRADES:
         raise ValueError(f"grade={grade!r}: expected 'HGG' or 'LGG'")
-    hgg = grade == "HGG"
+    hgg = grade == BRATS2018_GRADES[0]
     size, h = anat.size, anat.spacing
 
     coords = random_coords(anat, rng)
@@ -541,7 +541,7 @@ def synth_brats_subject(
     distractor_gain = {"t1": -0.12, "t1ce": -0.05, "t2": 0.35, "flair": 0.3}
     tex_amp = np.float32(rng.uniform(0.0, 0.15))
     images: dict[str, np.ndarray] = {}
-    for name in _BRATS_MODALITIES:
+    for name in TASK_CHANNELS["brats"]:
         ranges = _LESION_RANGES[name]
         target = {comp: np.float32(rng.uniform(*lims)) for comp, lims in ranges.items()}
         if name == "t1ce" and low_contrast_et:

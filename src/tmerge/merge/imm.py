@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tmerge.fisher import fisher_problem
+
 #: Tolerance on Σ_t α^t = 1 (float32 sigmoid-normalised ratios are off by ~1e-7).
 ALPHA_SUM_TOL = 1e-4
 
@@ -435,7 +437,8 @@ def imm_merge(
 
 
 def check_fishers(fishers: Sequence[Mapping[str, Tensor]], shapes: Mapping[str, torch.Size]) -> None:
-    """Check that every Fisher has every name, with the parameter's shape, finite and ≥ 0.
+    """Check that every Fisher has every name, with the parameter's shape, finite and ≥ 0
+    (:func:`tmerge.fisher.fisher_problem`).
 
     Args:
         fishers: T mappings name → Fisher tensor.
@@ -445,21 +448,6 @@ def check_fishers(fishers: Sequence[Mapping[str, Tensor]], shapes: Mapping[str, 
         ValueError: naming the Fisher (``fishers[t]``) and the parameter.
     """
     for t, f in enumerate(fishers):
-        missing = [n for n in shapes if n not in f]
-        if missing:
-            raise ValueError(f"fishers[{t}] lacks {len(missing)} parameter(s) to merge: {listed(missing)}")
-        for n, shape in shapes.items():
-            if f[n].shape != shape:
-                raise ValueError(
-                    f"fishers[{t}][{n!r}] has shape {tuple(f[n].shape)}, expected the parameter's shape {tuple(shape)}"
-                )
-            finite = torch.isfinite(f[n])
-            if not finite.all():
-                raise ValueError(
-                    f"fishers[{t}][{n!r}] has NaN or infinite entries; expected finite values ≥ 0, "
-                    f"got {int((~finite).sum())} of {f[n].numel()} non-finite"
-                )
-            if (f[n] < 0).any():
-                raise ValueError(
-                    f"fishers[{t}][{n!r}] has negative entries; a diagonal Fisher is ≥ 0, got min {float(f[n].min()):g}"
-                )
+        problem = fisher_problem(f, shapes, f"fishers[{t}]")
+        if problem:
+            raise ValueError(problem)

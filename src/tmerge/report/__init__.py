@@ -1,8 +1,8 @@
 """``tmerge report``: the paper's tables and figures, with paired statistics, from finished runs.
 
 Reads every run folder under the runs root (:mod:`tmerge.report.runs`) and writes
-``<runs>/report/``, the files named here (this module owns the report's file names; Table 4 keeps
-the forgetting stage's name, :data:`tmerge.runs.FORGETTING_MD`):
+``<runs>/report/``, the files named here (their names are :mod:`tmerge.report.files`'; Table 4
+keeps the forgetting stage's name, :data:`tmerge.runs.FORGETTING_MD`):
 
 =================== =========================================================================
 ``table2.md/.csv``  test Dice (ET, TC, WT, mean) and HD95 per initialisation and portion
@@ -35,29 +35,27 @@ from typing import Any
 from tmerge.errors import ConfigError, RunError
 from tmerge.io import write_text
 from tmerge.paths import runs_dir
+from tmerge.report.files import (
+    CURVES_MD,
+    ENDPOINTS_CSV,
+    ENDPOINTS_MD,
+    FIG3_EXAMPLES,
+    FIG4_PAIRED,
+    FIG5_ALPHAS,
+    FIG5_TRAJECTORY,
+    FIG_CURVES,
+    PREMISE_MD,
+    REPORT_DIR,
+    REPORT_MD,
+    STATS_CSV,
+    STATS_MD,
+    TABLE2_CSV,
+    TABLE2_MD,
+    TABLE3_MD,
+)
 from tmerge.runs import TARGETS_DIR, target_roots
 
 log = logging.getLogger("tmerge")
-
-# The report's own files, under its folder (the run folders' files: :mod:`tmerge.runs`).
-#: The default report folder under the runs root.
-REPORT_DIR = "report"
-REPORT_MD = "report.md"
-TABLE2_MD = "table2.md"
-TABLE2_CSV = "table2.csv"
-TABLE3_MD = "table3.md"
-CURVES_MD = "curves.md"
-PREMISE_MD = "premise.md"
-FIG_CURVES = "fig_curves.png"
-ENDPOINTS_MD = "endpoints.md"
-ENDPOINTS_CSV = "endpoints.csv"
-STATS_MD = "stats.md"
-STATS_CSV = "stats.csv"
-FIG3_EXAMPLES = "fig3_examples.png"
-FIG4_PAIRED = "fig4_paired.png"
-FIG5_ALPHAS = "fig5_alphas.png"
-FIG5_TRAJECTORY = "fig5_alpha_trajectory.png"
-
 
 @dataclass
 class ReportConfig:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from tmerge.errors import RunError
-from tmerge.report import (
+from tmerge.report.diagnostics import (
+    ALPHA_INITS,
+    alpha_runs,
+    distance_summary,
+    per_source_alphas,
+    summarise_alphas,
+)
+from tmerge.report.files import (
     CURVES_MD,
     ENDPOINTS_CSV,
     ENDPOINTS_MD,
@@ -27,13 +34,6 @@ from tmerge.report import (
     TABLE2_CSV,
     TABLE2_MD,
     TABLE3_MD,
-)
-from tmerge.report.diagnostics import (
-    ALPHA_INITS,
-    alpha_runs,
-    distance_summary,
-    per_source_alphas,
-    summarise_alphas,
 )
 from tmerge.report.runs import SINGLE, RunIndex, TargetRun, config_value, init_sort_key, ordered_inits
 from tmerge.report.tables import MISSING, Row, md_table

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmerge.data.formats import BRATS2018_GRADES, BRATS2018_TRAINING
 from tmerge.errors import DataError
 from tmerge.paths import default_dataset
 from tmerge.report.figures import ExampleRow
@@ -26,9 +27,6 @@ from tmerge.runs import FORGETTING_EXAMPLES, PREDICTIONS_DIR, SPLITS_FILE
 
 log = logging.getLogger("tmerge")
 
-# The BraTS training layout (tmerge.data.target): <root>/<TRAINING_DIR>/{HGG,LGG}/<subject>/.
-TRAINING_DIR = "MICCAI_BraTS_2018_Data_Training"
-GRADES = ("HGG", "LGG")
 #: The modality drawn under the tumour labels: FLAIR shows the whole tumour best.
 MODALITY = "flair"
 
@@ -87,8 +85,8 @@ def brats_roots(run: TargetRun) -> list[Path]:
 
 def subject_folder(run: TargetRun, subject: str) -> Path | None:
     for root in brats_roots(run):
-        for grade in GRADES:
-            folder = root / TRAINING_DIR / grade / subject
+        for grade in BRATS2018_GRADES:  # the BraTS 2018 training layout
+            folder = root / BRATS2018_TRAINING / grade / subject
             if folder.is_dir():
                 return folder
     return None

@@ -1,5 +1,5 @@
 """Per-subject pairs of T-IMM and each other initialisation (paper Fig. 4) and their statistics
-(:data:`tmerge.report.STATS_MD`).
+(:data:`tmerge.report.files.STATS_MD`).
 
 Subjects are matched by ID. Two analyses are made:
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -28,13 +28,12 @@ from tmerge.loggers import stage_loggers
 from tmerge.merge import AdaptiveMerge
 from tmerge.nets import input_names, partition
 from tmerge.runner import fit
-from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, WARMUP_DIR, Source, best_state_dict
+from tmerge.runs import ADAPTION_DIR, ALPHAS_FILE, WARMUP_DIR, best_state_dict
+from tmerge.sources import Source
 from tmerge.stages.configs import TargetStageConfig
+from tmerge.stages.initialisation import Initialised
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.results import curve_score
-
-if TYPE_CHECKING:
-    from tmerge.stages.inits import Initialised
 
 log = logging.getLogger("tmerge")
 

@@ -7,24 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from tmerge.config import check_count, check_number
 from tmerge.data.target import TargetDataConfig
 from tmerge.errors import ConfigError
 from tmerge.evaluate import MetricsConfig
+from tmerge.fisher import check_options
 from tmerge.loggers import LoggerConfig
 from tmerge.modules.segmentation import LossConfig, OptimConfig
 from tmerge.nets.config import NetConfig
 from tmerge.runner import TrainerConfig
-from tmerge.transfer import TransferConfig
 
 
-def check_normalize(value: str) -> None:
-    """Refuse a ``fisher.normalize`` that :func:`tmerge.fisher.normalize_fisher` does not know."""
-    from tmerge.fisher import NORMALIZE
-
-    if value not in NORMALIZE:
-        raise ConfigError(f"fisher.normalize: expected one of {', '.join(NORMALIZE)}, got {value!r}")
+def check_fisher_options(**options: Any) -> None:
+    """The Fisher's options of a config (:func:`tmerge.fisher.check_options`), refused as the
+    user's error naming the ``fisher.*`` key."""
+    try:
+        check_options(**options, prefix="fisher.")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -39,15 +41,7 @@ class FisherConfig:
     method: str = "auto"  # "auto" | "loop" | "vmap" | "compile" — all give the same numbers
 
     def __post_init__(self) -> None:
-        from tmerge.fisher import METHODS
-
-        check_normalize(self.normalize)
-        if self.method not in METHODS:
-            raise ConfigError(f"fisher.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(
-                f"fisher.max_samples: got {self.max_samples}; expected a positive count or null"
-            )
+        check_fisher_options(normalize=self.normalize, method=self.method, max_samples=self.max_samples)
 
 
 @dataclass
@@ -61,7 +55,31 @@ class MergeFisherConfig:
     normalize: str = "per_tensor"
 
     def __post_init__(self) -> None:
-        check_normalize(self.normalize)
+        check_fisher_options(normalize=self.normalize)
+
+
+#: How an initialisation treats the task-specific parameters S (paper §3.2).
+SPECIFIC_MODES = ("reinit", "keep")
+
+
+@dataclass
+class TransferConfig:
+    """How every initialisation treats S, the instance norms and the segmentation heads.
+
+    ``reinit`` (default, paper §3.2): S is freshly initialised for the target task by every
+    transfer method, single-source or merged, so no method starts with a head start in S.
+    ``keep``: the instance norms come from the source (for merged initialisations the mean of the
+    sources' norms, which is the α-weighted mean at the uniform α every merge starts from);
+    the heads are always re-created, the target has other classes.
+    """
+
+    specific: str = "reinit"
+
+    def __post_init__(self) -> None:
+        if self.specific not in SPECIFIC_MODES:
+            raise ConfigError(
+                f"transfer.specific: expected one of {', '.join(SPECIFIC_MODES)}, got {self.specific!r}"
+            )
 
 
 @dataclass

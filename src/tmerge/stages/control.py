@@ -24,7 +24,8 @@ import torch
 from tmerge.errors import ConfigError, RunError
 from tmerge.io import read_json, write_json, write_safetensors
 from tmerge.paths import runs_dir
-from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, SOURCE_MARKER, load_source
+from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, SOURCE_MARKER
+from tmerge.sources import load_source
 
 log = logging.getLogger("tmerge")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from tmerge.paths import data_dir
+from tmerge.paths import default_root
 
 log = logging.getLogger("tmerge")
 
@@ -25,7 +25,7 @@ def run_data(cfg: DataStageConfig) -> None:
     """Generate what is missing of the default datasets; say what was done."""
     from tmerge.data.generate import generate_default
 
-    root = data_dir(cfg.data_dir) / "default"
+    root = default_root(cfg.data_dir)
     written = generate_default(
         root, kinds=tuple(cfg.kinds), size=cfg.size, seed=cfg.seed, workers=cfg.workers
     )

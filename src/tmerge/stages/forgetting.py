@@ -38,9 +38,9 @@ from tmerge.runs import (
     FORGETTING_MD,
     FORGETTING_TABLE,
     forgetting_dir,
-    load_source,
     target_dir,
 )
+from tmerge.sources import load_source
 from tmerge.stages.configs import MergeFisherConfig
 
 log = logging.getLogger("tmerge")

@@ -20,6 +20,9 @@ task-arithmetic, ties, dare, dare-ties, slerp
            task-vector merges of :mod:`tmerge.merge.methods` (θ₀: ``merge.base``)
 ========== ==============================================================================
 
+The merges of P (imm, mean-imm and the task-vector methods) run the methods' table of
+:mod:`tmerge.merge.methods`, as ``tmerge merge`` does: a method is implemented once.
+
 Every initialisation treats S alike (``transfer.specific``): ``reinit`` (default, paper §3.2)
 starts the instance norms and heads fresh for every method, ``keep`` takes the norms from the
 source(s) (the mean of the sources' for merges); the heads are always re-created. The sources'
@@ -32,55 +35,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tmerge.errors import ConfigError, RunError
+from tmerge.errors import ConfigError
 from tmerge.fisher import normalize_fisher
-from tmerge.loggers import wandb_mode
-from tmerge.merge import imm_merge, mergeable_layers
+from tmerge.merge import mergeable_layers
 from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS
 from tmerge.nets import head_names, layer_groups, partition
-from tmerge.paths import runs_dir
-from tmerge.runs import INIT_FILE, NET_FILE, Source, check_init_matches, load_net, source_folder
+from tmerge.sources import Source
 from tmerge.stages.adaption import adapt
 from tmerge.stages.configs import TargetStageConfig
-from tmerge.transfer import average_parameters, map_input_channels, transfer_parameters
+from tmerge.stages.initialisation import InitContext, Initialisation, Initialised
+from tmerge.transfer import average_parameters, transfer_parameters
 
 log = logging.getLogger("tmerge")
-
-
-@dataclass
-class Initialised:
-    """A target network after its initialisation, and what a T-IMM adaption needs besides."""
-
-    net: nn.Module
-    layers: dict[str, list[str]] = field(default_factory=dict)  # merged layers → parameter names
-    fishers: list[dict[str, torch.Tensor]] | None = None  # normalised; None: unit Fishers
-    eps: float = 0.0
-    specific_kept: list[str] = field(default_factory=list)  # S tensors taken from the sources
-
-
-@dataclass
-class InitContext:
-    """What an entry's ``build`` gets: the run's config, the target network freshly built under
-    the run's seed (initialised in place), the loaded sources, θ₀ where the entry needs it, and
-    the hyper-parameters of the candidate being built (entries with a grid)."""
-
-    cfg: TargetStageConfig
-    net: nn.Module
-    sources: list[Source]
-    base: dict[str, torch.Tensor] | None = None
-    params: dict[str, Any] | None = None
-
-
-def _no_sources(cfg: TargetStageConfig) -> list[str]:
-    return []
 
 
 def _all_sources(cfg: TargetStageConfig) -> list[str]:
@@ -103,36 +75,6 @@ def nth_source(i: int) -> Callable[[TargetStageConfig], list[str]]:
 def named_source(name: str) -> Callable[[TargetStageConfig], list[str]]:
     """Always the source run ``name`` (the All-HCP baselines)."""
     return lambda cfg: [name]
-
-
-@dataclass(frozen=True)
-class Initialisation:
-    """How the target network's weights are obtained before fine-tuning: one registry entry.
-
-    Attributes:
-        build: Sets the weights of ``ctx.net`` (in place) and returns them as :class:`Initialised`.
-        sources: The source run names it needs, from the config.
-        fisher: Whether the sources are loaded with their Fishers.
-        merges: Whether P is a merge of several sources (≥ 2, of one architecture).
-        models: Exactly this many sources (None: any).
-        base: Whether it needs θ₀ (``merge.base``; the task-vector methods).
-        candidates: A grid of hyper-parameters, chosen on validation when it has several
-            (:mod:`tmerge.stages.selection`); None: no grid.
-        adapt: A stage between the initialisation and the fine-tune (T-IMM's adaption): it gets
-            ``(cfg, dm, net, sources, start, run_dir, wandb_run)`` and returns the network to
-            fine-tune and the stage's summary for the stages' record.
-        method: The name recorded with the grid's choice.
-    """
-
-    build: Callable[[InitContext], Initialised]
-    sources: Callable[[TargetStageConfig], list[str]] = _no_sources
-    fisher: bool = False
-    merges: bool = False
-    models: int | None = None
-    base: bool = False
-    candidates: Callable[[TargetStageConfig], list[dict[str, Any]]] | None = None
-    adapt: Callable[..., tuple[nn.Module, dict[str, Any]]] | None = None
-    method: str | None = None
 
 
 # --- builders -------------------------------------------------------------------------------------
@@ -192,44 +134,51 @@ def prepare_merge(ctx: InitContext, with_fisher: bool) -> Initialised:
     return Initialised(net, layers, fishers, eps, kept)
 
 
-def imm_builder(with_fisher: bool) -> Callable[[InitContext], Initialised]:
-    """P by eq. 2 with uniform α, Fisher-weighted (``imm``) or not (``mean-imm``)."""
-
-    def build(ctx: InitContext) -> Initialised:
-        start = prepare_merge(ctx, with_fisher)
-        states = [s.state for s in ctx.sources]
-        alphas = torch.full((len(states),), 1.0 / len(states))
-        merged = imm_merge(states, start.fishers, alphas, layers=start.layers, eps=start.eps)
-        start.net.load_state_dict({**start.net.state_dict(), **merged})
-        return start
-
-    return build
-
-
 def adaptive_builder(with_fisher: bool) -> Callable[[InitContext], Initialised]:
     """T-IMM: P is left to the adaption stage (:class:`~tmerge.merge.AdaptiveMerge`)."""
     return lambda ctx: prepare_merge(ctx, with_fisher)
 
 
-def vector_builder(method: str) -> Callable[[InitContext], Initialised]:
-    """P by the task-vector ``method`` from the sources and θ₀, with the candidate's parameters."""
+#: What a builder passes a method of the table besides the models, θ₀ and the Fishers.
+MethodParams = Callable[[InitContext, Initialised], dict[str, Any]]
+
+
+def method_builder(method: str, params: MethodParams) -> Callable[[InitContext], Initialised]:
+    """P by ``method`` of the merge methods' table (:data:`tmerge.merge.methods.METHODS`, the one
+    ``tmerge merge`` runs) over the mergeable layers, from the sources (with their normalised
+    Fishers where the method weighs by them) and θ₀ (where it needs it), with ``params``."""
+    spec = METHODS[method]
 
     def build(ctx: InitContext) -> Initialised:
-        spec = METHODS[method]
         if spec.base and ctx.base is None:
             raise ValueError(f"initialise: {ctx.cfg.init} needs the base θ₀")
-        start = prepare_merge(ctx, with_fisher=False)
+        start = prepare_merge(ctx, with_fisher=spec.fishers)
         names = [n for ns in start.layers.values() for n in ns]
         merged = spec.run(
             [{n: s.state[n] for n in names} for s in ctx.sources],
             None if ctx.base is None else {n: ctx.base[n] for n in names},
-            None,
-            **(ctx.params or vector_candidates(ctx.cfg, method)[0]),
+            None if start.fishers is None else [{n: f[n] for n in names if n in f} for f in start.fishers],
+            **params(ctx, start),
         )
         start.net.load_state_dict({**start.net.state_dict(), **merged})
         return start
 
     return build
+
+
+def eq2_params(ctx: InitContext, start: Initialised) -> dict[str, Any]:
+    """IMM's and mean-IMM's parameters: the table's uniform α, and eq. 2's ε of the run,
+    ``adaption.eps`` relative to the mean entry of all the normalised Fishers (those of layers
+    that are not merged included), the ε a T-IMM adaption of the same sources merges with."""
+    params: dict[str, Any] = {"eps": ctx.cfg.adaption.eps}
+    if start.fishers is not None:
+        params["fisher_scale"] = fisher_epsilon(start.fishers, 1.0)
+    return params
+
+
+def candidate_params(method: str) -> MethodParams:
+    """A task-vector method's parameters: the candidate being built, else the first of the grid."""
+    return lambda ctx, start: ctx.params or vector_candidates(ctx.cfg, method)[0]
 
 
 def vector_candidates(cfg: TargetStageConfig, method: str) -> list[dict[str, Any]]:
@@ -242,59 +191,6 @@ def vector_candidates(cfg: TargetStageConfig, method: str) -> list[dict[str, Any
         values = [getattr(cfg.merge, key)] if single else list(getattr(cfg.merge, key))
         grid = [{**g, key: v} for g in grid for v in values]
     return grid
-
-
-# --- θ₀ of the task vectors ---------------------------------------------------------------------
-def load_base(
-    cfg: TargetStageConfig,
-    source_names: list[str],
-    target: dict[str, torch.Tensor],
-    plan: list[int] | None = None,
-    names: list[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """θ₀ of the task-vector methods (``merge.base``), its input layer (``names``) mapped by the
-    sources' channel ``plan`` (:func:`tmerge.stages.target.input_plan`; None: not mapped).
-
-    Raises:
-        RunError: the file does not exist, is unreadable, or is not the init its run recorded.
-    """
-    root = runs_dir(cfg.runs_dir)
-    if cfg.merge.base is None:
-        first = source_folder(root, source_names[0], wandb_mode(cfg.logger), (INIT_FILE,))
-        path = first / INIT_FILE
-        hint = f"retrain {source_names[0]} with this version (it saves its initial weights) or set merge.base"
-    elif (root / cfg.merge.base / NET_FILE).is_file():
-        path, hint = root / cfg.merge.base / NET_FILE, ""
-    else:
-        path, hint = Path(cfg.merge.base).expanduser(), "set merge.base to a run name or a safetensors file"
-    if not path.is_file():
-        raise RunError(f"merge.base: {path} does not exist; {hint}")
-    check_init_matches(path)
-    state, _ = load_net(path)
-    if plan is not None:
-        state = map_input_channels(state, target, plan, rescale=True, names=names)
-    return state
-
-
-def check_base(
-    path_hint: str, base: dict[str, torch.Tensor], sources: list[Source], layers: dict[str, list[str]]
-) -> None:
-    """Refuse a base θ₀ that lacks a merged parameter or holds it in another shape than the sources.
-
-    Raises:
-        RunError: naming the base and the first such parameter.
-    """
-    for names in layers.values():
-        for n in names:
-            if n not in base:
-                raise RunError(
-                    f"merge.base: {path_hint} has no {n!r}; expected the weights the sources started from"
-                )
-            if base[n].shape != sources[0].state[n].shape:
-                raise RunError(
-                    f"merge.base: {path_hint}: {n!r} has shape {tuple(base[n].shape)}, the sources "
-                    f"{tuple(sources[0].state[n].shape)}; expected the weights the sources started from"
-                )
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -311,7 +207,7 @@ def register(name: str, init: Initialisation) -> Initialisation:
 def _vector(method: str) -> Initialisation:
     spec = METHODS[method]
     return Initialisation(
-        vector_builder(method),
+        method_builder(method, candidate_params(method)),
         _all_sources,
         merges=True,
         models=spec.models,
@@ -326,8 +222,8 @@ def _vector(method: str) -> Initialisation:
 register("none", Initialisation(build_none))
 register("m1", Initialisation(build_transfer, nth_source(0)))
 register("m2", Initialisation(build_transfer, nth_source(1)))
-register("imm", Initialisation(imm_builder(True), _all_sources, fisher=True, merges=True))
-register("mean-imm", Initialisation(imm_builder(False), _all_sources, merges=True))
+register("imm", Initialisation(method_builder("imm", eq2_params), _all_sources, fisher=True, merges=True))
+register("mean-imm", Initialisation(method_builder("mean-imm", eq2_params), _all_sources, merges=True))
 register("mean-timm", Initialisation(adaptive_builder(False), _all_sources, merges=True, adapt=adapt))
 register("timm", Initialisation(adaptive_builder(True), _all_sources, fisher=True, merges=True, adapt=adapt))
 for _name in ("task-arithmetic", "ties", "dare", "dare-ties", "slerp"):

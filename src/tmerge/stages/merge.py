@@ -33,12 +33,13 @@ from torch import Tensor
 
 from tmerge.config import to_container
 from tmerge.errors import ConfigError, RunError
-from tmerge.fisher import NORMALIZE, load_fisher, normalize_fisher
+from tmerge.fisher import check_options, normalize_fisher
 from tmerge.io import file_sha256, write_json, write_safetensors
 from tmerge.merge.imm import fisher_epsilon
 from tmerge.merge.methods import METHODS, Method, check_params
 from tmerge.merge.task_vectors import check_state_dicts
-from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, check_fisher_matches, check_init_matches, load_net
+from tmerge.runs import FISHER_FILE, INIT_FILE, NET_FILE, load_fisher, load_net
+from tmerge.sources import check_fisher_matches, check_init_matches
 
 log = logging.getLogger("tmerge")
 
@@ -143,10 +144,10 @@ def run_merge(cfg: MergeConfig) -> Path:
     """Merge by the recipe; write the output safetensors and its JSON record; return the output."""
     if cfg.output is None:
         raise ConfigError("output: name the merged safetensors file (output=…)")
-    if cfg.fisher_normalize not in NORMALIZE:
-        raise ConfigError(
-            f"fisher_normalize: expected one of {', '.join(NORMALIZE)}, got {cfg.fisher_normalize!r}"
-        )
+    try:
+        check_options(normalize=cfg.fisher_normalize, prefix="fisher_")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     output = Path(cfg.output).expanduser()
     record_path = output.with_name(output.name + ".json")
     if output.exists() and not cfg.force:

@@ -17,9 +17,11 @@ from tmerge.data.target import TargetDataModule
 from tmerge.io import write_json
 from tmerge.resume import is_rank_zero
 from tmerge.runner import fit
-from tmerge.runs import SELECTION_DIR, SELECTION_FILE, Source
+from tmerge.runs import SELECTION_DIR, SELECTION_FILE
+from tmerge.sources import Source
 from tmerge.stages.configs import TargetStageConfig
-from tmerge.stages.inits import Initialisation, initialise
+from tmerge.stages.initialisation import Initialisation
+from tmerge.stages.inits import initialise
 from tmerge.stages.module import segmentation_module
 
 log = logging.getLogger("tmerge")

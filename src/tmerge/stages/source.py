@@ -16,10 +16,10 @@ from pathlib import Path
 import lightning as L
 
 from tmerge.artifacts import SOURCE_TYPE, log_model
+from tmerge.callbacks import FisherCallback
 from tmerge.config import to_container
 from tmerge.data.hcp import HCPDataConfig, HCPDataModule
 from tmerge.errors import ConfigError, RunError
-from tmerge.fisher import FisherCallback
 from tmerge.io import file_sha256, write_json
 from tmerge.loggers import stage_loggers, wandb_run
 from tmerge.merge.distance import layer_distances, summarise_distances
@@ -32,11 +32,10 @@ from tmerge.runs import (
     INIT_FILE,
     NET_FILE,
     SOURCE_MARKER,
-    Source,
     best_state_dict,
-    load_source,
     save_net,
 )
+from tmerge.sources import Source, load_source
 from tmerge.stages.configs import FisherConfig, RunConfig
 from tmerge.stages.module import architecture_meta, segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run

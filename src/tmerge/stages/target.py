@@ -3,8 +3,8 @@
 The orchestration only; the initialisations are entries of :mod:`tmerge.stages.inits`, the
 grid choice is :mod:`tmerge.stages.selection`, T-IMM's adaption :mod:`tmerge.stages.adaption`,
 the result files :mod:`tmerge.stages.results`, and the run folder's layout :mod:`tmerge.runs`.
-Everything that can fail on the user's input (sources, architectures, Fishers, θ₀) is checked
-before the run folder is touched.
+Everything that can fail on the user's input (sources, architectures, Fishers, θ₀: all of it
+:mod:`tmerge.sources`) is checked before the run folder is touched.
 """
 
 from __future__ import annotations
@@ -21,32 +21,33 @@ from lightning.pytorch.loggers import Logger
 from tmerge.callbacks import LearningCurve, PredictionWriter
 from tmerge.config import to_container
 from tmerge.dashboard import log_test_results
-from tmerge.data.formats import match_channels
 from tmerge.data.target import BRATS_TARGET, TargetDataModule
-from tmerge.errors import ConfigError, RunError
+from tmerge.errors import ConfigError
 from tmerge.evaluate import format_summary, label_names
 from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
 from tmerge.nets import input_names, layer_groups, partition
 from tmerge.paths import runs_dir
 from tmerge.runner import check_trainer, fit
-from tmerge.runs import (
-    INIT_FILE,
-    PREDICTIONS_DIR,
-    TARGET_MARKER,
-    VALIDATION_DIR,
+from tmerge.runs import INIT_FILE, PREDICTIONS_DIR, TARGET_MARKER, VALIDATION_DIR, target_dir
+from tmerge.sources import (
     Source,
+    check_base,
+    check_channel_map,
+    check_same_outputs,
+    input_plan,
+    load_base,
     load_source,
-    target_dir,
+    map_input,
 )
 from tmerge.stages.adaption import warm_up
 from tmerge.stages.configs import TargetStageConfig
-from tmerge.stages.inits import INITS, Initialisation, check_base, initialise, load_base
+from tmerge.stages.initialisation import Initialisation
+from tmerge.stages.inits import INITS, initialise
 from tmerge.stages.module import segmentation_module
 from tmerge.stages.protocol import stage_guard, start_run
 from tmerge.stages.results import curve_score, test_subjects, write_results
 from tmerge.stages.selection import select_candidate
-from tmerge.transfer import map_input_channels
 
 log = logging.getLogger("tmerge")
 
@@ -63,33 +64,6 @@ def run_config(cfg: TargetStageConfig, init: str | None = None, seed: int | None
     return dataclasses.replace(cfg, init=init, seed=seed, data=dataclasses.replace(cfg.data, draw_seed=draw))
 
 
-#: A source's input channels where its weights do not record them (runs made before they
-#: did): the parcellation sources' T1 and T2.
-LEGACY_SOURCE_CHANNELS = ("T1", "T2")
-
-
-def input_plan(
-    cfg: TargetStageConfig, channels: tuple[str, ...], source: Source
-) -> tuple[list[int] | None, str]:
-    """How the target's input layer starts from a source's: ``(channel map, what it does)``.
-
-    ``channel_map`` given: that map. Else, when every target channel is a contrast the source
-    saw (:func:`tmerge.data.formats.match_channels`: t1 ↔ T1w, t2 ↔ T2w, …), the map that
-    reuses those filters. Else ``None``: the input layer is re-initialised and trained with S.
-    """
-    seen = tuple(source.meta.get("channels") or LEGACY_SOURCE_CHANNELS)
-    if cfg.channel_map is not None:
-        return list(cfg.channel_map), f"channel_map={list(cfg.channel_map)} reuses {source.name}'s filters"
-    found = match_channels(channels, seen)
-    if found is not None:
-        pairs = ", ".join(f"{t}←{seen[i]}" for t, i in zip(channels, found, strict=True))
-        return found, f"channels match {source.name}'s ({pairs}): its input filters are reused"
-    return None, (
-        f"channels {', '.join(channels)} are not all among {source.name}'s ({', '.join(seen)}): the input "
-        "layer is re-initialised and trained with S (channel_map=[…] reuses the source's filters)"
-    )
-
-
 def load_sources(
     cfg: TargetStageConfig,
     names: list[str],
@@ -98,20 +72,16 @@ def load_sources(
     with_fisher: bool,
     channels: tuple[str, ...],
 ) -> list[Source]:
-    """The source runs ``names`` (:func:`tmerge.runs.load_source`: every check), of the target
+    """The source runs ``names`` (:func:`tmerge.sources.load_source`: every check), of the target
     network's architecture, their input layer adapted to the target's ``channels``
-    (:func:`input_plan`).
+    (:func:`tmerge.sources.input_plan`).
 
     Raises:
         RunError: a source is missing, unfinished, of another architecture or with a bad Fisher,
             or the sources solve tasks of different label counts.
         ConfigError: ``channel_map`` does not name one source channel per target channel.
     """
-    if cfg.channel_map is not None and len(cfg.channel_map) != len(channels):
-        raise ConfigError(
-            f"channel_map: got {list(cfg.channel_map)} ({len(cfg.channel_map)} entries); expected one source "
-            f"channel per target channel, {len(channels)} ({', '.join(channels)})"
-        )
+    check_channel_map(cfg.channel_map, channels)
     target = net.state_dict()
     first = input_names(net, fused)
     # The whole network must agree between the sources and the target: its name and sizes.
@@ -126,23 +96,11 @@ def load_sources(
             expected=expected,
             wandb_mode=wandb_mode(cfg.logger),
         )
-        plan, said = input_plan(cfg, channels, s)
+        plan, said = input_plan(cfg.channel_map, channels, s)
         log.info("%s: input layer: %s", cfg.init, said)
-        if plan is not None:
-            s.state = map_input_channels(s.state, target, plan, rescale=True, names=first)
-            if s.fisher is not None:
-                s.fisher = map_input_channels(s.fisher, target, plan, rescale=False, names=first)
-        else:
-            s.reinit = frozenset(first)
+        map_input(s, target, plan, first)
         sources.append(s)
-    outputs = {s.name: s.meta.get("n_classes") for s in sources}
-    if len(sources) > 1 and len(set(outputs.values())) > 1:
-        # Merged models share P but each keeps its own S and heads; sources of different label
-        # counts are not the paper's setting and usually mean a wrong run name.
-        raise RunError(
-            "sources: models to merge must solve tasks with the same number of classes, got "
-            + ", ".join(f"{n}: {k} outputs" for n, k in outputs.items())
-        )
+    check_same_outputs(sources)
     return sources
 
 
@@ -177,8 +135,16 @@ def run_target(cfg: TargetStageConfig) -> Path:
     sources = load_sources(cfg, names, net, fused, init.fisher, tuple(dm.modalities))
     base = None
     if init.base:
-        plan, _ = input_plan(cfg, tuple(dm.modalities), sources[0])
-        base = load_base(cfg, names, net.state_dict(), plan, input_names(net, fused))
+        plan, _ = input_plan(cfg.channel_map, tuple(dm.modalities), sources[0])
+        base = load_base(
+            runs_dir(cfg.runs_dir),
+            cfg.merge.base,
+            names[0],
+            wandb_mode(cfg.logger),
+            net.state_dict(),
+            plan,
+            input_names(net, fused),
+        )
         layers, _ = mergeable_layers(net, [s.state for s in sources], layer_groups(net, fused))
         check_base(cfg.merge.base or f"{names[0]}/{INIT_FILE}", base, sources, layers)
     dm.check_layout()
