@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tiny_settings import TINY_ARGS
+from helpers.tiny_settings import TINY_ARGS
 
 # Offline, silent W&B for every test; nothing may reach the network.
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 import yaml
+from helpers.tiny_settings import TINY_SCHEDULE
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_settings import TINY_SCHEDULE
 
 from tmerge.cli import main
 from tmerge.nets import layer_groups, partition

@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_settings import TINY_ARGS, tiny_brats
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_settings import TINY_ARGS, tiny_brats
 
 from tmerge.cli import main
 from tmerge.io import file_sha256

@@ -3,7 +3,6 @@ mappings and their inverses, geometry (resampling and back), and malformed input
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import layouts, trees
 
 from tmerge.data import HCPDataModule, TargetDataModule
 from tmerge.data.formats import FORMATS, detect, expected_layouts, read_dataset_json
@@ -19,18 +19,6 @@ from tmerge.data.labels import BRATS2023_LABELS, LabelMapping, dataset_labels, r
 from tmerge.data.preprocess import PreprocessSettings, original_labels, uncrop, voxel_spacing
 from tmerge.errors import ConfigError, DataError
 from tmerge.evaluate import evaluate_subject, save_prediction
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tmerge_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-trees = _load("test_datamodules")
-layouts = _load("layouts")
 
 LAYOUTS = ("brats2018", "brats2021", "brats2023", "nnunet")
 

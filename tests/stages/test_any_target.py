@@ -10,7 +10,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from tiny_settings import TINY_ARGS
+from helpers.tiny_settings import TINY_ARGS
 
 from tmerge.cli import main
 
