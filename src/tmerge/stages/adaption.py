@@ -161,6 +161,7 @@ def adapt(
                 "best_epoch": result.best_epoch,
                 "trajectory": epochs,
                 "delta_lr": cfg.adaption.delta_lr,
+                "eps": cfg.adaption.eps,  # relative ε of eq. 2 (forgetting's T-IMM row merges with it)
                 "fisher": cfg.fisher.normalize if start.fishers is not None else "unit",
                 "world_size": trainer.world_size,
                 "ranks_agree": True,
