@@ -36,13 +36,14 @@ def brats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# The DataModules as the stages build them for the default network (net.divisor 16).
 def _hcp(root: Path, cache: Path, **kw: object) -> HCPDataModule:
-    return HCPDataModule(root=str(root), cache_dir=str(cache), patch_size=16, **kw)
+    return HCPDataModule(root=str(root), cache_dir=str(cache), patch_size=16, divisor=16, **kw)
 
 
 def _brats(root: Path, cache: Path, **kw: object) -> TargetDataModule:
     fields = {"test_size": 4, "pool_size": 10, "portion": 80, "n4": False, "patch_size": 16, **kw}
-    return TargetDataModule(root=str(root), cache_dir=str(cache), **fields)
+    return TargetDataModule(root=str(root), cache_dir=str(cache), divisor=16, **fields)
 
 
 def test_attributes_are_known_without_io() -> None:
@@ -65,8 +66,11 @@ def test_config_round_trip_and_rejections() -> None:
         HCPDataModule(spilt="task1")
     with pytest.raises(ConfigError, match="split"):
         HCPDataModule(split="task3")
+    # Multiples of the network's divisor are the run config's to check (tests/test_net_data_contract.py).
     with pytest.raises(ConfigError, match="patch_size"):
-        HCPDataModule(patch_size=40)
+        HCPDataModule(patch_size=0)
+    with pytest.raises(ValueError, match="divisor"):
+        HCPDataModule(divisor=0)
     with pytest.raises(ConfigError, match="portion"):
         TargetDataModule(portion=0)
 

@@ -41,7 +41,7 @@ from tmerge.runs import (
     load_source,
     target_dir,
 )
-from tmerge.stages.configs import MergeFisherConfig
+from tmerge.stages.configs import MergeFisherConfig, check_net_data
 
 log = logging.getLogger("tmerge")
 
@@ -61,6 +61,9 @@ class ForgettingConfig:
     data: HCPDataConfig = field(default_factory=HCPDataConfig)
     net: NetConfig = field(default_factory=NetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        check_net_data(self.net, self.data, self.loss)
 
 
 def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Tensor]]:
@@ -223,7 +226,7 @@ def run_forgetting(cfg: ForgettingConfig) -> Path:
         if labels is None:
             raise RunError(f"{source.folder}: no label set in the weights' metadata; retrain {name} with this version")
         data = dataclasses.replace(cfg.data, split=meta.get("split", name), labels=labels)
-        dm = HCPDataModule(**dataclasses.asdict(data))
+        dm = HCPDataModule(divisor=cfg.net.divisor, **dataclasses.asdict(data))
         dm.prepare_data()
         dm.setup("test")
         subject = subject or dm.subjects["test"][0]
