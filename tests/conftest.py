@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tiny_settings import TINY_ARGS
+from helpers.anatomy import require_anatomy
+from helpers.tiny_settings import TINY_ARGS
 
 # Offline, silent W&B for every test; nothing may reach the network.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -22,9 +23,10 @@ def tiny_default(tmp_path_factory) -> Path:
     """The embedded default layout at 32³ with a small BraTS pool: ``<root>/{hcp,brats}``.
 
     58 HCP-like subjects (the paper's splits need all of them), 24 labelled and 2 unlabelled
-    BraTS-like subjects — use ``data.test_size=8 data.pool_size=16`` with it.
+    BraTS-like subjects — use ``data.test_size=8 data.pool_size=16`` with it. Skipped where the
+    anatomy package it is generated from is missing.
     """
-    pytest.importorskip("tmerge.data.anatomy").template_dir()
+    require_anatomy()
     from tmerge.data.generate import generate_default
 
     root = tmp_path_factory.mktemp("tiny_default")

@@ -7,6 +7,7 @@ import inspect
 import logging
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
@@ -171,3 +172,44 @@ def test_best_metrics_state_round_trip() -> None:
     again.load_state_dict(state)
     assert again.metrics == {"val/dice": 0.7, "epoch": 3}
     assert again.previous_wall_s >= 10.0  # this attempt's time is added to the earlier ones'
+
+
+class _ScriptedDice(L.LightningModule):
+    """Logs a given validation Dice per epoch, so a test decides which epochs tie."""
+
+    def __init__(self, dice: list[float]) -> None:
+        super().__init__()
+        self.dice = dice
+        self.layer = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val/dice", self.dice[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_best_metrics_names_the_epoch_the_checkpoint_saved(tmp_path) -> None:
+    """A tie with the best score is not a new best: ModelCheckpoint saves only on a strict
+    improvement, so the epoch BestMetrics reports (into stages.json, alphas.json) must be the one
+    whose weights ``best.ckpt`` holds, not the later epoch that tied it."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 1)), batch_size=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/dice", mode="max")
+    best = BestMetrics(checkpoint)
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        callbacks=[best, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(_ScriptedDice([0.5, 0.7, 0.7, 0.6]), data, data)
+    saved = torch.load(tmp_path / "best.ckpt", weights_only=False)
+    assert saved["epoch"] + 1 == 2  # the first epoch to reach 0.7
+    assert best.metrics["epoch"] == 2
+    assert best.metrics["val/dice"] == pytest.approx(0.7)

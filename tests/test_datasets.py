@@ -5,14 +5,13 @@ anisotropic, LAS-stored copy runs with ``data.spacing``/``data.orientation``; a 
 source in nnU-Net v2 raw trains as task1 (and task2), and T-IMM runs from those sources on BraTS
 2023.
 
-The converted layouts keep the sorted order of the case ids (tests/data/layouts.py), so the seeded
+The converted layouts keep the sorted order of the case ids (tests/helpers/layouts.py), so the seeded
 splits draw the same cases in each.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -20,18 +19,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from tiny_settings import TINY_ARGS
+from helpers import layouts
+from helpers.tiny_settings import TINY_ARGS
 
 from tmerge.cli import main
 
 pytestmark = pytest.mark.slow
-
-_spec = importlib.util.spec_from_file_location(
-    "_tmerge_layouts", Path(__file__).parent / "data" / "layouts.py"
-)
-assert _spec is not None and _spec.loader is not None
-layouts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(layouts)
 
 TINY = list(TINY_ARGS)
 LAYOUTS = ("brats2018", "brats2021", "brats2023", "nnunet")

@@ -81,7 +81,7 @@ def subject(tmp_path_factory):
     """``(Preprocessed, files, seg file)`` of one hand-made BraTS subject (no N4: fast)."""
     folder = tmp_path_factory.mktemp("brats") / "Brats18_TEST_0001_1"
     files, label = _brats_subject(folder, folder.name)
-    pre = preprocess_subject(files, label, "brats", PreprocessSettings(min_size=16), subject=folder.name)
+    pre = preprocess_subject(files, label, "brats", PreprocessSettings(multiple=16, min_size=16), subject=folder.name)
     assert pre.image.shape[1:] != SHAPE  # the crop really changed the grid
     return pre, files, label
 

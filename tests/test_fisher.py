@@ -294,17 +294,7 @@ def test_the_fisher_options_are_validated_once() -> None:
 # FisherCallback end to end (a subprocess per run, so that Lightning's DDP launcher can re-run it)
 # --------------------------------------------------------------------------------------------
 
-_WORKER = Path(__file__).with_name("fisher_ddp_worker.py")
-
-
-def _load_worker():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fisher_ddp_worker", _WORKER)
-    assert spec is not None and spec.loader is not None
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-    return worker
+_WORKER = Path(__file__).parent / "helpers" / "fisher_ddp_worker.py"
 
 
 def _run_worker(out: Path, devices: int):
@@ -313,7 +303,8 @@ def _run_worker(out: Path, devices: int):
     import subprocess
     import sys
 
-    worker = _load_worker()
+    from helpers import fisher_ddp_worker as worker
+
     if devices == 1:
         worker.main(out, 1)
         return worker

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 import yaml
+from helpers.tiny_settings import TINY_SCHEDULE
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_settings import TINY_SCHEDULE
 
 from tmerge.cli import main
 from tmerge.nets import layer_groups, partition
@@ -76,7 +76,11 @@ def test_sources_record_the_network_and_its_fisher(pipeline):
         assert set(fisher) == set(fused)
         assert all(torch.isfinite(f).all() and (f >= 0).all() for f in fisher.values())
         assert sum(float(f.sum()) for f in fisher.values()) > 0
-        assert json.loads((runs / run / "metrics.json").read_text())["val_dice"] >= 0.0
+        # The best epoch's validation Dice: a score, the mean of the per-class scores beside it.
+        marker = json.loads((runs / run / "metrics.json").read_text())
+        per_class = marker["val_dice_per_class"]
+        assert set(per_class) and all(0.0 <= d <= 1.0 for d in per_class.values())
+        assert marker["val_dice"] == pytest.approx(sum(per_class.values()) / len(per_class), abs=1e-6)
 
 
 def test_timm_writes_scores_and_alphas(pipeline):

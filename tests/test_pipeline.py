@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_settings import TINY_ARGS, tiny_brats
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_settings import TINY_ARGS, tiny_brats
 
 from tmerge.cli import main
 from tmerge.io import file_sha256
@@ -120,6 +120,7 @@ def test_timm_end_to_end(runs, tiny_default):
     assert all(v >= 0.0 for v in summary["hd95"].values())
     alphas = json.loads((run / "alphas.json").read_text())
     assert alphas["sources"] == ["task1", "task2"]
+    assert alphas["eps"] == 1e-8  # adaption.eps, with which forgetting's T-IMM row merges
     for pair in alphas["alphas"].values():
         assert len(pair) == 2 and abs(sum(pair) - 1) < 1e-5 and min(pair) >= 0
     stages = json.loads((run / "stages.json").read_text())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.sources import fake_source
+from helpers.tiny_settings import TINY_NET
 
 from tmerge.callbacks import NonFiniteGuard
 from tmerge.cli import main
@@ -22,9 +24,7 @@ from tmerge.runs import best_state_dict
 
 # Seconds per epoch on two cores, several epochs to interrupt.
 TINY = [
-    "net.base_filters=4",
-    "net.depth=3",
-    "data.patch_size=16",
+    *TINY_NET,
     "data.batch_size=2",
     "data.samples_per_volume=1",
     "trainer.limit_train_batches=3",
@@ -209,21 +209,11 @@ def test_second_process_on_a_locked_run_folder_is_refused(tiny_default, tmp_path
 
 # ---- bad sources --------------------------------------------------------------------------------
 
-SMALL = ["net.base_filters=4", "net.depth=3", "data.patch_size=16"]
+SMALL = list(TINY_NET)
 
 
 def _source(runs: Path, name: str, n_classes: int = 8) -> None:
-    from tmerge.io import file_sha256, write_safetensors
-    from tmerge.nets import Isensee2017, partition
-    from tmerge.runs import save_net
-
-    net = Isensee2017(2, n_classes, base_filters=4, depth=3)
-    fused, _ = partition(net)
-    fisher = runs / name / "fisher.safetensors"
-    write_safetensors(fisher, {n: torch.rand_like(p) for n, p in net.named_parameters() if n in fused})
-    meta = {"arch": "Isensee2017", "in_channels": 2, "n_classes": n_classes, "base_filters": 4, "depth": 3}
-    save_net(runs / name / "net.safetensors", net, {**meta, "fisher_sha256": file_sha256(fisher)})
-    (runs / name / "metrics.json").write_text("{}")  # a finished run
+    fake_source(runs, name, n_classes=n_classes, fisher_hash=True)
 
 
 def _timm(runs: Path, capsys) -> tuple[int, str]:

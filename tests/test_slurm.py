@@ -116,7 +116,7 @@ def test_sigusr1_requeue_resumes_from_the_hpc_checkpoint(tmp_path):
         "SLURM_NODEID": "0",
         "OMP_NUM_THREADS": "1",
     }
-    worker = [sys.executable, str(ROOT / "tests" / "slurm_requeue_worker.py"), str(tmp_path / "run")]
+    worker = [sys.executable, str(ROOT / "tests" / "helpers" / "slurm_requeue_worker.py"), str(tmp_path / "run")]
     first = subprocess.run([*worker, "6"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert first.returncode == 137, first.stdout[-2000:] + first.stderr[-2000:]
     assert "preempted after step 6" in first.stdout

@@ -1,6 +1,7 @@
 """Test-set evaluation and export in each subject's original geometry (paper §4.4, BraTS style).
 
-The network predicts on the preprocessed grid (cropped to the brain, padded to a multiple of 16).
+The network predicts on the preprocessed grid (cropped to the brain, padded to a multiple of the
+network's divisor).
 A prediction is turned into a label map there, put back into the original voxel grid
 (:func:`tmerge.data.preprocess.uncrop`; outside the crop box is background) and scored against the
 true label map on that full grid, with distances in mm from the image's affine.

@@ -35,8 +35,6 @@ log = logging.getLogger("tmerge")
 #: paper's protocol) or the last epoch of a fixed budget (no validation).
 SELECT = ("best", "last")
 
-#: Written when a fit has finished: a re-run skips training (see :mod:`tmerge.resume`).
-
 
 @dataclass
 class TrainerConfig:

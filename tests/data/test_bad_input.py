@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -11,18 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import trees
 
 from tmerge.data import HCPDataModule, TargetDataModule
 from tmerge.data.nifti import check_same_geometry, find_modality, load_labels, load_volume
 from tmerge.errors import DataError
-
-# The tree writers live in test_datamodules.py; load that file directly (no conftest, importlib mode).
-_spec = importlib.util.spec_from_file_location(
-    "_tmerge_data_trees", Path(__file__).with_name("test_datamodules.py")
-)
-assert _spec is not None and _spec.loader is not None
-trees = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(trees)
 
 TRAIN = "MICCAI_BraTS_2018_Data_Training"
 SUBJECT = "Brats18_TCIA1_101_1"  # an HGG subject of write_brats_tree

@@ -1,8 +1,5 @@
-"""HCP and BraTS DataModules on tiny generated trees in the real datasets' layouts.
-
-The tree writers here (``write_hcp_tree``, ``write_brats_tree``) are also used by
-``test_bad_input.py``; they do not depend on ``tmerge.data.generate``.
-"""
+"""HCP and BraTS DataModules on tiny generated trees in the real datasets' layouts (written by
+:mod:`helpers.trees`)."""
 
 from __future__ import annotations
 
@@ -16,68 +13,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.trees import write_brats_tree, write_hcp_tree
 
 import tmerge.data.preprocess as pp
 from tmerge.data import HCPDataConfig, HCPDataModule, TargetDataConfig, TargetDataModule
 from tmerge.data.labels import aseg_to_paper, brats_regions, select_labels
 from tmerge.data.preprocess import uncrop
 from tmerge.errors import ConfigError
-
-SHAPE = (22, 20, 18)
-AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
-# A few FreeSurfer values of each hemisphere/structure, covering paper classes 1..14.
-ASEG_VALUES = np.array([8, 3, 1021, 10, 18, 11, 13, 24, 7, 2, 17, 4, 12, 28, 16, 0, 85])
-
-
-def _brain(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    centre = np.array(shape) / 2 + rng.uniform(-1, 1, 3)
-    radii = np.array(shape) * rng.uniform(0.35, 0.42, 3)
-    grid = np.indices(shape).astype(float)
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) < 1
-
-
-def _save(path: Path, data: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, AFFINE), path)
-
-
-def write_hcp_tree(root: Path, n: int = 58, seed: int = 0, suffix: str = ".nii.gz") -> list[str]:
-    """Write ``n`` HCP-layout subjects (T1, T2, aparc+aseg) of ``SHAPE``; return their ids."""
-    rng = np.random.default_rng(seed)
-    ids = [f"{100206 + 13 * i:06d}" for i in range(n)]
-    for sid in ids:
-        folder = root / sid / "T1w"
-        brain = _brain(SHAPE, rng)
-        aseg = np.where(brain, rng.choice(ASEG_VALUES, size=SHAPE), 0).astype(np.int32)
-        for stem, base in (("T1w_acpc_dc_restore_brain", 300.0), ("T2w_acpc_dc_restore_brain", 500.0)):
-            image = np.where(brain, base + 20 * (aseg % 9) + rng.normal(0, 5, SHAPE), 0).astype(np.float32)
-            _save(folder / f"{stem}{suffix}", image)
-        _save(folder / f"aparc+aseg{suffix}", aseg)
-    return ids
-
-
-def write_brats_tree(
-    root: Path, n_train: int = 12, n_val: int = 2, seed: int = 0, suffix: str = ".nii.gz"
-) -> tuple[list[str], list[str]]:
-    """Write BraTS-2018-layout training (HGG/LGG, with nested tumours) and validation subjects."""
-    rng = np.random.default_rng(seed)
-    train = [f"Brats18_TCIA{i % 3}_{100 + i}_1" for i in range(n_train)]
-    val = [f"Brats18_CBICA_V{i:02d}_1" for i in range(n_val)]
-    for i, sid in enumerate(train + val):
-        if i < n_train:
-            folder = root / "MICCAI_BraTS_2018_Data_Training" / ("HGG" if i % 2 else "LGG") / sid
-        else:
-            folder = root / "MICCAI_BraTS_2018_Data_Validation" / sid
-        brain = _brain(SHAPE, rng)
-        c = np.array(SHAPE) // 2 + rng.integers(-2, 3, 3)
-        dist = np.sqrt(sum((g - ci) ** 2 for g, ci in zip(np.indices(SHAPE), c, strict=True)))
-        seg = np.select([dist < 1.5, dist < 2.5, dist < 4.5], [4, 1, 2], 0).astype(np.uint8) * brain
-        for m, base in zip(("t1", "t1ce", "t2", "flair"), (200.0, 250.0, 400.0, 300.0), strict=True):
-            image = np.where(brain, base + 30 * seg + rng.normal(0, 5, SHAPE), 0).astype(np.float32)
-            _save(folder / f"{sid}_{m}{suffix}", image)
-        if i < n_train:
-            _save(folder / f"{sid}_seg{suffix}", seg)
-    return train, val
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +36,14 @@ def brats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# The DataModules as the stages build them for the default network (net.divisor 16).
 def _hcp(root: Path, cache: Path, **kw: object) -> HCPDataModule:
-    return HCPDataModule(root=str(root), cache_dir=str(cache), patch_size=16, **kw)
+    return HCPDataModule(root=str(root), cache_dir=str(cache), patch_size=16, divisor=16, **kw)
 
 
 def _brats(root: Path, cache: Path, **kw: object) -> TargetDataModule:
     fields = {"test_size": 4, "pool_size": 10, "portion": 80, "n4": False, "patch_size": 16, **kw}
-    return TargetDataModule(root=str(root), cache_dir=str(cache), **fields)
+    return TargetDataModule(root=str(root), cache_dir=str(cache), divisor=16, **fields)
 
 
 def test_attributes_are_known_without_io() -> None:
@@ -123,8 +66,11 @@ def test_config_round_trip_and_rejections() -> None:
         HCPDataModule(spilt="task1")
     with pytest.raises(ConfigError, match="split"):
         HCPDataModule(split="task3")
+    # Multiples of the network's divisor are the run config's to check (tests/test_net_data_contract.py).
     with pytest.raises(ConfigError, match="patch_size"):
-        HCPDataModule(patch_size=40)
+        HCPDataModule(patch_size=0)
+    with pytest.raises(ValueError, match="divisor"):
+        HCPDataModule(divisor=0)
     with pytest.raises(ConfigError, match="portion"):
         TargetDataModule(portion=0)
 

@@ -3,7 +3,6 @@ mappings and their inverses, geometry (resampling and back), and malformed input
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import layouts, trees
 
 from tmerge.data import HCPDataModule, TargetDataModule
 from tmerge.data.formats import FORMATS, detect, expected_layouts, read_dataset_json
@@ -19,18 +19,6 @@ from tmerge.data.labels import BRATS2023_LABELS, LabelMapping, dataset_labels, r
 from tmerge.data.preprocess import PreprocessSettings, original_labels, uncrop, voxel_spacing
 from tmerge.errors import ConfigError, DataError
 from tmerge.evaluate import evaluate_subject, save_prediction
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tmerge_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-trees = _load("test_datamodules")
-layouts = _load("layouts")
 
 LAYOUTS = ("brats2018", "brats2021", "brats2023", "nnunet")
 
@@ -55,7 +43,7 @@ def brats(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dic
 
 def _dm(root: Path, cache: Path, **kw: object) -> TargetDataModule:
     fields = {"test_size": 4, "pool_size": 10, "portion": 80, "n4": False, "patch_size": 16, **kw}
-    return TargetDataModule(root=str(root), cache_dir=str(cache), **fields)
+    return TargetDataModule(root=str(root), cache_dir=str(cache), divisor=16, **fields)  # the default net's
 
 
 def test_each_layout_is_detected(brats, tmp_path: Path) -> None:
@@ -142,14 +130,15 @@ def test_nnunet_channels_come_in_the_task_order(brats) -> None:
 def test_brats2018_is_unchanged(brats, tmp_path: Path) -> None:
     """The default layout's cache keys, settings, split record and meta are those of before the
     registry (the measured numbers depend on them)."""
-    assert PreprocessSettings().digest() == "56598298cbc81089"
+    # Padded to the default network's divisor, 16.
+    assert PreprocessSettings(multiple=16).digest() == "56598298cbc81089"
     assert (
-        PreprocessSettings(n4=True, min_size=48).digest(kind="brats", source="/data/brats")
+        PreprocessSettings(n4=True, multiple=16, min_size=48).digest(kind="brats", source="/data/brats")
         == "502c47207962909b"
     )
-    assert PreprocessSettings(min_size=16).digest(kind="hcp", source="/x") == "fe1c0005a1ee1397"
+    assert PreprocessSettings(multiple=16, min_size=16).digest(kind="hcp", source="/x") == "fe1c0005a1ee1397"
     dm = _dm(brats["brats2018"][0], tmp_path / "c", run_dir=str(tmp_path / "run"))
-    assert dm.preprocess_settings() == PreprocessSettings(n4=False, min_size=16)
+    assert dm.preprocess_settings() == PreprocessSettings(n4=False, multiple=16, min_size=16)
     dm.setup("validate")
     record = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert list(record)[:3] == ["kind", "root", "train"] and "format" not in record

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.anatomy import requires_anatomy
 from scipy import ndimage
 
 from tmerge.data.anatomy import ASEG_LABELS
@@ -24,9 +24,7 @@ from tmerge.data.generate import (
 )
 from tmerge.errors import DataError
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("deepmriprep") is None, reason="deepmriprep (anatomy templates) not installed"
-)
+pytestmark = requires_anatomy
 
 SMALL = {"size": 32, "seed": 3, "n_hcp": 3, "n_brats": 4, "n_brats_val": 2, "progress": False}
 HCP_NAMES = ("T1w_acpc_dc_restore_brain.nii.gz", "T2w_acpc_dc_restore_brain.nii.gz", "aparc+aseg.nii.gz")

@@ -1,4 +1,4 @@
-"""Preprocessing: normalisation, cropping to a multiple of 16, uncrop, N4, the per-subject cache."""
+"""Preprocessing: normalisation, cropping to a multiple of the network's divisor, uncrop, N4, the per-subject cache."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _write_subject(
 
 def test_output_is_brain_normalised_and_a_multiple_of_16(tmp_path: Path) -> None:
     files, label, aseg = _write_subject(tmp_path)
-    out = preprocess_subject(files, label, "hcp", PreprocessSettings(min_size=16), subject="s1")
+    out = preprocess_subject(files, label, "hcp", PreprocessSettings(multiple=16, min_size=16), subject="s1")
     assert out.image.dtype == np.float32 and out.image.shape[0] == 2
     assert all(n % 16 == 0 and n >= 16 for n in out.image.shape[1:])
     assert out.label is not None and out.label.shape == out.image.shape[1:]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
+from helpers.anatomy import requires_anatomy
 
 from tmerge.data.anatomy import ASEG_LABELS, Anatomy, load_anatomy
 from tmerge.data.synth import smooth_noise, synth_brats_subject, synth_hcp_subject
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("deepmriprep") is None, reason="deepmriprep (anatomy templates) not installed"
-)
+pytestmark = requires_anatomy
 
 
 @pytest.fixture(scope="module")

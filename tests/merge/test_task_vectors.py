@@ -121,25 +121,6 @@ def test_mismatches_are_one_clear_error() -> None:
         task_arithmetic([{"w": torch.zeros(2, dtype=torch.float64)}], base)
 
 
-def test_regmean_is_the_least_squares_solution_on_a_linear_layer() -> None:
-    """min_W Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖² by lstsq on the stacked problem equals RegMean's closed form."""
-    from tmerge.merge.task_vectors import regmean
-
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(40, 5, generator=g, dtype=torch.float64) for _ in range(3)]
-    ws = [torch.randn(2, 5, generator=g, dtype=torch.float64) for _ in range(3)]
-    X = torch.cat(xs)  # (120, 5)
-    Y = torch.cat([x @ w.T for x, w in zip(xs, ws, strict=True)])  # each model's outputs on its own inputs
-    expected = torch.linalg.lstsq(X, Y).solution.T  # (2, 5)
-    got = regmean(ws, [x.T @ x for x in xs])
-    torch.testing.assert_close(got, expected)
-    # Equal Gram matrices: the plain average.
-    same = xs[0].T @ xs[0]
-    torch.testing.assert_close(regmean(ws, [same] * 3), sum(ws) / 3)
-    with pytest.raises(ValueError, match="Gram matrix"):
-        regmean([ws[0]], [torch.eye(4, dtype=torch.float64)])
-
-
 def test_dare_masks_do_not_depend_on_the_grouping_of_tensors() -> None:
     """Merging {a, b} at once or a and b separately (as per-layer overrides do) gives the same
     masks; and two tensors, or two models, never share a mask."""

@@ -10,7 +10,8 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from tiny_settings import TINY_ARGS
+from helpers.anatomy import require_anatomy
+from helpers.tiny_settings import TINY_ARGS
 
 from tmerge.cli import main
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def structures(tmp_path_factory):
     """The ``structures`` target at 32³ (60 labelled cases, 10 in imagesTs)."""
-    pytest.importorskip("tmerge.data.anatomy").template_dir()
+    require_anatomy()
     from tmerge.data.generate import generate_default
 
     root = tmp_path_factory.mktemp("structures_data")

@@ -11,33 +11,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from helpers.sources import fake_source
+from helpers.tiny_settings import TINY_NET
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tmerge.cli import main
 from tmerge.io import write_safetensors
-from tmerge.nets import Isensee2017, partition
-from tmerge.runs import save_net
 
-SMALL = ["net.base_filters=4", "net.depth=3", "data.patch_size=16"]
-
-
-def fake_source(runs, name, *, base_filters=4, fisher_drop=0, in_channels=2):
-    """A source run folder with weights (and a Fisher) of a small Isensee2017."""
-    net = Isensee2017(in_channels, 8, base_filters=base_filters, depth=3)
-    meta = {
-        "arch": "Isensee2017",
-        "in_channels": in_channels,
-        "n_classes": 8,
-        "base_filters": base_filters,
-        "depth": 3,
-    }
-    save_net(runs / name / "net.safetensors", net, meta)
-    fused, _ = partition(net)
-    fisher = {n: torch.rand_like(p) for n, p in net.named_parameters() if n in fused[fisher_drop:]}
-    write_safetensors(runs / name / "fisher.safetensors", fisher)
-    (runs / name / "metrics.json").write_text("{}")  # a finished run
+SMALL = list(TINY_NET)
 
 
 def run(args, capsys):
@@ -290,7 +272,7 @@ def _fake_target_run(root: Path, runs: Path) -> Path:
     """A finished target run (config, weights, marker) of a small network, as predict reads it."""
     from tmerge.config import compose, save_config
     from tmerge.nets import Isensee2017
-    from tmerge.runs import CONFIG_FILE, NET_FILE, TARGET_MARKER
+    from tmerge.runs import CONFIG_FILE, NET_FILE, TARGET_MARKER, save_net
     from tmerge.stages.configs import TargetStageConfig
 
     run_dir = runs / "brats" / "p50" / "none"

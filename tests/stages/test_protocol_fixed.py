@@ -8,7 +8,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from tiny_settings import TINY_ARGS, tiny_brats
+from helpers.tiny_settings import TINY_ARGS, tiny_brats
 
 from tmerge.cli import main
 from tmerge.data.target import TargetDataModule

@@ -54,11 +54,11 @@ class BestMetrics(Callback):
             return
         current = trainer.callback_metrics.get(self.checkpoint.monitor or "")
         best = self.checkpoint.best_model_score
-        # ModelCheckpoint saves in on_validation_end too; depending on callback order the best
-        # score may not be updated yet, so compare against the monitor directly.
-        improved = (
-            best is None or current is None or _better(current, best, self.checkpoint.mode) or current == best
-        )
+        # ModelCheckpoint saves in on_validation_end too, and Lightning always runs checkpoint
+        # callbacks last: its best score is still the previous epoch's here. It saves only on a
+        # strict improvement, so a tie is not a new best either (the epoch reported must be the
+        # one whose weights best.ckpt holds). No monitor (current None): every epoch is saved.
+        improved = best is None or current is None or _better(current, best, self.checkpoint.mode)
         if improved:
             self.metrics = {
                 k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)

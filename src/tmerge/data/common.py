@@ -55,8 +55,9 @@ class DataConfig:
     generate_size: int = 64
     # Fixes the splits; the same seed gives the same subjects to every initialisation method.
     seed: int = 0
-    # Edge of the cubic training patch. 48 = 3 × 16 fits the 4× downsampling network and
-    # covers most of a 64³ brain while keeping a batch small.
+    # Edge of the cubic training patch: a multiple of the network's divisor (net.divisor, 16 for
+    # the default network; checked where the run's config is composed). 48 = 3 × 16 covers most
+    # of a 64³ brain while keeping a batch small.
     patch_size: int = 48
     # Two patches per step: instance norm does not need large batches, memory does.
     batch_size: int = 2
@@ -85,11 +86,7 @@ class DataConfig:
     allow_blank_modality: bool = False
 
     def __post_init__(self) -> None:
-        if self.patch_size < 16 or self.patch_size % 16:
-            raise ConfigError(
-                f"patch_size: got {self.patch_size}; expected a multiple of 16 (the network downsamples 4×)"
-            )
-        for name in ("batch_size", "samples_per_volume", "generate_size"):
+        for name in ("patch_size", "batch_size", "samples_per_volume", "generate_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: got {getattr(self, name)}; expected a positive integer")
         if any(axis not in (0, 1, 2) for axis in self.flip_axes):
@@ -347,6 +344,9 @@ class SegmentationDataModule(L.LightningDataModule):
         class_names: Names of the foreground classes / regions.
         subjects: After setup, ``{"train", "val", "test", "predict"}`` subject id lists.
         splits: After setup, the full split dictionary (what the split record holds).
+        divisor: The preprocessed volumes are zero-padded to multiples of it: the network's
+            (:attr:`tmerge.nets.config.NetConfig.divisor`), which every stage passes; 1 where
+            no network is involved.
     """
 
     kind: ClassVar[Kind]
@@ -357,10 +357,13 @@ class SegmentationDataModule(L.LightningDataModule):
     n_outputs: int
     class_names: list[str]
 
-    def __init__(self, run_dir: str | None = None, **fields: Any) -> None:
+    def __init__(self, run_dir: str | None = None, divisor: int = 1, **fields: Any) -> None:
         super().__init__()
         self.config = make_config(self.config_class, fields)
         self.run_dir = run_dir
+        if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+            raise ValueError(f"divisor: expected a positive integer (the network's), got {divisor!r}")
+        self.divisor = divisor
         self.in_channels = len(self.modalities)
         self.save_hyperparameters({**dataclasses.asdict(self.config), "run_dir": run_dir})
         self.splits: dict[str, Any] | None = None
@@ -370,9 +373,11 @@ class SegmentationDataModule(L.LightningDataModule):
         self._loaded: dict[str, Subject] = {}
 
     @classmethod
-    def from_config(cls, config: DataConfig, run_dir: str | None = None) -> SegmentationDataModule:
-        """Build the module from its config dataclass."""
-        return cls(run_dir=run_dir, **dataclasses.asdict(config))
+    def from_config(
+        cls, config: DataConfig, run_dir: str | None = None, divisor: int = 1
+    ) -> SegmentationDataModule:
+        """Build the module from its config dataclass (``divisor``: the network's)."""
+        return cls(run_dir=run_dir, divisor=divisor, **dataclasses.asdict(config))
 
     # ---- dataset-specific hooks -------------------------------------------------------------
 
@@ -408,8 +413,8 @@ class SegmentationDataModule(L.LightningDataModule):
         return expected_layouts(self.kind)
 
     def preprocess_settings(self) -> PreprocessSettings:
-        """Settings of the cached preprocessing: volumes at least one patch wide, the geometry of
-        the config, and the label mapping of the root's format (none where the root is not
+        """Settings of the cached preprocessing: volumes at least one patch wide and padded to
+        multiples of the network's divisor, the geometry of the config, and the label mapping of the root's format (none where the root is not
         there to tell it, e.g. a run's data predicted on another machine)."""
         c = self.config
         labels = None
@@ -417,6 +422,7 @@ class SegmentationDataModule(L.LightningDataModule):
             labels = self.layout.labels
         return PreprocessSettings(
             n4=c.n4,
+            multiple=self.divisor,
             min_size=max(c.patch_sizes),
             spacing=None if c.spacing is None else tuple(float(v) for v in c.spacing),  # type: ignore[arg-type]
             orientation=None if c.orientation is None else str(c.orientation).upper(),

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tmerge.data.labels import BRATS2023_LABELS, BRATS_SCHEME, PAPER_CLASSES, LabelMapping, LabelScheme
+from tmerge.data.labels import BRATS2023_LABELS, BRATS_SCHEME, LabelMapping, LabelScheme
 from tmerge.data.nifti import NIFTI_SUFFIXES, find_modality
 from tmerge.errors import DataError
 
@@ -731,11 +731,6 @@ register(
         open=_open_nnunet,
     )
 )
-
-
-def paper_classes() -> dict[int, str]:
-    """HCP's class value → name: the paper's 14 classes."""
-    return {i: name for i, name in enumerate(PAPER_CLASSES, start=1)}
 
 
 # ---- any labelled target --------------------------------------------------------------------

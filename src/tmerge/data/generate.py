@@ -31,7 +31,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -322,47 +321,6 @@ def _run_job(job: _Job) -> _Job:
     return job
 
 
-class _Progress:
-    """Progress display on stderr: tqdm when installed, else a self-overwriting counter line."""
-
-    def __init__(self, total: int, enabled: bool, label: str) -> None:
-        self.total, self.done, self.label = total, 0, label
-        self.enabled = enabled and total > 0
-        self._bar: Any = None
-        self._start = time.monotonic()
-        if not self.enabled:
-            return
-        try:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=label, unit="subject", file=sys.stderr)
-        except ImportError:
-            self._print()
-
-    def _print(self) -> None:
-        elapsed = time.monotonic() - self._start
-        end = "\n" if self.done >= self.total else ""
-        print(
-            f"\r{self.label}: {self.done}/{self.total} subjects ({elapsed:.0f} s)",
-            end=end,
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def update(self) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(1)
-        else:
-            self._print()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def _run_jobs(
     jobs: Sequence[_Job], seed: int, anat: Any, workers: int, on_done: Callable[[_Job], None]
 ) -> None:
@@ -568,15 +526,18 @@ def generate_default(
     todo = [job for _, _, missing in plan.values() for job in missing]
     written = {kind: 0 for kind in kinds}
     if todo:
+        from tqdm import tqdm  # comes with Lightning
+
         from tmerge.data.anatomy import load_anatomy
 
         anat = load_anatomy(int(size))
         n_workers = int(workers) if workers is not None else (os.cpu_count() or 1)
-        bar = _Progress(len(todo), progress, f"tmerge data ({'+'.join(k for k in kinds if plan[k][2])})")
+        label = f"tmerge data ({'+'.join(k for k in kinds if plan[k][2])})"
+        bar = tqdm(total=len(todo), desc=label, unit="subject", file=sys.stderr, disable=not progress)
 
         def on_done(job: _Job) -> None:
             written[job.kind.removesuffix("_ts").removesuffix("_val")] += 1
-            bar.update()
+            bar.update(1)
 
         try:
             _run_jobs(todo, int(seed), anat, n_workers, on_done)

@@ -11,8 +11,8 @@ Pipeline for one subject:
 4. histogram normalisation of each modality inside the mask (MONAI ``HistogramNormalize``),
    background set to 0;
 5. crop to the bounding box of the brain (and any labelled voxel), then zero-pad symmetrically to
-   a multiple of 16 that is at least the patch size (the network downsamples 4×, 2⁴ = 16, and
-   random patches must fit).
+   a multiple of the network's divisor (the product of its downsampling strides, e.g. 2⁴ = 16)
+   that is at least the patch size (random patches must fit).
 
 The crop box, padding, original shape and affine (and, when resampled, the resampled grid) are
 kept in ``meta`` so :func:`uncrop` can put a prediction back into the original geometry.
@@ -61,7 +61,8 @@ class PreprocessSettings:
         n4_iterations: Iterations per fitting level; few, because the bias of skull-stripped,
             already-reconstructed MRI is mild and N4 must stay well under a second per volume.
         histogram_bins: Bins of the histogram normalisation; 256 resolves the tissue peaks.
-        multiple: Output sizes are multiples of this (2^4: the network downsamples 4 times).
+        multiple: Output sizes are multiples of this: the network's divisor
+            (:attr:`tmerge.nets.config.NetConfig.divisor`); 1: no constraint.
         min_size: Smallest output size per axis: the training patch size, so patches fit.
         spacing: Voxel size (mm per array axis) every case is resampled to; ``None``: none.
         orientation: Axis codes every case is reoriented to (e.g. ``"RAS"``); ``None``: none.
@@ -75,7 +76,7 @@ class PreprocessSettings:
     n4_shrink: int = 4
     n4_iterations: tuple[int, ...] = (20, 10)
     histogram_bins: int = 256
-    multiple: int = 16
+    multiple: int = 1
     min_size: int = 48
     spacing: tuple[float, float, float] | None = None
     orientation: str | None = None

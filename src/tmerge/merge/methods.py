@@ -82,19 +82,14 @@ def _dare_ties(
 
 @dataclass(frozen=True)
 class Method:
-    """A merge method: its function, its parameters (with defaults) and the inputs it needs.
-
-    Attributes:
-        uses: what information the method uses besides the weights (for the report's methods
-            table): any of "Fisher", "base", "target labels", "learned per layer".
-    """
+    """A merge method: its function, its parameters (with defaults) and the inputs it needs."""
 
     run: Callable[..., dict[str, Tensor]]
     params: Mapping[str, Any]
     base: bool = False  # needs θ₀
     fishers: bool = False  # needs the models' Fishers
     models: int | None = None  # exact number of models, if fixed
-    paper: str = ""
+    paper: str = ""  # the method's reference, e.g. "Yadav et al. 2023"
 
 
 #: Valid values of the methods' parameters: name → (check, what is expected).

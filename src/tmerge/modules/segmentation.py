@@ -62,8 +62,9 @@ class LossConfig:
     # "dice": multi-class soft Dice over the foreground classes/regions (Isensee et al. 2017);
     # "dice_ce": Dice + cross-entropy, converges faster on very small budgets.
     name: str = "dice"
-    # Validation/test inference window: 0 = the training patch. Whole volumes up to this edge are
-    # predicted in one pass (the CPU default sets 64 = the embedded data's grid).
+    # Validation/test inference window: 0 = the training patch, else a multiple of the network's
+    # divisor (net.divisor; checked where the run's config is composed). Whole volumes up to this
+    # edge are predicted in one pass (the CPU default sets 64 = the embedded data's grid).
     sw_roi: int = 0
     sw_overlap: float = 0.25  # sliding-window overlap for volumes larger than the window
     sw_batch_size: int = 2
@@ -74,10 +75,9 @@ class LossConfig:
         if self.name not in LOSSES:
             raise ConfigError(f"loss.name: expected one of {', '.join(LOSSES)}, got {self.name!r}")
         # MONAI's sliding window would refuse these only when the first volume is inferred.
-        if self.sw_roi < 0 or self.sw_roi % 16:
+        if self.sw_roi < 0:
             raise ConfigError(
-                f"loss.sw_roi: got {self.sw_roi}; expected 0 (the training patch) or a multiple of 16 "
-                "(the network downsamples 4×)"
+                f"loss.sw_roi: got {self.sw_roi}; expected 0 (the training patch) or a multiple of net.divisor"
             )
         check_number("loss.sw_overlap", self.sw_overlap, strict=False, below=1.0)
         check_count("loss.sw_batch_size", self.sw_batch_size, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,8 @@ class NetConfig:
     base_filters: int = 16
     depth: int = 5  # levels; 5 gives the paper's 30 convolutions and 27 instance norms
     # dynunet, unet: filters per level and the downsampling stride between consecutive levels
-    # (len(filters) - 1 entries; 4 strides of 2: patches and sliding windows multiples of 16).
+    # (len(filters) - 1 entries; the patch and the sliding window are multiples of their product,
+    # `divisor`: 16 for 4 strides of 2).
     filters: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     kernel_size: int = 3  # dynunet, unet: cubic kernel of every convolution block (odd)
@@ -100,6 +102,44 @@ class NetConfig:
                     f"net.blocks_up: expected {len(self.blocks_down) - 1} entries, one per level below the "
                     f"first of net.blocks_down={list(self.blocks_down)}, got {list(self.blocks_up)}"
                 )
+
+    @property
+    def divisor(self) -> int:
+        """Every spatial input size must be a multiple of this: the product of the network's
+        downsampling strides (``2**(depth-1)`` for isensee2017, ``prod(strides)`` for dynunet and
+        unet, ``2**(len(blocks_down)-1)`` for segresnet; the built network's ``divisor``). The
+        data's patch size, the sliding window and the volumes' padding follow it."""
+        if self.name == "isensee2017":
+            return 2 ** (self.depth - 1)
+        if self.name in ("dynunet", "unet"):
+            return math.prod(int(s) for s in self.strides)
+        return 2 ** (len(self.blocks_down) - 1)
+
+    @property
+    def smallest_input(self) -> int:
+        """The smallest cubic input edge the network takes: twice :attr:`divisor` where its
+        bottleneck is instance-normalised (undefined on one voxel: isensee2017, dynunet, unet),
+        the divisor itself for segresnet (group norm)."""
+        return self.divisor if self.name == "segresnet" else 2 * self.divisor
+
+    def check_input_size(self, key: str, size: int, alternative: str = "") -> None:
+        """Refuse a cubic input edge (a patch, a sliding window) this network cannot take.
+
+        Args:
+            key: the config key of ``size``, named in the error.
+            alternative: what else the key accepts, said before the multiple (e.g.
+                ``"0 (the training patch) or "``); the caller lets that value through.
+
+        Raises:
+            ConfigError: one line naming ``key``, the value and ``net.divisor``.
+        """
+        d = self.divisor
+        if size % d or size < self.smallest_input:
+            at_least = f" of at least {self.smallest_input}" if self.smallest_input > d else ""
+            raise ConfigError(
+                f"{key}: got {size}; expected {alternative}a multiple of {d}{at_least} (net.divisor: the "
+                f"{self.name} network downsamples {d}× in every axis)"
+            )
 
     @property
     def arch(self) -> str:

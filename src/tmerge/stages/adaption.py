@@ -89,6 +89,16 @@ def probe_scores(dm: TargetDataModule, module: L.LightningModule) -> dict[str, f
         return curve_score(dm)(None, module)  # type: ignore[arg-type]
 
 
+def scores_text(summary: dict[str, Any], fixed: bool) -> str:
+    """How the adaption's log line states its scores: the validation Dice and loss of the best
+    epoch (``nan`` where none was measured) or, under the fixed protocol, the probe's test Dice."""
+    if fixed:
+        return f"no validation (fixed protocol), probe test Dice {summary['test'].get('dice_mean', float('nan')):.3f}"
+    # `is None`, not `or`: a Dice of exactly 0 is a score (``0.0 or nan`` was nan).
+    dice, loss = (float("nan") if v is None else v for v in (summary["val_dice"], summary["val_loss"]))
+    return f"val Dice {dice:.3f}, val loss {loss:.4f}"
+
+
 def adapt(
     cfg: TargetStageConfig,
     dm: TargetDataModule,
@@ -160,6 +170,7 @@ def adapt(
                 "best_epoch": result.best_epoch,
                 "trajectory": epochs,
                 "delta_lr": cfg.adaption.delta_lr,
+                "eps": cfg.adaption.eps,  # relative ε of eq. 2 (forgetting's T-IMM row merges with it)
                 "fisher": cfg.fisher.normalize if start.fishers is not None else "unit",
                 "world_size": trainer.world_size,
                 "ranks_agree": True,
@@ -170,10 +181,7 @@ def adapt(
     if cfg.protocol == "fixed":  # the merged P's probe, as every other init's warm-up records it
         summary["test"] = probe_scores(dm, module)
     first = [a[0] for a in alphas.values()]
-    if cfg.protocol == "fixed":
-        scored = f"no validation (fixed protocol), probe test Dice {summary['test'].get('dice_mean', float('nan')):.3f}"
-    else:
-        scored = f"val Dice {summary['val_dice'] or float('nan'):.3f}, val loss {summary['val_loss'] or float('nan'):.4f}"
+    scored = scores_text(summary, fixed=cfg.protocol == "fixed")
     log.info(
         "%s: %d epochs (best %s), %s; α of %s per layer %.2f–%.2f (mean %.2f): %s",
         label,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmerge.config import check_count, check_number
+from tmerge.data.common import DataConfig
 from tmerge.data.target import TargetDataConfig
 from tmerge.errors import ConfigError
 from tmerge.evaluate import MetricsConfig
@@ -82,9 +83,24 @@ class TransferConfig:
             )
 
 
+def check_net_data(net: NetConfig, data: DataConfig, loss: LossConfig) -> None:
+    """The network↔data contract, checked where a run's config is composed (it sees both): the
+    training patch (``data.patch_size``) and the sliding window (``loss.sw_roi``, 0: the patch)
+    are cubes the network takes, multiples of ``net.divisor``; the data layer pads the volumes to
+    the same divisor (the stages hand it to their DataModule).
+
+    Raises:
+        ConfigError: one line naming the key, its value and the divisor.
+    """
+    net.check_input_size("data.patch_size", data.patch_size)
+    if loss.sw_roi:
+        net.check_input_size("loss.sw_roi", loss.sw_roi, alternative="0 (the training patch) or ")
+
+
 @dataclass
 class RunConfig:
-    """What every training stage's config holds; each stage adds its data and its own sections."""
+    """What every training stage's config holds; each stage adds its data and its own sections
+    (the network↔data contract is checked here, once the stage's data is there)."""
 
     seed: int = 0  # training seed (initialisation, patch sampling); splits have data.seed
     force: bool = False  # run again even if the run folder holds a finished run
@@ -94,6 +110,11 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        data = getattr(self, "data", None)
+        if data is not None:
+            check_net_data(self.net, data, self.loss)
 
 
 @dataclass
@@ -239,6 +260,7 @@ class TargetStageConfig(RunConfig):
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
             raise ConfigError(f"run_name: expected null or a folder name, got {self.run_name!r}")
         if self.protocol not in PROTOCOLS:

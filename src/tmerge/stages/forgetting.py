@@ -41,7 +41,7 @@ from tmerge.runs import (
     target_dir,
 )
 from tmerge.sources import load_source
-from tmerge.stages.configs import MergeFisherConfig
+from tmerge.stages.configs import MergeFisherConfig, check_net_data
 
 log = logging.getLogger("tmerge")
 
@@ -52,12 +52,18 @@ class ForgettingConfig:
 
     sources: list[str] = field(default_factory=lambda: ["task1", "task2"])  # M1, M2 run names
     portion: int = 4  # whose T-IMM α to evaluate (those of runs/brats/p<portion>/timm)
-    eps: float = 1e-8  # relative to the mean Fisher entry, as in the merge stages
+    # ε of the IMM row, relative to the mean Fisher entry, as in the merge stages. The T-IMM row
+    # merges with the ε its adaption used (recorded in alphas.json); this one only for an
+    # alphas.json written before ε was recorded there (with a warning).
+    eps: float = 1e-8
     fisher: MergeFisherConfig = field(default_factory=MergeFisherConfig)  # as in the merge stages
     runs_dir: str | None = None
     data: HCPDataConfig = field(default_factory=HCPDataConfig)
     net: NetConfig = field(default_factory=NetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        check_net_data(self.net, self.data, self.loss)
 
 
 def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Tensor]]:
@@ -94,7 +100,7 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
                 check_alpha(alpha, n, f"{alphas_path}: alphas for layer {layer!r}")
             except ValueError as exc:
                 raise RunError(str(exc)) from None
-        timm_eps = fisher_epsilon(timm_fishers, cfg.eps)
+        timm_eps = fisher_epsilon(timm_fishers, recorded_eps(record, alphas_path, cfg.eps))
         out["T-IMM"] = imm_merge(states, timm_fishers, per_layer, layers=layers, eps=timm_eps)
     else:
         log.info(
@@ -103,6 +109,27 @@ def candidate_parameters(cfg: ForgettingConfig) -> dict[str, dict[str, torch.Ten
             cfg.portion,
         )
     return out
+
+
+def recorded_eps(record: dict[str, Any], path: Path, fallback: float) -> float:
+    """The relative ε of eq. 2 that the adaption of ``record`` (an α record read from ``path``)
+    merged with; ``fallback`` (with a warning) for a record written before ε was recorded.
+
+    Raises:
+        RunError: the recorded ε is not a positive number.
+    """
+    if "eps" not in record:
+        log.warning(
+            "forgetting: %s records no eps (written before ε was recorded there); the T-IMM row merges "
+            "with forgetting's eps=%s: set it to the adaption.eps that run used if that differs",
+            path,
+            fallback,
+        )
+        return fallback
+    eps = record["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise RunError(f"{path}: eps: expected a positive number, got {eps!r}")
+    return float(eps)
 
 
 def timm_alphas(root: Path, portion: int) -> Path:
@@ -199,7 +226,7 @@ def run_forgetting(cfg: ForgettingConfig) -> Path:
         if labels is None:
             raise RunError(f"{source.folder}: no label set in the weights' metadata; retrain {name} with this version")
         data = dataclasses.replace(cfg.data, split=meta.get("split", name), labels=labels)
-        dm = HCPDataModule(**dataclasses.asdict(data))
+        dm = HCPDataModule(divisor=cfg.net.divisor, **dataclasses.asdict(data))
         dm.prepare_data()
         dm.setup("test")
         subject = subject or dm.subjects["test"][0]

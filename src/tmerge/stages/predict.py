@@ -97,7 +97,7 @@ def load_run(run_dir: Path) -> tuple[Any, Any, SegmentationModule]:
     cfg = compose(schema, None, files=[run_dir / CONFIG_FILE])
     recorded = run_dir / TARGET_FILE
     described = {"described": read_json(recorded)} if schema is TargetStageConfig and recorded.is_file() else {}
-    dm = datamodule(**described, **dataclasses.asdict(cfg.data))
+    dm = datamodule(**described, **dataclasses.asdict(cfg.data), divisor=cfg.net.divisor)
     net = cfg.net.build(dm.in_channels, dm.n_outputs)
     ckpt = run_dir / BEST_CKPT
     state = best_state_dict(ckpt) if ckpt.is_file() else load_net(run_dir / NET_FILE)[0]

@@ -66,10 +66,11 @@ def select_candidate(
             patience=cfg.adaption.patience,
         )
         scores.append({"params": params, "val_loss": result.best_score, "epochs": result.epochs})
-        log.info("%s: best val loss %.4f", label, result.best_score or float("nan"))
+        log.info("%s: best val loss %.4f", label, float("nan") if result.best_score is None else result.best_score)
     best = min(scores, key=lambda r: float("inf") if r["val_loss"] is None else r["val_loss"])
     if is_rank_zero():
         record = {"method": init.method, "candidates": scores, "chosen": best["params"]}
         write_json(run_dir / SELECTION_FILE, record)
-    log.info("%s: chose %s (val loss %.4f)", cfg.init, best["params"], best["val_loss"] or float("nan"))
+    chosen_loss = float("nan") if best["val_loss"] is None else best["val_loss"]
+    log.info("%s: chose %s (val loss %.4f)", cfg.init, best["params"], chosen_loss)
     return best["params"]

@@ -118,7 +118,7 @@ def run_shallow(cfg: TargetStageConfig) -> list[Path]:
 def _run_one(cfg: TargetStageConfig) -> Path:
     """Train and test the shallow baseline of ``cfg``'s target, portion and seed; return its folder."""
     cfg = run_config(dataclasses.replace(cfg, init="shallow"))
-    dm = TargetDataModule(**dataclasses.asdict(cfg.data))
+    dm = TargetDataModule(**dataclasses.asdict(cfg.data), divisor=cfg.net.divisor)  # the deep runs' volumes
     per_seed = cfg.seed_folder if cfg.seed_folder is not None else len(cfg.seeds) > 1
     run_dir = target_dir(runs_dir(cfg.runs_dir), cfg.data.portion, "shallow", cfg.seed if per_seed else None, target=dm.name)
     dm.run_dir = str(run_dir)

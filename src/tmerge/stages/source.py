@@ -94,7 +94,7 @@ def run_source(cfg: SourceStageConfig) -> Path:
     check_trainer(cfg.trainer)  # this machine runs the trainer settings (accelerator, devices, …)
     # Everything that can fail on the user's input is checked before the run folder is touched
     # (the DataModule does no I/O before prepare_data).
-    dm = HCPDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir))
+    dm = HCPDataModule(**dataclasses.asdict(cfg.data), run_dir=str(run_dir), divisor=cfg.net.divisor)
     meta = net_meta(cfg, dm)
     init_source = _load_init(root, cfg, meta) if cfg.init_from else None
     dm.check_layout()

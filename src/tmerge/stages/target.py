@@ -120,7 +120,7 @@ def run_target(cfg: TargetStageConfig) -> Path:
     check_trainer(cfg.trainer)  # this machine runs the trainer settings (accelerator, devices, …)
     per_seed = cfg.seed_folder if cfg.seed_folder is not None else len(cfg.seeds) > 1
     cfg = run_config(cfg)
-    dm = TargetDataModule(**dataclasses.asdict(cfg.data))  # reads the dataset's description only
+    dm = TargetDataModule(**dataclasses.asdict(cfg.data), divisor=cfg.net.divisor)  # reads the dataset's description only
     folder = cfg.run_name or cfg.init
     run_dir = target_dir(runs_dir(cfg.runs_dir), cfg.data.portion, folder, cfg.seed if per_seed else None, target=dm.name)
     dm.run_dir = str(run_dir)

@@ -1,6 +1,6 @@
 """Helper for ``tests/test_fisher.py``: a tiny Lightning training with :class:`FisherCallback`.
 
-Run as a script (``python tests/fisher_ddp_worker.py OUT_DIR DEVICES``) so that Lightning's DDP
+Run as a script (``python tests/helpers/fisher_ddp_worker.py OUT_DIR DEVICES``) so that Lightning's DDP
 launcher can re-run this very command for the other ranks. Rank 0 writes ``OUT_DIR/info.json``
 naming the best and the last checkpoint; the callback writes ``OUT_DIR/fisher.safetensors``.
 The test imports :func:`make_net`, :func:`make_dataset` and :func:`sample_loss` from here to

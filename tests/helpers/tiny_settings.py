@@ -1,12 +1,12 @@
-"""Settings shared by the end-to-end tests (``tests`` is on pytest's ``pythonpath``)."""
+"""Settings shared by the end-to-end tests: the tiny network and its schedule."""
 
 from __future__ import annotations
 
+#: The tiny network (that of :func:`helpers.sources.fake_source`) and a patch size it takes.
+TINY_NET = ("net.base_filters=4", "net.depth=3", "data.patch_size=16")
 #: A network and schedule small enough for seconds per stage on two cores.
 TINY_ARGS = (
-    "net.base_filters=4",
-    "net.depth=3",
-    "data.patch_size=16",
+    *TINY_NET,
     "data.batch_size=2",
     "data.samples_per_volume=1",
     "trainer.max_epochs=1",

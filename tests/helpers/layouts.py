@@ -5,8 +5,6 @@ anisotropic, differently oriented variant, and an HCP tree into nnU-Net v2 raw.
 Case ids keep the sorted order of the BraTS 2018 ids (``Brats18_…`` → ``BraTS2021_00000``, …), so
 the seeded splits, which shuffle the *sorted* ids, draw the same cases in every layout. Each
 converter returns ``{new id: BraTS 2018 id}``.
-
-Loaded by file path (``importlib``; the tests run in importlib mode without packages).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Helper for ``tests/test_slurm.py``: a tiny fit through :func:`tmerge.runner.fit`, run under
 ``SLURM_*`` variables so that Lightning installs its auto-requeue handler.
 
-``python tests/slurm_requeue_worker.py RUN_DIR [PREEMPT_AT]``: with ``PREEMPT_AT`` the process
+``python tests/helpers/slurm_requeue_worker.py RUN_DIR [PREEMPT_AT]``: with ``PREEMPT_AT`` the process
 sends itself SIGUSR1 after that optimiser step, as SLURM does ``--signal`` seconds before the time
 limit (Lightning then writes ``hpc_ckpt_<k>.ckpt`` and calls ``scontrol requeue``), and is then
 killed without a chance to save anything else, as SLURM kills a job it requeues. Without it, the
