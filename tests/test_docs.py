@@ -126,3 +126,15 @@ def test_ci_runs_the_readme_test_command() -> None:
         )
         target = command.split()[1]
         assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"Makefile has no target {target!r}"
+
+
+def test_the_architecture_map_names_every_module() -> None:
+    """docs/architecture.md's module map names every top-level module and package of src/tmerge."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    fence = _FENCE.search(text)
+    assert fence, "docs/architecture.md has no module map"
+    package = ROOT / "src" / "tmerge"
+    names = [p.name for p in package.glob("*.py") if p.name != "__init__.py"]
+    names += [f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()]
+    missing = [n for n in sorted(names) if not re.search(rf"(?<![\w/]){re.escape(n)}", fence.group(0))]
+    assert not missing, f"docs/architecture.md's module map does not name: {', '.join(missing)}"
