@@ -3,7 +3,7 @@
 * :class:`CompiledForward`: ``torch.compile`` of a network with a guarded fallback to eager.
 * :func:`enable_cudnn_benchmark`: cuDNN autotuning where it is allowed.
 
-Measured on an H100 (design §6, 128³ patch, batch 2, Isensee2017): eager bf16 0.090 s per
+Earlier H100 figures (docs/benchmarks.md; 128³, batch 2, Isensee2017): eager bf16 0.090 s per
 training step, ``torch.compile`` + bf16 0.040 s. Compiling takes minutes on a CPU and gains little
 there, so the project's default (``TrainerConfig.compile="auto"``) compiles on CUDA only.
 """

@@ -1,4 +1,4 @@
-"""Diagonal empirical Fisher information, F = (1/N) Σ_n (∇_θ ℓ_n)² (design §1).
+"""Diagonal empirical Fisher information, F = (1/N) Σ_n (∇_θ ℓ_n)².
 
 ℓ_n is the loss of ONE sample with its true label. The square is taken per sample: squaring the
 gradient of a batch-mean loss (what several public EWC/IMM codes do) gives
@@ -17,7 +17,7 @@ Isensee2017 (4 input channels, 3 classes, depth 5), cross-entropy, seconds per v
 runs over 8 volumes at 32³, 4 at 64³, 8 on GPU). CPU rows: torch 2.11, fp32, 2 threads pinned to
 2 cores (``taskset -c 0,1``) of an otherwise idle 16-core host, because this project's shared
 2-core box was too loaded to time (there the 32³ loop took 0.57-4.7 s per volume depending on the
-neighbours). GPU rows: H200, torch defaults (TF32 convolutions); the 128³ rows are design §6's.
+neighbours). GPU rows: H200, torch defaults (TF32 convolutions); the 128³ rows: docs/benchmarks.md.
 
 =============================  ==================  ===========================  ===========
 setting                        loop                vmap, chunk 1 / 2 / 4 / 8    auto
@@ -788,7 +788,7 @@ def autocast_for(precision: str | int | None) -> torch.dtype | None:
     """The Fisher's autocast dtype for a Lightning ``precision`` setting.
 
     ``"bf16-mixed"`` → ``torch.bfloat16`` (the numerics the model was trained in; the compiled
-    bf16 loop is the fast GPU path of design §6). Anything else → ``None`` (float32), also
+    bf16 loop is the fast GPU path, docs/benchmarks.md). Anything else → ``None`` (float32), also
     ``"16-mixed"``: float16 per-sample gradients would underflow without the loss scaling that
     training uses, and the Fisher's entries are tiny (median ≈ 1e-12 on the embedded data).
     """

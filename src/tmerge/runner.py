@@ -44,10 +44,10 @@ class TrainerConfig:
     devices: Any = 1  # int, list of ids or "auto"; >1 with strategy=ddp for multi-GPU / multi-process
     num_nodes: int = 1  # multi-node under SLURM / torchrun
     strategy: str = "auto"  # "ddp" for several devices
-    # "auto": bf16 autocast on GPUs (design §6: ~3x fp32 on an H100), fp32 on CPUs.
+    # "auto": bf16 autocast on GPUs (~3x fp32 on an H100, docs/benchmarks.md), fp32 on CPUs.
     precision: str = "auto"
     # torch.compile of the network for training and inference: "auto" = on with a CUDA GPU
-    # (design §6: 0.090 → 0.040 s per step on an H100), off on CPUs (compiling takes minutes
+    # (docs/benchmarks.md: 0.090 → 0.040 s per step on an H100), off on CPUs (compiling takes minutes
     # there); "true" / "false". A failing compile falls back to eager with a warning.
     compile: str = "auto"
     max_epochs: int = 40  # upper bound; early stopping usually ends training first

@@ -19,7 +19,7 @@ from tmerge.data.labels import (
 )
 from tmerge.errors import ConfigError, DataError
 
-# Hand-written from design §3, independent of the table in labels.py.
+# Hand-written from the class table of docs/data.md, independent of the table in labels.py.
 EXPECTED = {
     8: 1, 47: 1,
     3: 2, 42: 2, 26: 2, 58: 2, 1000: 2, 1017: 2, 1035: 2, 2000: 2, 2035: 2,

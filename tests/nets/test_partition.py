@@ -1,4 +1,4 @@
-"""partition / layer_groups: the fused set P and the task-specific set S of design §1."""
+"""partition / layer_groups: the fused set P and the task-specific set S."""
 
 from __future__ import annotations
 

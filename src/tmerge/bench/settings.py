@@ -24,9 +24,9 @@ class BenchConfig:
     """What ``tmerge bench`` measures and at which size (``None``: chosen for the device)."""
 
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
-    # Patch edge: None = 128 on a GPU (design §6's figures), 64 on CPU (≤ 2 minutes on 2 cores).
+    # Patch edge: None = 128 on a GPU (as docs/benchmarks.md), 64 on CPU (≤ 2 minutes on 2 cores).
     patch_size: int | None = None
-    batch_size: int = 2  # design §6 measures batch 2
+    batch_size: int = 2  # docs/benchmarks.md's H100 figures are at batch 2
     in_channels: int = 4  # BraTS: T1, T1ce, T2, FLAIR
     n_classes: int = 3  # BraTS regions ET, TC, WT (sigmoid outputs)
     net: NetConfig = field(default_factory=NetConfig)  # the default network: the paper's, base 16
@@ -37,7 +37,7 @@ class BenchConfig:
     # Timed steps per measurement; None: 2 on CPU (keeps `make bench` within 2 minutes on two
     # cores), 20 on GPU.
     iters: int | None = None
-    # Volumes per Fisher method; None: 2 on CPU, 8 on GPU (design §6 times 8).
+    # Volumes per Fisher method; None: 2 on CPU, 8 on GPU (as tmerge.fisher's GPU table).
     fisher_samples: int | None = None
     # None: loop and vmap, and on a GPU the compiled loop too (compiling takes minutes on a CPU).
     fisher_methods: list[str] | None = None

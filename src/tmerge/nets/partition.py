@@ -1,4 +1,4 @@
-"""Split a network's parameters into the fused set P and the task-specific set S (design §1).
+"""Split a network's parameters into the fused set P and the task-specific set S.
 
 Generic over any :class:`torch.nn.Module`:
 

@@ -131,7 +131,7 @@ class AdaptionConfig:
     max_epochs: int = 30  # a cap that seldom binds: early stopping on the validation loss ends it
     patience: int = 4  # validation checks without a lower validation loss
     lr: float = 5e-3  # S and re-initialised layers (the first convolution): fresh, so a large step
-    # δ, chosen by measurement (docs/adaption.md). Capability test (useful source vs noise, 30-epoch
+    # δ, chosen by measurement (docs/protocol.md §1). Capability test (useful source vs noise, 30-epoch
     # cap): 0.02 → useful side in 87 % of layers, mean α 0.70 (fails); 0.05 → 100 %, 0.84;
     # 0.1 → 100 %, 0.90; 0.2 → 100 %, 0.92. Embedded default at 4 % (seed 0), adaption val loss:
     # 0.05 → 0.540 (24 epochs), 0.1 → 0.541 (24), 0.2 → 0.580 (12: α jump to 0/1 and overshoot).

@@ -1,4 +1,4 @@
-"""``tmerge data``: generate the embedded default datasets (design §3)."""
+"""``tmerge data``: generate the embedded default datasets (docs/data.md)."""
 
 from __future__ import annotations
 
