@@ -50,11 +50,11 @@ class BenchConfig:
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
         check_precision(self.precision, "precision")  # as trainer.precision is, when composed
         check_compile(self.compile, "compile")
-        multiple = 2 ** (self.net.depth - 1)
+        multiple = self.net.divisor
         if self.patch_size is not None and (self.patch_size < multiple or self.patch_size % multiple):
             raise ConfigError(
                 f"patch_size: got {self.patch_size}; expected a multiple of {multiple} "
-                f"(the network downsamples {multiple}× at depth {self.net.depth})"
+                f"(the network, {self.net.label()}, downsamples {multiple}×)"
             )
         for name in ("batch_size", "in_channels", "n_classes"):
             if getattr(self, name) < 1:
