@@ -37,22 +37,29 @@ export TMERGE_RUNS="$work/runs" TMERGE_DATA="$work/data"
 # What the check imports beyond the lent GPU image (Python 3.12, torch, lightning, torchmetrics,
 # scipy, numpy, PyYAML, safetensors, filelock): MONAI, nibabel, OmegaConf, and deepmriprep for
 # the brain templates the synthetic data are made from (its data files only, not imported).
-missing=$("$python" - <<'EOF'
+missing() {
+    "$python" - <<'EOF'
 import importlib.util
-need = ("monai", "nibabel", "omegaconf", "deepmriprep", "lightning", "torchmetrics", "scipy")
+need = ("torch", "lightning", "torchmetrics", "scipy", "monai", "nibabel", "omegaconf", "deepmriprep")
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 EOF
-)
-if [[ -n $missing ]]; then
+}
+lacking=$(missing)
+if [[ -n $lacking ]]; then
     shopt -s nullglob
     wheels=("$repo"/wheels/*.whl)
     if [[ ${#wheels[@]} -eq 0 ]]; then
-        echo "[gpucheck] missing: $missing, and no wheels/ to install them from (docs/benchmarks.md)" >&2
+        echo "[gpucheck] missing: $lacking, and no wheels/ to install them from (docs/benchmarks.md)" >&2
         exit 2
     fi
-    echo "[gpucheck] installing ${#wheels[@]} wheel(s) into $work/site for: $missing"
+    echo "[gpucheck] installing ${#wheels[@]} wheel(s) into $work/site for: $lacking"
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$work/site" "${wheels[@]}"
+        --disable-pip-version-check --root-user-action=ignore --target "$work/site" "${wheels[@]}"
+    lacking=$(missing)
+    if [[ -n $lacking ]]; then
+        echo "[gpucheck] still missing after installing wheels/: $lacking" >&2
+        exit 2
+    fi
 fi
 "$python" -c "import tmerge.cli" # the checkout imports with what is there
 
