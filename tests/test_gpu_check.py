@@ -112,7 +112,7 @@ def test_limits_prerequisites_and_the_budget(monkeypatch: pytest.MonkeyPatch, tm
     assert status["prepare"] == "ok" and marker.exists()
     assert status["bench"] == "timed out" and outcomes["bench"].seconds < 5  # SIGTERM ended it
     assert status["task1"] == "failed (exit 3)"
-    assert status["task2"].startswith("skipped: task1 did not end well")
+    assert status["task2"] == "skipped: needs task1, which failed (exit 3)"
     assert status["timm"] == "ok"
     assert status["dynunet"].startswith("skipped:") and "left of the budget" in status["dynunet"]
     assert len(seen) >= 5  # results rewritten after every part

@@ -237,7 +237,8 @@ class Runner:
                 self._record(self._finish_background(name))
             outcome = self.outcomes.get(name)
             if outcome is not None and not outcome.ok:
-                return f"{name} did not end well ({outcome.status})"
+                how = "was skipped" if outcome.status.startswith("skipped") else outcome.status
+                return f"needs {name}, which {how}"
         if self.left() < part.least_s:
             return f"{self.left():.0f} s left of the budget, {part.least_s:.0f} s needed"
         return None
