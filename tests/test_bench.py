@@ -285,6 +285,22 @@ def test_config_errors_name_the_key(fields: dict, match: str) -> None:
         BenchConfig(**fields)
 
 
+def test_patch_size_must_suit_the_chosen_network() -> None:
+    """The check follows the network's own downsampling, not the default network's."""
+    net = NetConfig(name="dynunet", filters=[4, 8, 16, 32], strides=[2, 2, 2])
+    assert BenchConfig(net=net, patch_size=24).patch_size == 24  # a multiple of 8
+    message = r"patch_size: got 24; expected a multiple of 16 \(the network, DynUNet"
+    with pytest.raises(ConfigError, match=message):
+        BenchConfig(net=NetConfig(name="dynunet"), patch_size=24)
+
+
+def test_table_names_the_network_it_measured() -> None:
+    results = _hand_made_results()
+    assert "Isensee2017 base 16 depth 5, 4→3 channels" in format_table(results)  # results of old
+    results["settings"].update(net_label="SegResNet init filters 8", net_parameters=4_700_000)
+    assert "batch 2, SegResNet init filters 8 (4.70 M parameters), 4→3 channels" in format_table(results)
+
+
 def test_resolved_defaults_follow_the_device() -> None:
     r = resolve(BenchConfig(device="cpu"))
     assert (r.patch, r.iters, r.precision, r.compile, r.fisher_methods) == (
@@ -333,6 +349,8 @@ def test_tiny_bench_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) == {"environment", "settings", "lightning", "data", "fisher", "adaption", "total_s"}
     assert saved["settings"]["patch_size"] == 16 and saved["settings"]["net"]["base_filters"] == 4
+    assert saved["settings"]["net_label"] == "Isensee2017 base filters 4 depth 3"
+    assert saved["settings"]["net_parameters"] > 0
     assert (
         saved["environment"]["device_type"] == "cpu" and saved["lightning"]["module"] == "SegmentationModule"
     )

@@ -346,6 +346,7 @@ def _check_run(out: Path, devices: int) -> None:
         meta = f.metadata()
     assert meta["samples"] == str(worker.N_SAMPLES) and meta["world_size"] == str(devices)
     assert meta["checkpoint"] == info["best"] and meta["normalize"] == "none" and meta["method"] == "vmap"
+    assert float(meta["seconds"]) > 0
     # Same numbers as one process on the best checkpoint (and not the final weights).
     _assert_close(written, _single_process_fisher(worker, info["best"]))
     last = _single_process_fisher(worker, info["last"])

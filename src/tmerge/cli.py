@@ -232,22 +232,34 @@ def debug_requested(flag: bool = False) -> bool:
     return flag or os.environ.get("TMERGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def command_config(args: argparse.Namespace) -> Any:
+    """The config a parsed command line runs with: the command's schema, its experiment file
+    under the profile, its presets and the overrides (bare arguments: YAML files, where the
+    command takes them).
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or an unreadable file, naming it.
+    """
+    cmd = COMMANDS[args.command]
+    files = [a for a in args.overrides if "=" not in a] if cmd.files else []
+    overrides = [a for a in args.overrides if a not in files]
+    return compose(
+        cmd.load(cmd.schema),
+        cmd.experiment,
+        [*cmd.preset, *overrides],
+        profile=args.profile,
+        aliases=getattr(importlib.import_module(cmd.module), "ALIASES", {}),
+        files=files,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tmerge`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     configure_logging()
     cmd = COMMANDS[args.command]
-    files = [a for a in args.overrides if "=" not in a] if cmd.files else []
-    overrides = [a for a in args.overrides if a not in files]
     try:
-        cfg = compose(
-            cmd.load(cmd.schema),
-            cmd.experiment,
-            [*cmd.preset, *overrides],
-            profile=args.profile,
-            aliases=getattr(importlib.import_module(cmd.module), "ALIASES", {}),
-            files=files,
-        )
+        cfg = command_config(args)
         if args.show_config:
             print(to_yaml(cfg), end="")
             # What the config resolves to beyond its keys (a target's channels, labels and output

@@ -22,12 +22,12 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from tmerge.callbacks import BestMetrics, EpochSummary, RngState, SaveOnSigterm, StopIfStopped
+from tmerge.callbacks import BestMetrics, EpochSummary, RngState, SaveOnSigterm, StepStats, StopIfStopped
 from tmerge.config import check_count
 from tmerge.errors import ConfigError, Interrupted
 from tmerge.io import read_json, write_json
 from tmerge.resume import checkpoint_progress, resume_point
-from tmerge.runs import BEST_CKPT, FIT_FILE
+from tmerge.runs import BEST_CKPT, FIT_FILE, STEP_STATS_FILE
 
 log = logging.getLogger("tmerge")
 
@@ -60,6 +60,9 @@ class TrainerConfig:
     deterministic: bool = False  # True: deterministic algorithms (slower on GPU)
     # False: one summary line per epoch (readable in logs and under make); True: tqdm bars.
     progress_bar: bool = False
+    # True: each fit writes step_stats.json in its folder: seconds per training step, the share
+    # of it the device waits between steps (data loading), peak memory (tmerge.callbacks.StepStats).
+    step_stats: bool = False
 
     def __post_init__(self) -> None:
         """Refuse values Lightning would reject (or run as nonsense) before a run folder exists.
@@ -381,6 +384,8 @@ def fit(
     sigterm = SaveOnSigterm(run_dir)
     quiet_lightning()
     progress: list[Callback] = [] if trainer_cfg.progress_bar else [EpochSummary(label, monitor, mode)]
+    # Last, so that its end-of-training peak memory includes the other callbacks' (the Fisher).
+    stats: list[Callback] = [StepStats(run_dir / STEP_STATS_FILE)] if trainer_cfg.step_stats else []
     try:
         trainer = L.Trainer(
             default_root_dir=str(run_dir),
@@ -396,7 +401,7 @@ def fit(
             enable_progress_bar=trainer_cfg.progress_bar,
             enable_model_summary=False,
             logger=list(loggers) or False,
-            callbacks=[best, checkpoint, *stoppers, RngState(), sigterm, *progress, *callbacks],
+            callbacks=[best, checkpoint, *stoppers, RngState(), sigterm, *progress, *callbacks, *stats],
         )
     except _REFUSALS:
         # Lightning's own argument checks: the user's settings alone give a ConfigError naming

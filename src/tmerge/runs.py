@@ -7,6 +7,7 @@ and W&B artifacts import it. Layout::
         config.yaml, run.json               written when the stage starts (config, commit, attempts)
         init.safetensors                    θ₀: the weights a run from scratch started from
         model.ckpt, last.ckpt, fit.json     best and newest checkpoint; the finished fit
+        step_stats.json                     trainer.step_stats=true: step time, device wait, memory
         hpc_ckpt_<k>.ckpt                   Lightning's SLURM requeue checkpoints
         net.safetensors, fisher.safetensors the best weights (architecture and hashes in the
                                             metadata) and their empirical Fisher
@@ -50,6 +51,8 @@ from tmerge.io import write_safetensors
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 FIT_FILE = "fit.json"
+#: Seconds per training step, the device's wait between steps, peak memory (trainer.step_stats).
+STEP_STATS_FILE = "step_stats.json"
 BEST_CKPT = "model.ckpt"
 LAST_CKPT = "last.ckpt"
 HPC_CKPT_GLOB = "hpc_ckpt_*.ckpt"

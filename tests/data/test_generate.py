@@ -275,3 +275,55 @@ def test_structures_target_is_deterministic_and_nnunet(tmp_path: Path) -> None:
     label = _array(a["labelsTr/structures_001.nii.gz"])
     image = _array(a["imagesTr/structures_001_0000.nii.gz"])
     assert set(np.unique(label)) == {0, 1, 2} and not (label[image == 0] > 0).any()
+
+
+def test_fit_to_grid_keeps_every_voxel_where_it_was_in_the_world() -> None:
+    from tmerge.data.generate import fit_to_grid
+
+    rng = np.random.default_rng(0)
+    cube = rng.integers(1, 100, size=(10, 10, 10, 2)).astype(np.int16)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 0.5]
+    out, shifted = fit_to_grid(cube, affine, (14, 10, 7))  # pad 2 + 2, keep, crop 1 below and 2 above
+    assert out.shape == (14, 10, 7, 2) and out.dtype == cube.dtype
+    assert np.array_equal(out[2:12, :, :], cube[:, :, 1:8])
+    assert not out[:2].any() and not out[12:].any()  # the padding is background
+    for voxel in ((0, 0, 1), (9, 9, 7), (4, 6, 3)):
+        world = affine @ np.array([*voxel, 1.0])
+        moved = np.linalg.solve(shifted, world)[:3]  # where that world point is in the output
+        assert np.allclose(moved, np.round(moved))
+        i, j, k = np.round(moved).astype(int)
+        assert np.array_equal(out[i, j, k], cube[voxel])
+    # Odd differences: the extra padded voxel goes before, the extra cropped one after.
+    odd, _ = fit_to_grid(cube[..., 0], affine, (13, 9, 10))
+    assert odd.shape == (13, 9, 10) and np.array_equal(odd[2:12, :, :], cube[:, :9, :, 0])
+
+
+def test_a_grid_writes_every_file_in_that_shape(tmp_path: Path) -> None:
+    """BraTS's 1 mm geometry (240 × 240 × 155 from the 192³ cube) scaled down: 32³ into
+    40 × 40 × 26; the manifest records the grid, and another grid is refused."""
+    settings = {**SMALL, "n_hcp": 1, "n_brats": 1, "n_brats_val": 1}
+    generate_default(tmp_path, workers=1, grid=(40, 40, 26), **settings)
+    files = [p for p in tmp_path.rglob("*.nii.gz")]
+    assert len(files) == 3 + 5 + 4 + 1  # hcp, brats training, validation and its held-out labels
+    for path in files:
+        assert nib.load(str(path)).shape == (40, 40, 26), path
+    t1 = next(p for p in files if p.name.startswith("T1w"))
+    assert _array(t1).any()  # the brain is in the box
+    manifest = json.loads((tmp_path / "hcp" / MANIFEST_NAME).read_text())
+    assert manifest["grid"] == [40, 40, 26] and manifest["size"] == 32
+    with pytest.raises(DataError, match="grid"):
+        generate_default(tmp_path, workers=1, grid=(40, 40, 24), **settings)
+    with pytest.raises(DataError, match="grid=.*three voxel counts"):
+        generate_default(tmp_path / "other", workers=1, grid=(40, 40), **settings)
+
+
+def test_tmerge_data_takes_the_grid_and_the_counts(tmp_path: Path) -> None:
+    from tmerge.cli import main
+
+    args = ["data", f"data_dir={tmp_path}", "size=32", "grid=[40,40,26]", "kinds=[hcp,brats]"]
+    assert main([*args, "n_hcp=2", "n_brats=1", "n_brats_val=0", "workers=1"]) == 0
+    assert len(list((tmp_path / "default" / "hcp").glob("1*"))) == 2
+    [seg] = (tmp_path / "default" / "brats").rglob("*_seg.nii.gz")
+    assert nib.load(str(seg)).shape == (40, 40, 26)
+    assert main([*args[:3], "grid=[40,40]"]) == 2  # a clear error, not a traceback

@@ -113,3 +113,29 @@ def test_architecture_check_against_old_and_new_metadata(tmp_path) -> None:
     with pytest.raises(RunError, match=r"another architecture: filters=\[8, 16, 32, 64, 128\]") as info:
         check_architecture(path, new, other, tuple(other))
     assert "strides" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"depth": 3},
+        {"name": "dynunet"},
+        {"name": "dynunet", "filters": [4, 8, 16], "strides": [2, 3]},
+        {"name": "unet", "filters": [4, 8, 16, 32], "strides": [2, 2, 1]},
+        {"name": "segresnet"},
+        {"name": "segresnet", "blocks_down": [1, 1, 1], "blocks_up": [1, 1]},
+    ],
+)
+def test_divisor_is_what_the_built_network_needs(fields) -> None:
+    cfg = NetConfig(**fields)
+    assert cfg.divisor == cfg.build(2, 3).divisor
+
+
+def test_label_names_the_network_and_its_sizes() -> None:
+    assert NetConfig().label() == "Isensee2017 base filters 16 depth 5"
+    assert NetConfig(name="dynunet").label() == (
+        "DynUNet filters 8/16/32/64/128 strides 2/2/2/2 kernel size 3 res block no"
+    )
+    segresnet = "SegResNet init filters 8 blocks down 1/2/2/4 blocks up 1/1/1"
+    assert NetConfig(name="segresnet").label() == segresnet

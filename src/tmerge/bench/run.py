@@ -66,6 +66,8 @@ def settings(cfg: BenchConfig, r: Resolved) -> dict[str, Any]:
         "in_channels": cfg.in_channels,
         "n_classes": cfg.n_classes,
         "net": dataclasses.asdict(cfg.net),
+        "net_label": cfg.net.label(),
+        "net_parameters": sum(p.numel() for p in cfg.net.build(cfg.in_channels, cfg.n_classes).parameters()),
         "precision": r.precision,
         "compile": r.compile,
         "warmup": cfg.warmup,

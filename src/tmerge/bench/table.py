@@ -30,6 +30,15 @@ def faster(ratio: float) -> str:
     return f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
 
 
+def net_label(settings: dict[str, Any]) -> str:
+    """The network of a results' ``settings``: its label and parameter count where recorded
+    (results written before they were), else the default network's sizes."""
+    net = settings["net"]
+    label = settings.get("net_label") or f"Isensee2017 base {net['base_filters']} depth {net['depth']}"
+    count = settings.get("net_parameters")
+    return label if count is None else f"{label} ({count / 1e6:.2f} M parameters)"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """A Markdown table of ``results`` (as written to the results file): a title, a line of
     settings, one row per measurement, then notes."""
@@ -38,8 +47,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [
         f"# tmerge bench — {env['device']} ({env['device_type']}), torch {env['torch']}, lightning {env['lightning']}",
         "",
-        f"{s['patch_size']}³ patches, batch {s['batch_size']}, Isensee2017 base {s['net']['base_filters']} "
-        f"depth {s['net']['depth']}, {s['in_channels']}→{s['n_classes']} channels; fast path: "
+        f"{s['patch_size']}³ patches, batch {s['batch_size']}, {net_label(s)}, "
+        f"{s['in_channels']}→{s['n_classes']} channels; fast path: "
         f"{'compiled' if s['compile'] else 'eager'} {s['precision']}; {s['warmup']} warm-up + {s['iters']} "
         f"timed steps; loss: {s['loss']}; {env['when']}, {env['cpu_threads']} CPU threads.",
         "",

@@ -12,12 +12,13 @@ NonFiniteGuard      stops the fit when the training loss becomes NaN/inf        
 PredictionWriter    the predicted label maps of test and predict, in original geometry   no
 RngState            the Python, NumPy and torch generators                               yes
 SaveOnSigterm       a checkpoint when SIGTERM stops the fit                              no
+StepStats           seconds per step, the device's wait between steps, peak memory       no
 StopIfStopped       early stopping that survives a resume (reads EarlyStopping's state)  no
 ==================  ===================================================================  =========
 
 [1] Whether it has a ``state_dict`` saved in checkpoints, so that a resumed fit continues with it.
 :func:`tmerge.runner.fit` adds all but AlphaTrajectory, FisherCallback, LearningCurve and
-PredictionWriter (which the stages pass) and NonFiniteGuard (which :class:`~tmerge.modules.segmentation.SegmentationModule` brings along).
+PredictionWriter (which the stages pass), StepStats (only with ``trainer.step_stats``) and NonFiniteGuard (which :class:`~tmerge.modules.segmentation.SegmentationModule` brings along).
 """
 
 from tmerge.callbacks.alpha_trajectory import AlphaTrajectory
@@ -29,6 +30,7 @@ from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
 from tmerge.callbacks.prediction_writer import PredictionWriter
 from tmerge.callbacks.rng_state import RngState
 from tmerge.callbacks.save_on_sigterm import SaveOnSigterm
+from tmerge.callbacks.step_stats import StepStats
 from tmerge.callbacks.stop_if_stopped import StopIfStopped
 
 __all__ = [
@@ -41,5 +43,6 @@ __all__ = [
     "PredictionWriter",
     "RngState",
     "SaveOnSigterm",
+    "StepStats",
     "StopIfStopped",
 ]

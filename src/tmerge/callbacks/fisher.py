@@ -38,7 +38,8 @@ class FisherCallback(pl.Callback):
     datamodule's ``fisher_dataset()`` with samples sharded across ranks (rank ``r`` takes indices
     ``r::world_size``), sum the sums and counts over ranks, divide, normalise, and let rank 0
     write ``<dirpath>/<filename>`` atomically with metadata ``samples``, ``normalize``,
-    ``method``, ``precision``, ``names``, ``world_size``, ``checkpoint``. The computation runs in
+    ``method``, ``precision``, ``names``, ``world_size``, ``checkpoint`` and ``seconds`` (rank
+    0's wall time of the computation, data loading included). The computation runs in
     the trainer's numerics (:func:`~tmerge.fisher.autocast_for`): bf16 autocast after
     ``"bf16-mixed"`` training, float32 otherwise; sums are float32 either way.
 
@@ -172,6 +173,7 @@ class FisherCallback(pl.Callback):
                 "names": len(names),
                 "world_size": world,
                 "checkpoint": checkpoint or "",
+                "seconds": round(result.seconds, 3),
             }
             write_safetensors(path, fisher, metadata)
         # Other ranks may read the file right after fit(); wait until it exists.

@@ -19,7 +19,7 @@ Guarantees:
   so a subset, a resumed run or a parallel run writes the same arrays.
 - **Atomic per subject**: a subject is written into a hidden temporary folder beside its final
   place and renamed into place, so a killed run never leaves a half subject.
-- **Idempotent**: ``root/<kind>/.tmerge_manifest.json`` (generator version, size, seed, counts) is
+- **Idempotent**: ``root/<kind>/.tmerge_manifest.json`` (generator version, size, grid, seed, counts) is
   written last; with it present and every file there, a re-run touches nothing. Missing subjects
   are regenerated. A folder generated with other settings, or holding other data, is refused.
 """
@@ -33,7 +33,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,7 @@ class _Job:
         files: File names the subject folder must contain (relative to ``folder``).
         grade: ``"HGG"``/``"LGG"`` for BraTS kinds, ``""`` for HCP.
         label: ``"brats_val"``: the held-out label map, outside the dataset root.
+        grid: The written arrays' shape, when not the anatomy's cube (:func:`fit_to_grid`).
     """
 
     kind: str
@@ -128,6 +129,7 @@ class _Job:
     files: tuple[str, ...]
     grade: str = ""
     label: Path | None = None
+    grid: tuple[int, int, int] | None = None
 
     def complete(self) -> bool:
         """Whether every file of the subject exists (the fast idempotence check)."""
@@ -210,6 +212,37 @@ def _jobs(root: Path, kind: str, seed: int, n_hcp: int, n_brats: int, n_brats_va
 
 
 # --- writing one subject ---------------------------------------------------------------------
+def fit_to_grid(array: np.ndarray, affine: np.ndarray, grid: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` (spatial axes first) centred in a ``grid``-shaped box: cropped along an axis
+    where the grid is smaller, zero-padded where it is larger; the voxel size is kept.
+
+    Every voxel keeps its world position: the returned affine is ``affine`` shifted by the
+    crop/pad offset. E.g. a 1 mm 192³ cube into BraTS's 240 × 240 × 155 pads 24 voxels on each
+    side of the first two axes and crops 18 below, 19 above on the third.
+
+    Args:
+        array: ``(X, Y, Z, …)``.
+        affine: Voxel-to-world ``(4, 4)`` of ``array``.
+        grid: The output's spatial shape ``(X', Y', Z')``.
+
+    Returns:
+        ``(array of shape (X', Y', Z', …), its affine)``.
+    """
+    old = array.shape[:3]
+    # Output voxel i is input voxel i + start (start < 0: padding before the input).
+    starts = [(n - g) // 2 for n, g in zip(old, grid, strict=True)]
+    out = np.zeros((*grid, *array.shape[3:]), dtype=array.dtype)
+    src, dst = [], []
+    for start, n, g in zip(starts, old, grid, strict=True):
+        lo, hi = max(start, 0), min(start + g, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[tuple(dst)] = array[tuple(src)]
+    shifted = np.array(affine, dtype=np.float64, copy=True)
+    shifted[:3, 3] = affine[:3, :3] @ np.asarray(starts, dtype=np.float64) + affine[:3, 3]
+    return out, shifted
+
+
 def _nifti(array: np.ndarray, affine: np.ndarray) -> Any:
     """NIfTI-1 image with qform and sform both set to ``affine`` (scanner space, mm)."""
     import nibabel as nib
@@ -272,6 +305,10 @@ def _write_subject(job: _Job, seed: int, anat: Any) -> None:
     label map is written (atomically, by rename) to ``job.label`` first."""
     arrays = _subject_arrays(job, seed, anat)
     affine = np.asarray(anat.affine, dtype=np.float64)
+    if job.grid is not None:
+        cube = affine
+        for name, array in arrays.items():
+            arrays[name], affine = fit_to_grid(array, cube, job.grid)
     if job.kind.startswith("structures"):
         # nnU-Net's layout keeps a case's files in shared folders: each file is renamed into place.
         for name, array in arrays.items():
@@ -354,7 +391,15 @@ def _run_jobs(
 
 
 # --- folder state ----------------------------------------------------------------------------
-def _settings(kind: str, size: int, seed: int, n_hcp: int, n_brats: int, n_brats_val: int) -> dict[str, Any]:
+def _settings(
+    kind: str,
+    size: int,
+    seed: int,
+    n_hcp: int,
+    n_brats: int,
+    n_brats_val: int,
+    grid: tuple[int, int, int] | None = None,
+) -> dict[str, Any]:
     """What identifies a generated folder's content (compared on every run)."""
     counts = (
         {"subjects": n_hcp}
@@ -368,12 +413,13 @@ def _settings(kind: str, size: int, seed: int, n_hcp: int, n_brats: int, n_brats
         "version": GENERATOR_VERSION,
         "kind": kind,
         "size": size,
+        "grid": None if grid is None else list(grid),
         "seed": seed,
         "counts": counts,
     }
 
 
-_COMPARED = ("generator", "version", "kind", "size", "seed", "counts")
+_COMPARED = ("generator", "version", "kind", "size", "grid", "seed", "counts")
 
 
 def _read_settings(path: Path) -> dict[str, Any]:
@@ -446,7 +492,12 @@ def _folder_state(base: Path, settings: dict[str, Any]) -> str:
 
 
 def _check_args(
-    kinds: Sequence[str], size: int, seed: int, counts: dict[str, int], workers: int | None
+    kinds: Sequence[str],
+    size: int,
+    seed: int,
+    counts: dict[str, int],
+    workers: int | None,
+    grid: Sequence[int] | None = None,
 ) -> None:
     if isinstance(kinds, str):
         raise DataError(f"kinds={kinds!r}: expected a sequence of names such as ('hcp', 'brats')")
@@ -458,6 +509,15 @@ def _check_args(
             raise DataError(f"{name}={value!r}: expected a non-negative integer")
     if size < 8:
         raise DataError(f"size={size}: expected at least 8 voxels per axis (64 by default, 32 for tests)")
+    if grid is not None and (
+        isinstance(grid, str)
+        or len(grid) != 3
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 8 for v in grid)
+    ):
+        raise DataError(
+            f"grid={grid!r}: expected three voxel counts >= 8 (e.g. BraTS's 240, 240, 155 with size=192, "
+            "i.e. 1 mm), or None for the size³ cube"
+        )
     if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
         raise DataError(f"workers={workers!r}: expected a positive integer or None (all CPU cores)")
 
@@ -467,6 +527,7 @@ def generate_default(
     *,
     kinds: Sequence[str] = ("hcp", "brats"),
     size: int = 64,
+    grid: Sequence[int] | None = None,
     seed: int = 0,
     n_hcp: int = 58,
     n_brats: int = 295,
@@ -481,6 +542,9 @@ def generate_default(
         kinds: Which datasets: any of ``"hcp"``, ``"brats"``, ``"structures"`` (a non-BraTS
             target in nnU-Net v2 raw layout: two task-1 structures in three new contrasts).
         size: Grid edge S (S³ voxels spanning 192 mm: 64 -> 3 mm).
+        grid: The files' shape, when not S³: the S³ subject centred in it, cropped or
+            zero-padded per axis at the same voxel size (:func:`fit_to_grid`); e.g. ``size=192,
+            grid=(240, 240, 155)`` for BraTS's 1 mm geometry. None: S³.
         seed: Master seed; subject ``i`` of a kind is a function of ``(seed, kind, i)`` only.
         n_hcp: Number of HCP-like subjects (the paper uses 58).
         n_brats: Number of labelled BraTS-like training subjects (~75 % HGG).
@@ -499,19 +563,22 @@ def generate_default(
             foreign data, or missing anatomy templates (deepmriprep).
     """
     counts = {"n_hcp": n_hcp, "n_brats": n_brats, "n_brats_val": n_brats_val}
-    _check_args(kinds, size, seed, counts, workers)
+    _check_args(kinds, size, seed, counts, workers, grid)
+    shape = None if grid is None else (int(grid[0]), int(grid[1]), int(grid[2]))
     root = Path(root)
     kinds = tuple(dict.fromkeys(kinds))  # drop duplicates, keep order
 
     # Check every requested folder before writing anything, so a refusal leaves all untouched.
     states = {}
     for kind in kinds:
-        settings = _settings(kind, int(size), int(seed), int(n_hcp), int(n_brats), int(n_brats_val))
+        settings = _settings(kind, int(size), int(seed), int(n_hcp), int(n_brats), int(n_brats_val), shape)
         states[kind] = (settings, _folder_state(root / kind, settings))
 
     plan: dict[str, tuple[dict[str, Any], list[_Job], list[_Job]]] = {}
     for kind, (settings, state) in states.items():
         jobs = _jobs(root, kind, int(seed), int(n_hcp), int(n_brats), int(n_brats_val))
+        if shape is not None:
+            jobs = [replace(job, grid=shape) for job in jobs]
         missing = [job for job in jobs if not job.complete()]
         if missing and state != "pending":
             # Marks the folder as ours and in progress, so a killed run (or a killed repair of a

@@ -146,6 +146,23 @@ class NetConfig:
         """The class :meth:`build` makes (``"Isensee2017"``, ``"DynUNet"``, …)."""
         return NETS[self.name]
 
+    @property
+    def divisor(self) -> int:
+        """Every spatial input size must be a multiple of this: what :meth:`build`'s network
+        reports as its ``divisor`` (the product of its downsampling strides), from the config."""
+        if self.name == "isensee2017":
+            return 2 ** (self.depth - 1)
+        if self.name == "segresnet":
+            return 2 ** (len(self.blocks_down) - 1)
+        return math.prod(self.strides)  # dynunet, unet
+
+    def label(self) -> str:
+        """The network and its sizes in a few words, e.g. ``"Isensee2017 base 16 depth 5"``."""
+        sizes = " ".join(
+            f"{key.replace('_', ' ')} {_compact(getattr(self, key))}" for key in ARCH_FIELDS[self.name]
+        )
+        return f"{self.arch} {sizes}"
+
     def architecture(self) -> dict[str, Any]:
         """``{"name": …, <its sizes>}``: what is recorded beside the weights and must agree
         between the sources and the target (``{"name", "base_filters", "depth"}`` for the
@@ -203,6 +220,15 @@ class NetConfig:
 def stored_architecture(meta: dict[str, Any]) -> dict[str, Any]:
     """Weights' metadata with the network's ``name`` filled in where it predates ``net.name``."""
     return {"name": LEGACY_NAME, **meta}
+
+
+def _compact(value: Any) -> str:
+    """A size for :meth:`NetConfig.label`: ``[8, 16, 32]`` → ``"8/16/32"``, ``True`` → ``"yes"``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return "/".join(str(v) for v in value)
+    return str(value)
 
 
 def _positive(key: str, value: int) -> None:
