@@ -289,7 +289,7 @@ def test_patch_size_must_suit_the_chosen_network() -> None:
     """The check follows the network's own downsampling, not the default network's."""
     net = NetConfig(name="dynunet", filters=[4, 8, 16, 32], strides=[2, 2, 2])
     assert BenchConfig(net=net, patch_size=24).patch_size == 24  # a multiple of 8
-    message = r"patch_size: got 24; expected a multiple of 16 \(the network, DynUNet"
+    message = r"patch_size: got 24; expected a multiple of 16 of at least 32 \(net.divisor: the dynunet"
     with pytest.raises(ConfigError, match=message):
         BenchConfig(net=NetConfig(name="dynunet"), patch_size=24)
 
