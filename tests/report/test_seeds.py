@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from tmerge.report import stats
-from tmerge.report.paired import (
-    compare_seeds,
-    few_seeds_note,
-    seed_aware_markdown,
-    seed_aware_rows,
-    seed_pairs,
-    stats_markdown,
-)
+from tmerge.report.paired import compare_seeds, seed_aware_rows, seed_pairs
 from tmerge.report.runs import SINGLE, SWEEP, discover
 from tmerge.report.stats import bootstrap_mean_ci, hierarchical_bootstrap_ci
+from tmerge.report.stats_page import few_seeds_note, seed_aware_markdown, stats_markdown
 from tmerge.report.tables import Row, table_inits, table_rows
 
 # ---- hierarchical_bootstrap_ci -------------------------------------------------------------

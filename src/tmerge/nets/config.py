@@ -146,16 +146,6 @@ class NetConfig:
         """The class :meth:`build` makes (``"Isensee2017"``, ``"DynUNet"``, …)."""
         return NETS[self.name]
 
-    @property
-    def divisor(self) -> int:
-        """Every spatial input size must be a multiple of this: what :meth:`build`'s network
-        reports as its ``divisor`` (the product of its downsampling strides), from the config."""
-        if self.name == "isensee2017":
-            return 2 ** (self.depth - 1)
-        if self.name == "segresnet":
-            return 2 ** (len(self.blocks_down) - 1)
-        return math.prod(self.strides)  # dynunet, unet
-
     def label(self) -> str:
         """The network and its sizes in a few words, e.g. ``"Isensee2017 base 16 depth 5"``."""
         sizes = " ".join(

@@ -128,9 +128,10 @@ def _report_target(
     from tmerge.report.document import report_markdown
     from tmerge.report.endpoints import endpoints_csv, endpoints_markdown
     from tmerge.report.examples import parcellation_rows, tumour_rows
-    from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows, stats_csv, stats_markdown
+    from tmerge.report.paired import compare_row, compare_seeds, seed_aware_rows
     from tmerge.report.panels import alpha_panels, paired_panels, trajectory_panels
     from tmerge.report.premise import premise_markdown
+    from tmerge.report.stats_page import stats_csv, stats_markdown
     from tmerge.report.tables import (
         scoring_header,
         table2_csv,
