@@ -4,6 +4,10 @@ A stage contributes only its LightningModule, its DataModule, its loggers
 (:mod:`tmerge.loggers`), what to monitor and any extra callbacks (e.g. the Fisher callback);
 checkpointing, early stopping and precision choices live here, once. The callbacks themselves are
 in :mod:`tmerge.callbacks`.
+
+One file of ~450 lines on purpose: the Trainer's settings (precision, compile, devices,
+resume, checkpoints) depend on each other, and keeping their resolution beside the one
+``fit`` that uses them is what lets a stage not know about any of them.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ and :func:`merge_tensor`;
 Errors: this is pure code, so a bad argument raises :class:`ValueError` (or :class:`TypeError` for an
 argument of the wrong kind) naming the value it got — a traceback, not a one-line user error. The
 stages check the user's files and keys first and report those as :class:`~tmerge.errors.TmergeError`.
+
+One file of ~450 lines on purpose: eq. 2, its ε, its validation and its packed form are one
+formula; half of the lines are the docstrings that state its tensor shapes.
 """
 
 from __future__ import annotations

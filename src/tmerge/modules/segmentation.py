@@ -4,6 +4,10 @@ The network is passed in (a plain ``nn.Module``; for the adaption stage an
 :class:`~tmerge.merge.AdaptiveMerge` wrapping it), so one class serves every stage. Only
 parameters with ``requires_grad`` are optimised, which is how the adaption stage trains δ and S
 alone.
+
+One file of ~450 lines on purpose: the losses, the optimiser and the sliding-window
+validation/test belong to the one LightningModule every stage shares; their maths lives
+elsewhere (:mod:`tmerge.metrics`, :mod:`tmerge.evaluate`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ another format makes its run unusable, with the file and the expected columns na
 counts beside it (:data:`tmerge.runs.REGIONS_FILE`, ``subject,truth_<c>…,pred_<c>…``) are
 optional: runs written before it existed have none, and an unreadable one is warned about and
 left out, the run staying usable.
+
+One file of ~480 lines on purpose: every reader of a finished run folder is here, so that the
+report's other modules take the records it returns and never open a file.
 """
 
 from __future__ import annotations
