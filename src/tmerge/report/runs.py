@@ -15,8 +15,8 @@ counts beside it (:data:`tmerge.runs.REGIONS_FILE`, ``subject,truth_<c>…,pred_
 optional: runs written before it existed have none, and an unreadable one is warned about and
 left out, the run staying usable.
 
-One file of ~480 lines on purpose: every reader of a finished run folder is here, so that the
-report's other modules take the records it returns and never open a file.
+One file of ~480 lines on purpose: the readers of a run folder's scores, config and summaries
+share one record (:class:`TargetRun`) and one index; splitting them would split that record.
 """
 
 from __future__ import annotations
