@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tmerge.report.runs import RunIndex, SourceRun, TargetRun
-from tmerge.report.tables import MISSING, Row, md_table, metric_cell, row_runs, spread_cell
+from tmerge.report.stats import ci_halfwidth, minimal_detectable_difference
+from tmerge.report.tables import MISSING, Row, md_table, metric_cell, row_runs, run_mean, spread_cell
 
 #: Gain in validation Dice over a source's last three validated epochs above which it is
 #: reported as still rising (not converged).
@@ -36,35 +38,71 @@ def probe_score(run: TargetRun, score: str = "dice_mean") -> float | None:
     return None
 
 
+#: The columns of a paired difference across seeds: its mean ± sd (seeds), the t interval, the MDE.
+PAIRED_HEADERS = ("paired by seed", "95 % CI (t)", "MDE")
+
+
+def paired_cells(diffs: Sequence[float], level: float = 0.95) -> list[str]:
+    """A paired difference across seeds as :data:`PAIRED_HEADERS`' three cells: mean ± sd (n),
+    the t interval of the mean and the minimal detectable difference (80 % power, two-sided at
+    1 − ``level``; :func:`tmerge.report.stats.minimal_detectable_difference`). One pair: its
+    value and no interval; none: :data:`MISSING` throughout."""
+    if len(diffs) < 2:
+        return [spread_cell(list(diffs)), MISSING, MISSING]
+    mean, sd, n = statistics.fmean(diffs), statistics.stdev(diffs), len(diffs)
+    half = ci_halfwidth(sd, n, level)
+    mde = minimal_detectable_difference(sd, n, alpha=1.0 - level)
+    return [spread_cell(list(diffs), count=True), f"[{mean - half:+.3f}, {mean + half:+.3f}]", f"{mde:.3f}"]
+
+
+def _by_seed(runs: Sequence[TargetRun], score: Callable[[TargetRun], float | None]) -> dict[int | None, float]:
+    return {r.seed: value for r in runs if (value := score(r)) is not None}
+
+
+def _test_dice(run: TargetRun) -> float | None:
+    return run_mean(run, "dice_mean")[0]  # as Table 2 has it
+
+
 def probe_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -> str:
     """Probe scores per init and row, and each init's paired difference to random P (``none``)
-    over the seeds both have."""
+    over the seeds both have, with its interval and MDE."""
     body = []
     for row in rows:
-        random_p = {r.seed: probe_score(r) for r in row_runs(index, row, "none")}
+        random_p = _by_seed(row_runs(index, row, "none"), probe_score)
         for init in inits:
-            runs = row_runs(index, row, init)
-            scores = {r.seed: s for r in runs if (s := probe_score(r)) is not None}
+            scores = _by_seed(row_runs(index, row, init), probe_score)
             if not scores:
                 continue
-            diffs = [s - random_p[k] for k, s in scores.items() if random_p.get(k) is not None]
-            diff = MISSING if init == "none" or not diffs else spread_cell(diffs, count=True)
-            body.append([row.label(), init, spread_cell(list(scores.values()), count=True), diff])
+            diffs = [s - random_p[k] for k, s in scores.items() if k in random_p]
+            cells = [MISSING] * 3 if init == "none" else paired_cells(diffs)
+            body.append([row.label(), init, spread_cell(list(scores.values()), count=True), *cells])
     if not body:
         return "No fixed-protocol run recorded a probe score (`protocol=fixed`).\n"
-    return md_table(["portion", "init", "probe test Dice", "− random P (paired by seed)"], body)
+    headers = ["portion", "init", "probe test Dice", *(f"− random P, {h}" for h in PAIRED_HEADERS)]
+    return md_table(headers, body)
 
 
 def none_markdown(index: RunIndex, rows: Sequence[Row], init: str = "none") -> str:
-    """``init``'s test Dice (mean of the classes) per row (default: no transfer)."""
+    """``init``'s test Dice (mean of the classes) per row (default: no transfer); for another
+    init also its paired difference to ``none`` over the seeds both have, with interval and MDE."""
     body = []
     for row in rows:
-        cell = metric_cell(row_runs(index, row, init), "dice_mean")
-        if cell.n_runs:
-            body.append([row.label(), cell.format(3, row.group, len(row.seeds))])
+        runs = row_runs(index, row, init)
+        cell = metric_cell(runs, "dice_mean")
+        if not cell.n_runs:
+            continue
+        line = [row.label(), cell.format(3, row.group, len(row.seeds))]
+        if init != "none":
+            reference = _by_seed(row_runs(index, row, "none"), _test_dice)
+            diffs = [v - reference[k] for k, v in _by_seed(runs, _test_dice).items() if k in reference]
+            line += paired_cells(diffs)
+        body.append(line)
     if not body:
         return f"No finished `{init}` run.\n"
-    return md_table(["portion", f"{init}: test Dice"], body)
+    headers = ["portion", f"{init}: test Dice"]
+    if init != "none":
+        headers += [f"− none, {h}" for h in PAIRED_HEADERS]
+    return md_table(headers, body)
 
 
 def validation_curve(path: Path, column: str = "val/dice") -> list[float]:
@@ -113,9 +151,11 @@ def premise_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str])
             "## Frozen-feature probe\n",
             "Test Dice after the fixed protocol's warm-up: P frozen as the init left it, S and the "
             "input layer trained for `fixed.warmup_epochs` (T-IMM and mean-T-IMM: their adaption, "
-            "α included). `none` is random P. A source's P that is not clearly above random P "
-            "(compare the difference with the MDE of the statistics page) gives the merge nothing to "
-            "choose between.\n",
+            "α included). `none` is random P. A source's P that is not clearly above random P gives "
+            "the merge nothing to choose between. Each difference is paired by seed, with its t "
+            "interval and its MDE (the smallest true difference these seeds would detect with 80 % "
+            "power, two-sided 5 %): an interval that contains 0 rules out only differences above "
+            "the MDE.\n",
             probe_markdown(index, rows, inits),
             "## No transfer at each portion\n",
             "The room for transfer: `none` with little data against `none` with the most.\n",
