@@ -138,6 +138,7 @@ COMMANDS: dict[str, Command] = {
         "tmerge.report",
         "ReportConfig",
         "run_report",
+        "report",
     ),
     "bench": Command(
         "time the fast paths side by side: training step, Lightning loop, data, Fisher, adaption (runs/bench/)",

@@ -70,6 +70,17 @@ def test_rows_and_columns(index):
     assert table_inits(index, ["none", "timm"]) == INITS  # m1 found on disk (unfinished), m2/imm too
 
 
+def test_a_portion_found_only_in_sweeps_gets_no_single_seed_row(fake):
+    """Rows for portions nobody asked for come from the folders found: 4 % has a single-seed run,
+    8 % seed folders only (the benchmark's layout), so its empty single-seed row is left out."""
+    fake.target(4, "none")
+    for seed in (0, 1):
+        fake.target(8, "none", seed=seed)
+    index = discover(fake.root)
+    assert table_rows(index, []) == [Row(4, SINGLE), Row(8, SWEEP, (0, 1))]
+    assert table_rows(index, [8]) == [Row(4, SINGLE), Row(8, SINGLE), Row(8, SWEEP, (0, 1))]
+
+
 def test_table2_numbers_match_the_per_subject_csvs(index, fake):
     rows = table_rows(index, [4])
     text = table2_markdown(index, rows, INITS)

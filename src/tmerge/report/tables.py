@@ -89,10 +89,13 @@ class Cell:
 
 
 def table_rows(index: RunIndex, portions: Iterable[int]) -> list[Row]:
-    """A single-seed row for every expected or found portion, a sweep row where seeds were run."""
-    rows = []
-    for portion in sorted(set(portions) | set(index.portions())):
-        rows.append(Row(portion, SINGLE))
+    """A single-seed row for every expected portion and every portion with a single-seed run
+    folder, a sweep row where seeds were run."""
+    rows, expected = [], set(portions)
+    single = {r.portion for r in index.targets if r.seed is None}
+    for portion in sorted(expected | set(index.portions())):
+        if portion in expected or portion in single:
+            rows.append(Row(portion, SINGLE))
         seeds = index.seeds(portion)
         if seeds:
             rows.append(Row(portion, SWEEP, tuple(seeds)))
