@@ -34,6 +34,34 @@ def test_curve_table_over_seeds(fake):
     assert "| timm |" not in text
 
 
+def _curve(run, scores, epochs=(1, 2, 4)):
+    points = [{"epoch": e, "global_step": e, "scores": {"dice_mean": s}} for e, s in zip(epochs, scores, strict=True)]
+    (run / "curve.json").write_text(json.dumps({"max_epochs": epochs[-1], "points": points}))
+
+
+def test_curve_criteria_against_none_paired_by_seed(fake):
+    """Start, area and end of an init minus none's, paired by seed, with the t interval and MDE;
+    a seed only one of them finished is left out."""
+    none = {0: [0.1, 0.3, 0.5], 1: [0.3, 0.5, 0.7], 2: [0.2, 0.2, 0.2]}
+    m2 = {0: [0.3, 0.4, 0.5], 1: [0.4, 0.5, 0.6]}
+    for seed, scores in none.items():
+        _curve(fake.target(4, "none", seed=seed), scores)
+    for seed, scores in m2.items():
+        _curve(fake.target(4, "m2", seed=seed), scores)
+    index = discover(fake.root)
+    text = curves_markdown(index, table_rows(index, []), ["none", "m2"])
+    paired = text.split("paired by seed\n", 1)[1]
+    line = next(ln for ln in paired.splitlines() if "| m2 |" in ln)
+    # start: +0.2, +0.1 → 0.150 ± 0.071; half-width 12.706 · 0.0707/√2 = 0.635, MDE (12.706 + 1.376) · 0.05 = 0.704
+    assert "| 0.150 ± 0.071 (2) | [-0.485, +0.785] | 0.704 |" in line
+    # area: m2 (0.7 + 1.8)/6 = 0.4167 and (0.9 + 2.2)/6 = 0.5167 against 1/3 and 0.5333:
+    # +0.0833, −0.0167 → 0.033 ± 0.071
+    assert "| 0.033 ± 0.071 (2) |" in line
+    # end: 0.0, −0.1 → −0.050 ± 0.071
+    assert "| -0.050 ± 0.071 (2) | [-0.685, +0.585] | 0.704 |" in line
+    assert "| none |" not in paired
+
+
 def test_per_source_alphas_read_the_negative_control():
     from tmerge.report.diagnostics import per_source_alphas
 

@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tmerge.report.runs import RunIndex, SourceRun, TargetRun
-from tmerge.report.stats import ci_halfwidth, minimal_detectable_difference
-from tmerge.report.tables import MISSING, Row, md_table, metric_cell, row_runs, run_mean, spread_cell
+from tmerge.report.tables import (
+    MISSING,
+    PAIRED_HEADERS,
+    Row,
+    md_table,
+    metric_cell,
+    paired_cells,
+    row_runs,
+    run_mean,
+    spread_cell,
+)
 
 #: Gain in validation Dice over a source's last three validated epochs above which it is
 #: reported as still rising (not converged).
@@ -36,23 +44,6 @@ def probe_score(run: TargetRun, score: str = "dice_mean") -> float | None:
         if value is not None:
             return float(value)
     return None
-
-
-#: The columns of a paired difference across seeds: its mean ± sd (seeds), the t interval, the MDE.
-PAIRED_HEADERS = ("paired by seed", "95 % CI (t)", "MDE")
-
-
-def paired_cells(diffs: Sequence[float], level: float = 0.95) -> list[str]:
-    """A paired difference across seeds as :data:`PAIRED_HEADERS`' three cells: mean ± sd (n),
-    the t interval of the mean and the minimal detectable difference (80 % power, two-sided at
-    1 − ``level``; :func:`tmerge.report.stats.minimal_detectable_difference`). One pair: its
-    value and no interval; none: :data:`MISSING` throughout."""
-    if len(diffs) < 2:
-        return [spread_cell(list(diffs)), MISSING, MISSING]
-    mean, sd, n = statistics.fmean(diffs), statistics.stdev(diffs), len(diffs)
-    half = ci_halfwidth(sd, n, level)
-    mde = minimal_detectable_difference(sd, n, alpha=1.0 - level)
-    return [spread_cell(list(diffs), count=True), f"[{mean - half:+.3f}, {mean + half:+.3f}]", f"{mde:.3f}"]
 
 
 def _by_seed(runs: Sequence[TargetRun], score: Callable[[TargetRun], float | None]) -> dict[int | None, float]:

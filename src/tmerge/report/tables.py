@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tmerge.data.labels import REGIONS
 from tmerge.report.runs import SINGLE, SWEEP, ForgettingRun, RunIndex, TargetRun, ordered_inits
+from tmerge.report.stats import ci_halfwidth, minimal_detectable_difference
 from tmerge.runs import (
     FORGETTING_DIR,
     FORGETTING_TABLE,
@@ -389,3 +390,20 @@ def spread_cell(values: Sequence[float], digits: int = 3, count: bool = False) -
         return f"{values[0]:.{digits}f}"
     n = f" ({len(values)})" if count else ""
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{n}"
+
+
+#: The columns of a paired difference across seeds: its mean ± sd (seeds), the t interval, the MDE.
+PAIRED_HEADERS = ("paired by seed", "95 % CI (t)", "MDE")
+
+
+def paired_cells(diffs: Sequence[float], level: float = 0.95) -> list[str]:
+    """A paired difference across seeds as :data:`PAIRED_HEADERS`' three cells: mean ± sd (n),
+    the t interval of the mean and the minimal detectable difference (80 % power, two-sided at
+    1 − ``level``; :func:`tmerge.report.stats.minimal_detectable_difference`). One pair: its
+    value and no interval; none: :data:`MISSING` throughout."""
+    if len(diffs) < 2:
+        return [spread_cell(list(diffs)), MISSING, MISSING]
+    mean, sd, n = statistics.fmean(diffs), statistics.stdev(diffs), len(diffs)
+    half = ci_halfwidth(sd, n, level)
+    mde = minimal_detectable_difference(sd, n, alpha=1.0 - level)
+    return [spread_cell(list(diffs), count=True), f"[{mean - half:+.3f}, {mean + half:+.3f}]", f"{mde:.3f}"]
