@@ -196,7 +196,7 @@ def test_default_data_is_generated_under_tmerge_data(tmp_path: Path, monkeypatch
         return {"hcp": len(write_hcp_tree(Path(root) / "hcp"))}
 
     monkeypatch.setitem(
-        sys.modules, "tmerge.data.generate", types.SimpleNamespace(generate_default=generate_default)
+        sys.modules, "tmerge.data.synthetic.generate", types.SimpleNamespace(generate_default=generate_default)
     )
     monkeypatch.setenv("TMERGE_DATA", str(tmp_path / "data"))
     dm = HCPDataModule(patch_size=16, generate_size=24)

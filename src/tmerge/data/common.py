@@ -569,7 +569,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def _ensure_default(self) -> None:
         """Generate the embedded default data; the generator only writes what is missing, so a
         complete copy costs a few file checks and an interrupted one is resumed."""
-        from tmerge.data.generate import generate_default
+        from tmerge.data.synthetic.generate import generate_default
 
         generate_default(self.root.parent, kinds=(self.kind,), size=self.config.generate_size)
         self._discovery = None  # re-list the subjects the generator may have added
