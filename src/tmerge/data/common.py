@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tmerge.data.formats import Discovery, Layout, case_files, detect, expected_layouts, open_default
+from tmerge.data.formats import case_files, detect, expected_layouts, open_default
+from tmerge.data.layout import Discovery, Layout
 from tmerge.data.preprocess import Kind, PreprocessSettings, is_cached, preprocess_cached
 from tmerge.data.splits import save_splits
 from tmerge.errors import ConfigError, DataError

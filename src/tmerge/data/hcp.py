@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tmerge.data.common import DataConfig, Discovery, SegmentationDataModule
-from tmerge.data.formats import HCP_FILES, HCP_LABEL_FILE, NNUNET_FILE
+from tmerge.data.common import DataConfig, SegmentationDataModule
+from tmerge.data.formats import HCP_FILES, HCP_LABEL_FILE
 from tmerge.data.labels import check_label_spec, class_names, resolve_labels, select_labels
+from tmerge.data.layout import Discovery
+from tmerge.data.nnunet import NNUNET_FILE
 from tmerge.data.splits import hcp_splits
 from tmerge.errors import ConfigError
 

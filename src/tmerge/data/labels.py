@@ -5,7 +5,8 @@ uses classes 1–7 and task 2 classes 8–14. BraTS labels (0, 1 necrosis/non-en
 2 oedema, 4 enhancing tumour) are trained as three nested, overlapping regions ET ⊂ TC ⊂ WT
 with one sigmoid output each, and written back as label maps 0/1/2/4. Other datasets' label
 values (BraTS 2023's 3 for enhancing, an nnU-Net dataset.json's) are mapped to these internal
-labels and back by a :class:`LabelMapping` (built by :mod:`tmerge.data.formats`).
+labels and back by a :class:`LabelMapping` (built by the layouts: :mod:`tmerge.data.formats`,
+:mod:`tmerge.data.nnunet`).
 
 All functions here are pure and work on arrays of any spatial shape.
 """

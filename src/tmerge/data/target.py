@@ -33,17 +33,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from tmerge.data.common import DataConfig, Discovery, SegmentationDataModule
+from tmerge.data.channels import TASK_CHANNELS
+from tmerge.data.common import DataConfig, SegmentationDataModule
 from tmerge.data.formats import (
     BRATS2018_GRADES,
     BRATS2018_TRAINING,
     BRATS2018_VALIDATION,
-    GENERIC,
     TARGET_OUTPUT_MODES,
-    TASK_CHANNELS,
     open_target,
 )
 from tmerge.data.labels import BRATS_SCHEME, LabelMapping, LabelScheme
+from tmerge.data.layout import GENERIC, Discovery
 from tmerge.data.preprocess import PreprocessSettings
 from tmerge.data.splits import brats_splits
 from tmerge.errors import ConfigError, DataError

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from tmerge.data.formats import BRATS2018_GRADES, TASK_CHANNELS
+from tmerge.data.channels import TASK_CHANNELS
+from tmerge.data.formats import BRATS2018_GRADES
 from tmerge.data.synthetic.anatomy import Anatomy
 from tmerge.data.synthetic.contrast import (
     FLAIR_TISSUE,

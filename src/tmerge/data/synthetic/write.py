@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from tmerge.data.formats import HCP_FILES, HCP_LABEL_FILE, TASK_CHANNELS
+from tmerge.data.channels import TASK_CHANNELS
+from tmerge.data.formats import HCP_FILES, HCP_LABEL_FILE
 from tmerge.data.synthetic.ids import (
     STREAM_BRATS_TRAIN,
     STREAM_BRATS_VAL,
