@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tmerge.callbacks import PredictionWriter
-from tmerge.data.common import Subject, VolumeDataset, collate_volumes
+from tmerge.data.datasets import Subject, VolumeDataset, collate_volumes
 from tmerge.data.labels import BRATS_SCHEME, REGIONS, LabelScheme, brats_regions
 from tmerge.data.preprocess import PreprocessSettings, preprocess_subject, uncrop, voxel_spacing
 from tmerge.evaluate import (

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from tmerge.data.channels import TASK_CHANNELS
-from tmerge.data.common import DataConfig, SegmentationDataModule
+from tmerge.data.datamodule import DataConfig, SegmentationDataModule
 from tmerge.data.formats import (
     BRATS2018_GRADES,
     BRATS2018_TRAINING,
@@ -59,7 +59,7 @@ BRATS_TARGET = "brats"
 
 @dataclass
 class TargetDataConfig(DataConfig):
-    """Config of :class:`TargetDataModule` (shared fields: see :class:`~tmerge.data.common.DataConfig`)."""
+    """Config of :class:`TargetDataModule` (shared fields: see :class:`~tmerge.data.datamodule.DataConfig`)."""
 
     # Percentage of the labelled pool to train on; 8 % is where the paper ran every baseline.
     portion: int = 8
@@ -121,7 +121,7 @@ class TargetDataModule(SegmentationDataModule):
     Batches: training ``{"image": (B, C, P, P, P) float32, "label": (B, L, P, P, P) float32}``
     (``L`` = 1 class indices or one mask per region); validation/test whole volumes and, for
     ``portion=100``, ``predict_dataloader`` over the unlabelled set (see
-    :mod:`tmerge.data.common`).
+    :mod:`tmerge.data.datasets`).
     """
 
     kind = "brats"
