@@ -3,7 +3,7 @@
 The network predicts on the preprocessed grid (cropped to the brain, padded to a multiple of the
 network's divisor).
 A prediction is turned into a label map there, put back into the original voxel grid
-(:func:`tmerge.data.preprocess.uncrop`; outside the crop box is background) and scored against the
+(:func:`tmerge.data.geometry.uncrop`; outside the crop box is background) and scored against the
 true label map on that full grid, with distances in mm from the image's affine.
 
 The prediction becomes a label map through the target's :class:`~tmerge.data.labels.LabelScheme`
@@ -50,9 +50,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from tmerge.data.geometry import uncrop, voxel_spacing
 from tmerge.data.labels import BRATS_SCHEME, LabelScheme, dataset_labels
 from tmerge.data.nifti import save_labels
-from tmerge.data.preprocess import original_labels, uncrop, voxel_spacing
+from tmerge.data.preprocess import original_labels
 from tmerge.errors import ConfigError
 from tmerge.metrics import (
     EMPTY_CONVENTIONS,
@@ -195,7 +196,7 @@ def evaluate_subject(
             preprocessing crop keeps every labelled voxel, so the target put back into the
             original grid *is* the original label map.
         meta: The subject's preprocessing geometry (``original_shape``, ``affine``, crop box; see
-            :func:`tmerge.data.preprocess.uncrop`); ``None`` scores on the given grid, spacing 1.
+            :func:`tmerge.data.geometry.uncrop`); ``None`` scores on the given grid, spacing 1.
         scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode with
             ``class_names`` (see :func:`as_scheme`).
         class_names: Names of the scored classes (with an output mode).

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tmerge.data.cache import is_cached, preprocess_cached
 from tmerge.data.datasets import (
     CentreCropDataset,
     PatchDataset,
@@ -32,7 +33,7 @@ from tmerge.data.datasets import (
 )
 from tmerge.data.formats import case_files, detect, expected_layouts, open_default
 from tmerge.data.layout import Discovery, Layout
-from tmerge.data.preprocess import Kind, PreprocessSettings, is_cached, preprocess_cached
+from tmerge.data.preprocess import Kind, PreprocessSettings
 from tmerge.data.splits import save_splits
 from tmerge.errors import ConfigError, DataError
 from tmerge.paths import default_cache, default_dataset
@@ -337,7 +338,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self._resolve_splits()
 
     def meta(self, subject: str) -> dict[str, Any]:
-        """Geometry of a loaded subject, for :func:`tmerge.data.preprocess.uncrop`."""
+        """Geometry of a loaded subject, for :func:`tmerge.data.geometry.uncrop`."""
         return self._loaded[subject].meta
 
     # ---- internals --------------------------------------------------------------------------

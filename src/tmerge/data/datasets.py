@@ -7,7 +7,7 @@ for BraTS regions):
 * training: ``{"image": (B, C, P, P, P) float32, "label": (B, L, P, P, P)}``;
 * validation / test: one whole preprocessed volume, ``{"image": (1, C, D, H, W), "label":
   (1, L, D, H, W), "subject": [id], "meta": [dict]}`` (``meta`` feeds
-  :func:`tmerge.data.preprocess.uncrop`);
+  :func:`tmerge.data.geometry.uncrop`);
 * predict: as validation, without ``"label"``.
 """
 
@@ -35,7 +35,7 @@ class Subject:
         image: ``(C, D, H, W)`` float32 preprocessed image.
         target: ``(L, D, H, W)`` uint8 training target (class indices or region masks), or
             ``None`` for unlabelled subjects.
-        meta: Geometry for :func:`tmerge.data.preprocess.uncrop`.
+        meta: Geometry for :func:`tmerge.data.geometry.uncrop`.
     """
 
     id: str
