@@ -6,7 +6,7 @@ A prediction is turned into a label map there, put back into the original voxel 
 (:func:`tmerge.data.geometry.uncrop`; outside the crop box is background) and scored against the
 true label map on that full grid, with distances in mm from the image's affine.
 
-The prediction becomes a label map through the target's :class:`~tmerge.data.labels.LabelScheme`
+The prediction becomes a label map through the target's :class:`~tmerge.data.schemes.LabelScheme`
 and both prediction and truth are scored as the scheme's classes *of their label maps*:
 
 * regions (``"sigmoid"``; BraTS: ET, TC, WT): the region outputs are painted into a label map,
@@ -51,9 +51,10 @@ import numpy as np
 import torch
 
 from tmerge.data.geometry import uncrop, voxel_spacing
-from tmerge.data.labels import BRATS_SCHEME, LabelScheme, dataset_labels
+from tmerge.data.labels import dataset_labels
 from tmerge.data.nifti import save_labels
 from tmerge.data.preprocess import original_labels
+from tmerge.data.schemes import BRATS_SCHEME, LabelScheme
 from tmerge.errors import ConfigError
 from tmerge.metrics import (
     EMPTY_CONVENTIONS,
@@ -135,7 +136,7 @@ Scheme = LabelScheme | str
 
 
 def as_scheme(scheme: Scheme, class_names: Sequence[str] | None = None) -> LabelScheme:
-    """A :class:`~tmerge.data.labels.LabelScheme`, given as one or as an output mode with its
+    """A :class:`~tmerge.data.schemes.LabelScheme`, given as one or as an output mode with its
     class names (``"softmax"``: plain classes; ``"sigmoid"``: the BraTS regions)."""
     if isinstance(scheme, LabelScheme):
         return scheme
@@ -156,7 +157,7 @@ def score_label_maps(
 
     Args:
         pred, truth: ``(X, Y, Z)`` label maps on the same grid.
-        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode
+        scheme: The target's :class:`~tmerge.data.schemes.LabelScheme`, or an output mode
             (``"sigmoid"``: BraTS labels scored as ET/TC/WT; ``"softmax"``: class indices) with
             ``class_names``.
         class_names: Names of the scored classes, in order (with an output mode).
@@ -197,7 +198,7 @@ def evaluate_subject(
             original grid *is* the original label map.
         meta: The subject's preprocessing geometry (``original_shape``, ``affine``, crop box; see
             :func:`tmerge.data.geometry.uncrop`); ``None`` scores on the given grid, spacing 1.
-        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode with
+        scheme: The target's :class:`~tmerge.data.schemes.LabelScheme`, or an output mode with
             ``class_names`` (see :func:`as_scheme`).
         class_names: Names of the scored classes (with an output mode).
         metrics: HD95 definition and empty-region convention (``None``: the defaults).

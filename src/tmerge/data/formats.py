@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from tmerge.data.channels import TASK_CHANNELS
-from tmerge.data.labels import BRATS2023_LABELS, BRATS_SCHEME
+from tmerge.data.labels import BRATS2023_LABELS
 from tmerge.data.layout import GENERIC, Discovery, Format, Layout
 from tmerge.data.nifti import NIFTI_SUFFIXES, find_modality
 from tmerge.data.nnunet import (
@@ -58,6 +58,7 @@ from tmerge.data.nnunet import (
     nnunet_layout,
     open_generic,
 )
+from tmerge.data.schemes import BRATS_SCHEME
 from tmerge.errors import DataError
 
 log = logging.getLogger(__name__)

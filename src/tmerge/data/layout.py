@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tmerge.data.channels import TASK_CHANNELS
-from tmerge.data.labels import LabelMapping, LabelScheme
+from tmerge.data.labels import LabelMapping
+from tmerge.data.schemes import LabelScheme
 
 #: The kind of a target dataset that is not BraTS: its channels and labels are its own.
 GENERIC = "target"

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tmerge.data.channels import CHANNEL_ALIASES, TASK_CHANNELS, name_key
-from tmerge.data.labels import LabelMapping, LabelScheme
+from tmerge.data.labels import LabelMapping
 from tmerge.data.layout import GENERIC, Discovery, Format, Layout
 from tmerge.data.nifti import NIFTI_SUFFIXES
+from tmerge.data.schemes import LabelScheme
 from tmerge.errors import DataError
 
 NNUNET_FILE = "dataset.json"

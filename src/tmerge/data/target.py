@@ -42,9 +42,10 @@ from tmerge.data.formats import (
     TARGET_OUTPUT_MODES,
     open_target,
 )
-from tmerge.data.labels import BRATS_SCHEME, LabelMapping, LabelScheme
+from tmerge.data.labels import LabelMapping
 from tmerge.data.layout import GENERIC, Discovery
 from tmerge.data.preprocess import PreprocessSettings
+from tmerge.data.schemes import BRATS_SCHEME, LabelScheme
 from tmerge.data.splits import brats_splits
 from tmerge.errors import ConfigError, DataError
 
@@ -109,7 +110,7 @@ class TargetDataModule(SegmentationDataModule):
     embedded default, and named by :meth:`check_layout`.
 
     Attributes:
-        scheme: The :class:`~tmerge.data.labels.LabelScheme` (BraTS: the regions ET, TC, WT).
+        scheme: The :class:`~tmerge.data.schemes.LabelScheme` (BraTS: the regions ET, TC, WT).
         modalities: The input channels' names (BraTS: t1, t1ce, t2, flair).
         in_channels: Their count.
         n_outputs: Network outputs (BraTS: 3 sigmoid channels; plain classes: K + 1).
