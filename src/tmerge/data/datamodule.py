@@ -4,7 +4,8 @@ A dataset kind (``hcp.py``, ``target.py``) only says how subjects are split and 
 becomes a training target; where a dataset's files are and what its labels mean is its root's
 format (:mod:`tmerge.data.formats`, detected from the root); everything else (default data,
 geometry, caching, in-memory volumes, patch sampling, loaders, the split record) lives here once,
-over the datasets of :mod:`tmerge.data.datasets`.
+over the datasets of :mod:`tmerge.data.datasets`. A little over 400 lines: the base class's
+Lightning lifecycle is one piece.
 """
 
 from __future__ import annotations
