@@ -27,7 +27,7 @@ def tiny_default(tmp_path_factory) -> Path:
     anatomy package it is generated from is missing.
     """
     require_anatomy()
-    from tmerge.data.generate import generate_default
+    from tmerge.data.synthetic.generate import generate_default
 
     root = tmp_path_factory.mktemp("tiny_default")
     generate_default(root, size=32, seed=0, n_hcp=58, n_brats=24, n_brats_val=2, workers=2, progress=False)

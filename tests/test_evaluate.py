@@ -16,9 +16,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from tmerge.callbacks import PredictionWriter
-from tmerge.data.common import Subject, VolumeDataset, collate_volumes
-from tmerge.data.labels import BRATS_SCHEME, REGIONS, LabelScheme, brats_regions
-from tmerge.data.preprocess import PreprocessSettings, preprocess_subject, uncrop, voxel_spacing
+from tmerge.data.datasets import Subject, VolumeDataset, collate_volumes
+from tmerge.data.geometry import uncrop, voxel_spacing
+from tmerge.data.labels import REGIONS, brats_regions
+from tmerge.data.preprocess import PreprocessSettings, preprocess_subject
+from tmerge.data.schemes import BRATS_SCHEME, LabelScheme
 from tmerge.evaluate import (
     MetricsConfig,
     evaluate_subject,

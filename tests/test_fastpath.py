@@ -134,7 +134,7 @@ def test_cudnn_benchmark_respects_deterministic_algorithms() -> None:
 
 
 def test_loader_kwargs_pin_memory_only_for_cuda() -> None:
-    from tmerge.data.common import loader_kwargs
+    from tmerge.data.datasets import loader_kwargs
 
     assert loader_kwargs(0, cuda=False) == {"num_workers": 0, "persistent_workers": False, "pin_memory": False}
     assert loader_kwargs(4, cuda=True) == {"num_workers": 4, "persistent_workers": True, "pin_memory": True}

@@ -3,10 +3,10 @@
 The network predicts on the preprocessed grid (cropped to the brain, padded to a multiple of the
 network's divisor).
 A prediction is turned into a label map there, put back into the original voxel grid
-(:func:`tmerge.data.preprocess.uncrop`; outside the crop box is background) and scored against the
+(:func:`tmerge.data.geometry.uncrop`; outside the crop box is background) and scored against the
 true label map on that full grid, with distances in mm from the image's affine.
 
-The prediction becomes a label map through the target's :class:`~tmerge.data.labels.LabelScheme`
+The prediction becomes a label map through the target's :class:`~tmerge.data.schemes.LabelScheme`
 and both prediction and truth are scored as the scheme's classes *of their label maps*:
 
 * regions (``"sigmoid"``; BraTS: ET, TC, WT): the region outputs are painted into a label map,
@@ -50,9 +50,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from tmerge.data.labels import BRATS_SCHEME, LabelScheme, dataset_labels
+from tmerge.data.geometry import uncrop, voxel_spacing
+from tmerge.data.labels import dataset_labels
 from tmerge.data.nifti import save_labels
-from tmerge.data.preprocess import original_labels, uncrop, voxel_spacing
+from tmerge.data.preprocess import original_labels
+from tmerge.data.schemes import BRATS_SCHEME, LabelScheme
 from tmerge.errors import ConfigError
 from tmerge.metrics import (
     EMPTY_CONVENTIONS,
@@ -134,7 +136,7 @@ Scheme = LabelScheme | str
 
 
 def as_scheme(scheme: Scheme, class_names: Sequence[str] | None = None) -> LabelScheme:
-    """A :class:`~tmerge.data.labels.LabelScheme`, given as one or as an output mode with its
+    """A :class:`~tmerge.data.schemes.LabelScheme`, given as one or as an output mode with its
     class names (``"softmax"``: plain classes; ``"sigmoid"``: the BraTS regions)."""
     if isinstance(scheme, LabelScheme):
         return scheme
@@ -155,7 +157,7 @@ def score_label_maps(
 
     Args:
         pred, truth: ``(X, Y, Z)`` label maps on the same grid.
-        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode
+        scheme: The target's :class:`~tmerge.data.schemes.LabelScheme`, or an output mode
             (``"sigmoid"``: BraTS labels scored as ET/TC/WT; ``"softmax"``: class indices) with
             ``class_names``.
         class_names: Names of the scored classes, in order (with an output mode).
@@ -195,8 +197,8 @@ def evaluate_subject(
             preprocessing crop keeps every labelled voxel, so the target put back into the
             original grid *is* the original label map.
         meta: The subject's preprocessing geometry (``original_shape``, ``affine``, crop box; see
-            :func:`tmerge.data.preprocess.uncrop`); ``None`` scores on the given grid, spacing 1.
-        scheme: The target's :class:`~tmerge.data.labels.LabelScheme`, or an output mode with
+            :func:`tmerge.data.geometry.uncrop`); ``None`` scores on the given grid, spacing 1.
+        scheme: The target's :class:`~tmerge.data.schemes.LabelScheme`, or an output mode with
             ``class_names`` (see :func:`as_scheme`).
         class_names: Names of the scored classes (with an output mode).
         metrics: HD95 definition and empty-region convention (``None``: the defaults).

@@ -320,7 +320,7 @@ def voxel_counts(pred: np.ndarray, truth: np.ndarray, classes: Sequence[str]) ->
 
     Args:
         pred, truth: ``(K, ...)`` masks of the K scored classes (non-zero = in the class), e.g.
-            a :class:`~tmerge.data.labels.LabelScheme`'s ``masks`` of the label maps.
+            a :class:`~tmerge.data.schemes.LabelScheme`'s ``masks`` of the label maps.
         classes: the K class names, in the masks' order.
 
     Raises:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from tmerge.artifacts import is_reference, resolve
-from tmerge.data.formats import match_channels
+from tmerge.data.channels import match_channels
 from tmerge.errors import ConfigError, RunError
 from tmerge.fisher import fisher_problem
 from tmerge.io import file_sha256
@@ -234,7 +234,7 @@ def input_plan(
     """How the target's input layer starts from a source's: ``(channel map, what it does)``.
 
     ``channel_map`` given: that map. Else, when every target channel is a contrast the source
-    saw (:func:`tmerge.data.formats.match_channels`: t1 ↔ T1w, t2 ↔ T2w, …), the map that
+    saw (:func:`tmerge.data.channels.match_channels`: t1 ↔ T1w, t2 ↔ T2w, …), the map that
     reuses those filters. Else ``None``: the input layer is re-initialised and trained with S.
     """
     seen = tuple(source.meta.get("channels") or LEGACY_SOURCE_CHANNELS)

@@ -58,7 +58,7 @@ def _rewrite(path: Path, change: Callable[[np.ndarray, np.ndarray], tuple[np.nda
 def test_clean_tree_prepares(brats: Path, tmp_path: Path) -> None:
     """The unbroken tree is the control: every subject the splits need is preprocessed and
     cached, so the errors below come from the one broken file each."""
-    from tmerge.data.preprocess import is_cached
+    from tmerge.data.cache import is_cached
 
     dm = _module(brats, tmp_path)
     dm.prepare_data()
@@ -198,7 +198,8 @@ def test_blank_modality_is_accepted_with_the_option(brats: Path, tmp_path: Path)
     """``allow_blank_modality=true`` (datasets that zero-fill missing sequences): the subject is
     preprocessed, the blank channel carries no signal, and it is cached apart from the default
     settings' caches, whose key does not change."""
-    from tmerge.data.preprocess import PreprocessSettings, cache_file
+    from tmerge.data.cache import cache_file
+    from tmerge.data.preprocess import PreprocessSettings
 
     _rewrite(_file(brats, "t1"), lambda d, a: (np.zeros_like(d, dtype=np.float32), a))
     dm = _module(brats, tmp_path, allow_blank_modality=True)

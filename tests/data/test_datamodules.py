@@ -15,10 +15,10 @@ import pytest
 import torch
 from helpers.trees import write_brats_tree, write_hcp_tree
 
-import tmerge.data.preprocess as pp
+import tmerge.data.cache as pc
 from tmerge.data import HCPDataConfig, HCPDataModule, TargetDataConfig, TargetDataModule
+from tmerge.data.geometry import uncrop
 from tmerge.data.labels import aseg_to_paper, brats_regions, select_labels
-from tmerge.data.preprocess import uncrop
 from tmerge.errors import ConfigError
 
 
@@ -131,7 +131,7 @@ def test_two_instances_agree_and_reuse_the_cache(
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("expected a cache hit")
 
-    monkeypatch.setattr(pp, "preprocess_subject", fail)
+    monkeypatch.setattr(pc, "preprocess_subject", fail)
     second = _hcp(hcp_root, tmp_path / "cache", split="task2", run_dir=str(tmp_path / "b"))
     second.prepare_data()
     second.setup("fit")
@@ -196,7 +196,7 @@ def test_default_data_is_generated_under_tmerge_data(tmp_path: Path, monkeypatch
         return {"hcp": len(write_hcp_tree(Path(root) / "hcp"))}
 
     monkeypatch.setitem(
-        sys.modules, "tmerge.data.generate", types.SimpleNamespace(generate_default=generate_default)
+        sys.modules, "tmerge.data.synthetic.generate", types.SimpleNamespace(generate_default=generate_default)
     )
     monkeypatch.setenv("TMERGE_DATA", str(tmp_path / "data"))
     dm = HCPDataModule(patch_size=16, generate_size=24)

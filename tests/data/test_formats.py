@@ -14,9 +14,11 @@ import torch
 from helpers import layouts, trees
 
 from tmerge.data import HCPDataModule, TargetDataModule
-from tmerge.data.formats import FORMATS, detect, expected_layouts, read_dataset_json
+from tmerge.data.formats import FORMATS, detect, expected_layouts
+from tmerge.data.geometry import uncrop, voxel_spacing
 from tmerge.data.labels import BRATS2023_LABELS, LabelMapping, dataset_labels, regions_to_brats
-from tmerge.data.preprocess import PreprocessSettings, original_labels, uncrop, voxel_spacing
+from tmerge.data.nnunet import read_dataset_json
+from tmerge.data.preprocess import PreprocessSettings, original_labels
 from tmerge.errors import ConfigError, DataError
 from tmerge.evaluate import evaluate_subject, save_prediction
 

@@ -1,4 +1,4 @@
-"""Tests of ``tmerge.data.generate``: layout, determinism, labels, idempotence, repairs, refusals."""
+"""Tests of ``tmerge.data.synthetic``'s generator: layout, determinism, labels, idempotence, repairs, refusals."""
 
 from __future__ import annotations
 
@@ -12,16 +12,12 @@ import pytest
 from helpers.anatomy import requires_anatomy
 from scipy import ndimage
 
-from tmerge.data.anatomy import ASEG_LABELS
 from tmerge.data.formats import BRATS2018_TRAINING as BRATS_TRAINING
 from tmerge.data.formats import BRATS2018_VALIDATION as BRATS_VALIDATION
-from tmerge.data.generate import (
-    BRATS_VALIDATION_LABELS,
-    MANIFEST_NAME,
-    PENDING_NAME,
-    generate_default,
-    hcp_subject_ids,
-)
+from tmerge.data.synthetic.anatomy import ASEG_LABELS
+from tmerge.data.synthetic.generate import BRATS_VALIDATION_LABELS, generate_default
+from tmerge.data.synthetic.ids import hcp_subject_ids
+from tmerge.data.synthetic.manifest import MANIFEST_NAME, PENDING_NAME
 from tmerge.errors import DataError
 
 pytestmark = requires_anatomy
@@ -247,7 +243,7 @@ def test_foreign_folder_and_bad_arguments_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_deepmriprep_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import tmerge.data.anatomy as anatomy
+    import tmerge.data.synthetic.anatomy as anatomy
 
     monkeypatch.setattr(anatomy.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=r"pip install --no-deps deepmriprep==0\.3\.0"):
@@ -278,7 +274,7 @@ def test_structures_target_is_deterministic_and_nnunet(tmp_path: Path) -> None:
 
 
 def test_fit_to_grid_keeps_every_voxel_where_it_was_in_the_world() -> None:
-    from tmerge.data.generate import fit_to_grid
+    from tmerge.data.synthetic.write import fit_to_grid
 
     rng = np.random.default_rng(0)
     cube = rng.integers(1, 100, size=(10, 10, 10, 2)).astype(np.int16)

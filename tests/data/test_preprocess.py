@@ -9,16 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import tmerge.data.cache as pc
 import tmerge.data.preprocess as pp
+from tmerge.data.cache import is_cached, preprocess_cached
+from tmerge.data.geometry import uncrop
 from tmerge.data.labels import aseg_to_paper
-from tmerge.data.preprocess import (
-    PreprocessSettings,
-    is_cached,
-    n4_correct,
-    preprocess_cached,
-    preprocess_subject,
-    uncrop,
-)
+from tmerge.data.preprocess import PreprocessSettings, n4_correct, preprocess_subject
 
 SHAPE = (30, 28, 26)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -133,7 +129,7 @@ def test_cache_hit_skips_work_and_changes_miss(tmp_path: Path, monkeypatch: pyte
         calls.append("run")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pp, "preprocess_subject", counting)
+    monkeypatch.setattr(pc, "preprocess_subject", counting)
     cache = tmp_path / "cache"
     first = preprocess_cached("s1", files, label, "hcp", settings, cache)
     assert calls == ["run"]
@@ -143,14 +139,14 @@ def test_cache_hit_skips_work_and_changes_miss(tmp_path: Path, monkeypatch: pyte
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("cache hit expected")
 
-    monkeypatch.setattr(pp, "preprocess_subject", fail)
+    monkeypatch.setattr(pc, "preprocess_subject", fail)
     hit = preprocess_cached("s1", files, label, "hcp", settings, cache)
     assert np.array_equal(hit.image, first.image) and np.array_equal(hit.label, first.label)
     assert hit.meta == first.meta
     assert is_cached("s1", files, label, "hcp", settings, cache)
     assert not is_cached("s2", files, label, "hcp", settings, cache)
 
-    monkeypatch.setattr(pp, "preprocess_subject", counting)
+    monkeypatch.setattr(pc, "preprocess_subject", counting)
     # Changed settings → another cache folder, recomputed.
     preprocess_cached("s1", files, label, "hcp", PreprocessSettings(min_size=32), cache)
     assert calls == ["run", "run"] and len(list(cache.glob("*/s1.npz"))) == 2

@@ -1,4 +1,5 @@
-"""Tests of the template anatomy (``tmerge.data.anatomy``) and the synthetic subjects (``tmerge.data.synth``)."""
+"""Tests of the template anatomy (``tmerge.data.synthetic.anatomy``) and the synthetic subjects
+(``tmerge.data.synthetic.subjects``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 from helpers.anatomy import requires_anatomy
 
-from tmerge.data.anatomy import ASEG_LABELS, Anatomy, load_anatomy
-from tmerge.data.synth import smooth_noise, synth_brats_subject, synth_hcp_subject
+from tmerge.data.synthetic.anatomy import ASEG_LABELS, Anatomy, load_anatomy
+from tmerge.data.synthetic.subjects import synth_brats_subject, synth_hcp_subject
+from tmerge.data.synthetic.warp import smooth_noise
 
 pytestmark = requires_anatomy
 

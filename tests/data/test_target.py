@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tmerge.data.formats import canonical_channel, match_channels, open_target
-from tmerge.data.labels import BRATS_SCHEME, LabelScheme, brats_regions, regions_to_brats
+from tmerge.data.channels import canonical_channel, match_channels
+from tmerge.data.formats import open_target
+from tmerge.data.labels import brats_regions, regions_to_brats
+from tmerge.data.schemes import BRATS_SCHEME, LabelScheme
 from tmerge.data.splits import brats_splits
 from tmerge.errors import ConfigError, DataError
 

@@ -1,11 +1,12 @@
 """Skip, with the reason, where the embedded default data cannot be generated: it is made from the
-brain templates of the ``deepmriprep`` package (:mod:`tmerge.data.anatomy`), an optional install."""
+brain templates of the ``deepmriprep`` package (:mod:`tmerge.data.synthetic.anatomy`), an optional
+install."""
 
 from __future__ import annotations
 
 import pytest
 
-from tmerge.data.anatomy import template_dir
+from tmerge.data.synthetic.anatomy import template_dir
 from tmerge.errors import DataError
 
 

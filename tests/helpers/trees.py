@@ -1,5 +1,5 @@
 """Tiny HCP and BraTS 2018 trees in the real datasets' layouts, for the DataModule and format
-tests; independent of ``tmerge.data.generate``."""
+tests; independent of ``tmerge.data.synthetic.generate``."""
 
 from __future__ import annotations
 

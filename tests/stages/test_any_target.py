@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def structures(tmp_path_factory):
     """The ``structures`` target at 32³ (60 labelled cases, 10 in imagesTs)."""
     require_anatomy()
-    from tmerge.data.generate import generate_default
+    from tmerge.data.synthetic.generate import generate_default
 
     root = tmp_path_factory.mktemp("structures_data")
     generate_default(root, kinds=("structures",), size=32, workers=2, progress=False)

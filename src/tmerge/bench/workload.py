@@ -20,7 +20,7 @@ from lightning.fabric.plugins import Precision
 from torch import Tensor, nn
 
 from tmerge.bench.settings import BenchConfig, Resolved
-from tmerge.data.common import PatchDataset, Subject, loader_kwargs
+from tmerge.data.datasets import PatchDataset, Subject, loader_kwargs
 from tmerge.data.labels import REGIONS
 from tmerge.modules.segmentation import OptimConfig, SegmentationModule, build_loss
 from tmerge.runner import TrainerConfig
@@ -107,7 +107,7 @@ def patch_loader(cfg: BenchConfig, r: Resolved, batches: int) -> torch.utils.dat
     """The project's training pipeline on 4 synthetic in-memory subjects.
 
     Volumes ``(C_in, E, E, E)`` with E = 1.25 × the patch edge (so the random crops move), targets
-    ``(K, E, E, E)`` uint8 concentric spheres; :class:`~tmerge.data.common.PatchDataset` crops,
+    ``(K, E, E, E)`` uint8 concentric spheres; :class:`~tmerge.data.datasets.PatchDataset` crops,
     flips and jitters intensities as in training, with the project's loader settings. Yields at
     least ``batches`` batches of ``{"image": (B, C_in, P, P, P), "label": (B, K, P, P, P)}``.
     """

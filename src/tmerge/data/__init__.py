@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "TargetDataConfig": "tmerge.data.target",
     "TargetDataModule": "tmerge.data.target",
-    "DataConfig": "tmerge.data.common",
-    "SegmentationDataModule": "tmerge.data.common",
+    "DataConfig": "tmerge.data.datamodule",
+    "SegmentationDataModule": "tmerge.data.datamodule",
     "data_dir": "tmerge.paths",
     "HCPDataConfig": "tmerge.data.hcp",
     "HCPDataModule": "tmerge.data.hcp",
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tmerge.data.common import DataConfig, SegmentationDataModule
+    from tmerge.data.datamodule import DataConfig, SegmentationDataModule
     from tmerge.data.hcp import HCPDataConfig, HCPDataModule
     from tmerge.data.target import TargetDataConfig, TargetDataModule
     from tmerge.paths import data_dir

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tmerge.data.common import DataConfig, Discovery, SegmentationDataModule
-from tmerge.data.formats import HCP_FILES, HCP_LABEL_FILE, NNUNET_FILE
+from tmerge.data.datamodule import DataConfig, SegmentationDataModule
+from tmerge.data.formats import HCP_FILES, HCP_LABEL_FILE
 from tmerge.data.labels import check_label_spec, class_names, resolve_labels, select_labels
+from tmerge.data.layout import Discovery
+from tmerge.data.nnunet import NNUNET_FILE
 from tmerge.data.splits import hcp_splits
 from tmerge.errors import ConfigError
 
@@ -34,7 +36,7 @@ _DEFAULT_LABELS = {"task1": "1:7", "task2": "8:14", "all": "all"}
 
 @dataclass
 class HCPDataConfig(DataConfig):
-    """Config of :class:`HCPDataModule` (shared fields: see :class:`~tmerge.data.common.DataConfig`)."""
+    """Config of :class:`HCPDataModule` (shared fields: see :class:`~tmerge.data.datamodule.DataConfig`)."""
 
     # Which subjects train: "task1"/"task2" (23 each, Table 1) or "all" (both, All-HCP baselines).
     split: str = "task1"
@@ -74,7 +76,7 @@ class HCPDataModule(SegmentationDataModule):
         label_values: The dataset's foreground class values (HCP: the paper's 1..14).
 
     Batches: training ``{"image": (B, 2, P, P, P) float32, "label": (B, 1, P, P, P) int64}`` with
-    class indices 0..K; validation/test whole volumes, see :mod:`tmerge.data.common`.
+    class indices 0..K; validation/test whole volumes, see :mod:`tmerge.data.datasets`.
 
     Example:
         >>> dm = HCPDataModule(split="task2", root="/data/HCP")  # labels 8:14

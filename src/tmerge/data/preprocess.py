@@ -15,11 +15,9 @@ Pipeline for one subject:
    that is at least the patch size (random patches must fit).
 
 The crop box, padding, original shape and affine (and, when resampled, the resampled grid) are
-kept in ``meta`` so :func:`uncrop` can put a prediction back into the original geometry.
-
-The cache holds one ``.npz`` per subject under ``<cache_dir>/<settings-hash>/<subject>.npz``;
-each file stores the key of its inputs (path, size, mtime of every file) and settings, and is
-recomputed when the key no longer matches.
+kept in ``meta`` so :func:`~tmerge.data.geometry.uncrop` can put a prediction back into the
+original geometry (:mod:`tmerge.data.geometry`). The cache of the results is
+:mod:`tmerge.data.cache`.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +33,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tmerge.data.geometry import apply_box, crop_box, resample_case, uncrop, voxel_spacing
 from tmerge.data.labels import LabelMapping, aseg_to_paper, check_aseg_labels, check_brats_labels
 from tmerge.data.nifti import check_same_geometry, load_labels, load_volume
 from tmerge.errors import DataError
-from tmerge.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +167,9 @@ class Preprocessed:
         image: ``(C, D, H, W)`` float32, one channel per modality, 0 outside the brain.
         label: ``(D, H, W)`` uint8 on the same grid (HCP: paper classes 0..14; BraTS: 0/1/2/4),
             or ``None`` for unlabelled subjects.
-        meta: JSON-serialisable geometry needed by :func:`uncrop` (``original_shape``,
-            ``affine``, ``crop_start``, ``crop_end``, ``pad_before``, ``shape``) plus
-            ``subject``, ``kind`` and ``modalities``.
+        meta: JSON-serialisable geometry needed by :func:`~tmerge.data.geometry.uncrop`
+            (``original_shape``, ``affine``, ``crop_start``, ``crop_end``, ``pad_before``,
+            ``shape``) plus ``subject``, ``kind`` and ``modalities``.
     """
 
     image: np.ndarray
@@ -182,11 +179,6 @@ class Preprocessed:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel sizes (mm) along the three array axes of a ``(4, 4)`` affine."""
-    return tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
 
 
 def n4_correct(
@@ -251,152 +243,15 @@ def histogram_normalise(volume: np.ndarray, mask: np.ndarray, bins: int = 256) -
     return np.where(mask, out, 0).astype(np.float32)
 
 
-def crop_box(mask: np.ndarray, multiple: int, min_size: int) -> dict[str, list[int]]:
-    """Bounding box of ``mask`` and the symmetric padding that makes it a multiple of ``multiple``.
-
-    Args:
-        mask: ``(X, Y, Z)`` bool foreground.
-        multiple: Output sizes are rounded up to a multiple of this.
-        min_size: Smallest output size per axis.
-
-    Returns:
-        ``crop_start``, ``crop_end`` (voxel box in the original grid, end exclusive),
-        ``pad_before``, ``pad_after`` and the output ``shape``.
-    """
-    from monai.transforms.utils import generate_spatial_bounding_box
-
-    start, end = generate_spatial_bounding_box(mask[None])
-    start, end = [int(s) for s in start], [int(e) for e in end]
-    size = [e - s for s, e in zip(start, end, strict=True)]
-    shape = [-(-max(n, min_size) // multiple) * multiple for n in size]
-    before = [(t - n) // 2 for t, n in zip(shape, size, strict=True)]
-    after = [t - n - b for t, n, b in zip(shape, size, before, strict=True)]
-    return {"crop_start": start, "crop_end": end, "pad_before": before, "pad_after": after, "shape": shape}
-
-
-def apply_box(array: np.ndarray, box: Mapping[str, list[int]]) -> np.ndarray:
-    """Crop ``(C, X, Y, Z)`` to ``box`` and zero-pad to ``box["shape"]`` (MONAI crop + pad)."""
-    from monai.transforms import BorderPad, SpatialCrop
-
-    cropped = SpatialCrop(roi_start=box["crop_start"], roi_end=box["crop_end"])(array)
-    border = [n for pair in zip(box["pad_before"], box["pad_after"], strict=True) for n in pair]
-    return np.asarray(BorderPad(spatial_border=border, mode="constant")(cropped))
-
-
-def uncrop(pred: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
-    """Put an array on the preprocessed grid back into the subject's original geometry.
-
-    Args:
-        pred: ``(..., D, H, W)`` on the preprocessed grid (``meta["shape"]``), any leading axes.
-        meta: The subject's ``Preprocessed.meta``.
-
-    Returns:
-        ``(..., X, Y, Z)`` array of ``meta["original_shape"]``, same dtype, 0 outside the crop box.
-        A resampled subject (``meta["grid_affine"]``) is resampled back onto its files' grid:
-        integer and boolean arrays by nearest neighbour, floating ones linearly.
-    """
-    pred = np.asarray(pred)
-    if list(pred.shape[-3:]) != list(meta["shape"]):
-        raise ValueError(f"expected an array ending in {tuple(meta['shape'])}, got {pred.shape}")
-    grid_shape = meta.get("grid_shape", meta["original_shape"])
-    out = np.zeros((*pred.shape[:-3], *grid_shape), dtype=pred.dtype)
-    start, end, before = meta["crop_start"], meta["crop_end"], meta["pad_before"]
-    src = tuple(slice(b, b + e - s) for s, e, b in zip(start, end, before, strict=True))
-    dst = tuple(slice(s, e) for s, e in zip(start, end, strict=True))
-    out[(..., *dst)] = pred[(..., *src)]
-    if "grid_affine" in meta:
-        out = resample_to(out, meta["grid_affine"], meta["affine"], meta["original_shape"])
-    return out
-
-
-def _meta_tensor(array: np.ndarray, affine: Any) -> Any:
-    """A channel-first float32 MONAI MetaTensor ``(N, X, Y, Z)`` with its affine."""
-    import torch
-    from monai.data import MetaTensor
-
-    return MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
-        affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)),
-    )
-
-
-def _nearest(array: np.ndarray) -> bool:
-    return array.dtype == bool or np.issubdtype(array.dtype, np.integer)
-
-
-def resample_to(array: np.ndarray, affine: Any, dst_affine: Any, dst_shape: Any) -> np.ndarray:
-    """Resample ``(..., X, Y, Z)`` from the grid of ``affine`` onto that of ``dst_affine`` and
-    ``dst_shape`` (MONAI ``SpatialResample``; 0 outside the source grid).
-
-    Integer and boolean arrays are resampled by nearest neighbour and keep their dtype; others
-    linearly, as float32 (then cast back to their dtype).
-    """
-    import torch
-    from monai.transforms import SpatialResample
-
-    array = np.asarray(array)
-    lead = array.shape[:-3]
-    flat = array.reshape(-1, *array.shape[-3:])
-    mode = "nearest" if _nearest(array) else "bilinear"
-    out = SpatialResample(mode=mode, padding_mode="zeros")(
-        _meta_tensor(flat, affine),
-        dst_affine=torch.as_tensor(np.asarray(dst_affine, dtype=np.float64)),
-        spatial_size=tuple(int(n) for n in dst_shape),
-    )
-    out = np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out)
-    if _nearest(array):
-        out = np.rint(out)
-    return out.astype(array.dtype).reshape(*lead, *out.shape[-3:])
-
-
-def resample_case(
-    image: np.ndarray,
-    label: np.ndarray | None,
-    affine: np.ndarray,
-    spacing: tuple[float, float, float] | None,
-    orientation: str | None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Reorient (MONAI ``Orientation``) and resample (``Spacing``) one case.
-
-    Args:
-        image: ``(C, X, Y, Z)`` float32 modalities; resampled linearly.
-        label: ``(X, Y, Z)`` uint8 internal labels or ``None``; resampled by nearest neighbour.
-        affine: The files' ``(4, 4)`` affine.
-        spacing: Target voxel size per axis in mm, or ``None``.
-        orientation: Target axis codes (e.g. ``"RAS"``), or ``None``.
-
-    Returns:
-        ``(image, label, affine)`` on the new grid (``image`` float32, ``label`` uint8).
-    """
-    from monai.transforms import Orientation, Spacing
-
-    def apply(array: np.ndarray, mode: str) -> Any:
-        x = _meta_tensor(array, affine)
-        if orientation is not None:
-            x = Orientation(axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
-        if spacing is not None:
-            x = Spacing(pixdim=tuple(spacing), mode=mode, padding_mode="zeros")(x)
-        return x
-
-    img = apply(image, "bilinear")
-    new_affine = np.asarray(img.affine, dtype=np.float64)
-    image = np.asarray(img.as_tensor().numpy(), dtype=np.float32)
-    if label is not None:
-        lab = apply(label[None], "nearest")
-        if lab.shape[1:] != img.shape[1:] or not np.allclose(np.asarray(lab.affine), new_affine):
-            raise ValueError("labels and images were resampled onto different grids")
-        label = np.rint(lab.as_tensor().numpy()[0]).astype(np.uint8)
-    return image, label, new_affine
-
 
 def original_labels(grid_labels: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
     """A label map on the preprocessed grid → the subject's label map in its files' geometry.
 
-    Without resampling this is :func:`uncrop` (the crop keeps every labelled voxel, so it is
-    exact). A resampled subject's true labels are read again from its label file
+    Without resampling this is :func:`~tmerge.data.geometry.uncrop` (the crop keeps every labelled
+    voxel, so it is exact). A resampled subject's true labels are read again from its label file
     (``meta["label_file"]``) in the internal labels — resampling them twice would not be exact —
     and, for a parcellation, renumbered to the selected classes ``meta["classes"]``
-    (:func:`tmerge.data.labels.select_labels`); without that file or selection, :func:`uncrop`.
+    (:func:`tmerge.data.labels.select_labels`); without that file or selection, ``uncrop``.
     """
     from tmerge.data.labels import select_labels
 
@@ -435,7 +290,7 @@ def preprocess_subject(
     settings: PreprocessSettings,
     subject: str = "",
 ) -> Preprocessed:
-    """Preprocess one subject (no caching; see :func:`preprocess_cached`).
+    """Preprocess one subject (no caching; see :func:`tmerge.data.cache.preprocess_cached`).
 
     Args:
         files: ``modality name -> NIfTI path``, in channel order.
@@ -509,111 +364,3 @@ def preprocess_subject(
     if settings.labels is not None:
         meta["labels"] = settings.labels.as_meta()
     return Preprocessed(image=image, label=label, meta=meta)
-
-
-def input_key(files: Mapping[str, Path], label_file: Path | None, settings: PreprocessSettings) -> str:
-    """Hash of every input file's (path, size, mtime) and the settings: the cache validity key."""
-    entries = []
-    for name, path in [*files.items(), ("label", label_file)]:
-        if path is None:
-            continue
-        path = Path(path)
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise DataError(f"{path}: file not found") from None
-        entries.append([name, str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    return _sha(json.dumps({"files": entries, "settings": settings.digest()}))
-
-
-def _read_cache(path: Path, key: str, arrays: bool = True) -> Preprocessed | None:
-    """Return the cached subject if ``path`` holds ``key``; ``None`` on a miss or a damaged file.
-
-    With ``arrays=False`` only the stored key is read (the ``.npz`` members load lazily) and an
-    empty :class:`Preprocessed` marks the hit.
-    """
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if str(npz["key"]) != key:
-                return None
-            if not arrays:
-                return Preprocessed(image=np.empty(0), label=None)
-            label = npz["label"] if "label" in npz.files else None
-            return Preprocessed(image=npz["image"], label=label, meta=json.loads(str(npz["meta"])))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        # A damaged cache file is not the user's problem: recompute it.
-        return None
-
-
-def _write_cache(path: Path, key: str, result: Preprocessed) -> None:
-    arrays: dict[str, np.ndarray] = {
-        "key": np.array(key),
-        "meta": np.array(json.dumps(result.meta)),
-        "image": result.image,
-    }
-    if result.label is not None:
-        arrays["label"] = result.label
-    with atomic_path(path) as tmp:
-        # A file object, because np.savez appends ".npz" to a path that lacks it.
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-
-def cache_file(
-    cache_dir: str | Path, settings: PreprocessSettings, kind: Kind, source: str, subject: str
-) -> Path:
-    """``<cache_dir>/<settings-hash>/<subject>.npz``; the hash covers settings, kind and ``source``.
-
-    ``source`` (the dataset root) keeps two datasets with the same subject ids from evicting
-    each other's cache files.
-    """
-    return Path(cache_dir) / settings.digest(kind=kind, source=source) / f"{subject}.npz"
-
-
-def is_cached(
-    subject: str,
-    files: Mapping[str, Path],
-    label_file: Path | None,
-    kind: Kind,
-    settings: PreprocessSettings,
-    cache_dir: str | Path,
-    source: str = "",
-) -> bool:
-    """Whether the subject's cache file is valid for these inputs and settings (reads only its key)."""
-    path = cache_file(cache_dir, settings, kind, source, subject)
-    return _read_cache(path, input_key(files, label_file, settings), arrays=False) is not None
-
-
-def preprocess_cached(
-    subject: str,
-    files: Mapping[str, Path],
-    label_file: Path | None,
-    kind: Kind,
-    settings: PreprocessSettings,
-    cache_dir: str | Path,
-    source: str = "",
-) -> Preprocessed:
-    """:func:`preprocess_subject` behind the per-subject cache.
-
-    A hit (same input files, sizes, mtimes and settings) does no preprocessing; a miss computes
-    the subject and writes its cache file atomically.
-
-    Args:
-        subject: Subject id (the cache file name).
-        files, label_file, kind, settings: As for :func:`preprocess_subject`.
-        cache_dir: Root folder of the cache.
-        source: Dataset root, part of the cache folder hash.
-
-    Returns:
-        The preprocessed subject.
-    """
-    path = cache_file(cache_dir, settings, kind, source, subject)
-    key = input_key(files, label_file, settings)
-    hit = _read_cache(path, key)
-    if hit is not None:
-        return hit
-    result = preprocess_subject(files, label_file, kind, settings, subject=subject)
-    _write_cache(path, key, result)
-    return result

@@ -33,18 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from tmerge.data.common import DataConfig, Discovery, SegmentationDataModule
+from tmerge.data.channels import TASK_CHANNELS
+from tmerge.data.datamodule import DataConfig, SegmentationDataModule
 from tmerge.data.formats import (
     BRATS2018_GRADES,
     BRATS2018_TRAINING,
     BRATS2018_VALIDATION,
-    GENERIC,
     TARGET_OUTPUT_MODES,
-    TASK_CHANNELS,
     open_target,
 )
-from tmerge.data.labels import BRATS_SCHEME, LabelMapping, LabelScheme
+from tmerge.data.labels import LabelMapping
+from tmerge.data.layout import GENERIC, Discovery
 from tmerge.data.preprocess import PreprocessSettings
+from tmerge.data.schemes import BRATS_SCHEME, LabelScheme
 from tmerge.data.splits import brats_splits
 from tmerge.errors import ConfigError, DataError
 
@@ -59,7 +60,7 @@ BRATS_TARGET = "brats"
 
 @dataclass
 class TargetDataConfig(DataConfig):
-    """Config of :class:`TargetDataModule` (shared fields: see :class:`~tmerge.data.common.DataConfig`)."""
+    """Config of :class:`TargetDataModule` (shared fields: see :class:`~tmerge.data.datamodule.DataConfig`)."""
 
     # Percentage of the labelled pool to train on; 8 % is where the paper ran every baseline.
     portion: int = 8
@@ -109,7 +110,7 @@ class TargetDataModule(SegmentationDataModule):
     embedded default, and named by :meth:`check_layout`.
 
     Attributes:
-        scheme: The :class:`~tmerge.data.labels.LabelScheme` (BraTS: the regions ET, TC, WT).
+        scheme: The :class:`~tmerge.data.schemes.LabelScheme` (BraTS: the regions ET, TC, WT).
         modalities: The input channels' names (BraTS: t1, t1ce, t2, flair).
         in_channels: Their count.
         n_outputs: Network outputs (BraTS: 3 sigmoid channels; plain classes: K + 1).
@@ -121,7 +122,7 @@ class TargetDataModule(SegmentationDataModule):
     Batches: training ``{"image": (B, C, P, P, P) float32, "label": (B, L, P, P, P) float32}``
     (``L`` = 1 class indices or one mask per region); validation/test whole volumes and, for
     ``portion=100``, ``predict_dataloader`` over the unlabelled set (see
-    :mod:`tmerge.data.common`).
+    :mod:`tmerge.data.datasets`).
     """
 
     kind = "brats"

@@ -27,7 +27,7 @@ from torch import nn
 
 from tmerge.callbacks.nonfinite_guard import NonFiniteGuard
 from tmerge.config import check_count, check_number
-from tmerge.data.labels import LabelScheme
+from tmerge.data.schemes import LabelScheme
 from tmerge.errors import ConfigError
 from tmerge.evaluate import N_PREVIEWS, MetricsConfig, Prediction, evaluate_subject, preview, summarise
 from tmerge.fastpath import CompiledForward, enable_cudnn_benchmark
@@ -206,7 +206,7 @@ class SegmentationModule(L.LightningModule):
         loss: loss and inference settings.
         group_lrs: parameter-name prefix → its own learning rate (no weight decay), e.g.
             ``{"net.mixing.": 0.05}`` for the adaption stage's δ (see :func:`param_groups`).
-        scheme: how label maps are made and scored (:class:`~tmerge.data.labels.LabelScheme`,
+        scheme: how label maps are made and scored (:class:`~tmerge.data.schemes.LabelScheme`,
             e.g. a dataset's own regions); None: the output mode's built-in one (softmax classes,
             or the BraTS regions).
         metrics: how the test scores are computed (HD95 definition, empty-region convention;

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmerge.config import check_count, check_number
-from tmerge.data.common import DataConfig
+from tmerge.data.datamodule import DataConfig
 from tmerge.data.target import TargetDataConfig
 from tmerge.errors import ConfigError
 from tmerge.evaluate import MetricsConfig

@@ -31,7 +31,7 @@ class DataStageConfig:
 
 def run_data(cfg: DataStageConfig) -> None:
     """Generate what is missing of the default datasets; say what was done."""
-    from tmerge.data.generate import generate_default
+    from tmerge.data.synthetic.generate import generate_default
 
     root = default_root(cfg.data_dir)
     written = generate_default(

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from tmerge.config import compose
-from tmerge.data.common import Subject, VolumeDataset, collate_volumes
-from tmerge.data.formats import IndexedCase
+from tmerge.data.datasets import Subject, VolumeDataset, collate_volumes
+from tmerge.data.nnunet import IndexedCase
 from tmerge.data.preprocess import BlankModality, preprocess_subject
 from tmerge.errors import ConfigError, DataError, RunError, TmergeError
 from tmerge.evaluate import evaluate_subject, save_prediction

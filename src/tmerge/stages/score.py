@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tmerge.data.geometry import voxel_spacing
 from tmerge.data.labels import BRATS2023_LABELS, REGIONS, LabelMapping, check_brats_labels
 from tmerge.data.nifti import load_labels
-from tmerge.data.preprocess import voxel_spacing
 from tmerge.errors import ConfigError, DataError
 from tmerge.evaluate import MetricsConfig, format_summary, score_label_maps, write_scores
 
