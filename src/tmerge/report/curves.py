@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmerge.report.runs import RunIndex, TargetRun
-from tmerge.report.tables import MISSING, PAIRED_HEADERS, Row, md_table, paired_cells, row_runs, spread_cell
+from tmerge.report.tables import (
+    MISSING,
+    PAIRED_HEADERS,
+    Row,
+    by_seed,
+    md_table,
+    paired_cells,
+    row_runs,
+    spread_cell,
+)
 from tmerge.runs import CURVE_FILE
 
 #: The score a curve is summarised by.
@@ -124,11 +133,11 @@ def curves_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
     )
     paired = []
     for row in rows:
-        reference = _curves_by_seed(index, row, NO_TRANSFER)
+        reference = by_seed(row_runs(index, row, NO_TRANSFER), read_curve)
         for init in inits:
             if init == NO_TRANSFER:
                 continue
-            mine = _curves_by_seed(index, row, init)
+            mine = by_seed(row_runs(index, row, init), read_curve)
             seeds = [k for k in mine if k in reference]
             if not seeds:
                 continue
@@ -144,10 +153,6 @@ def curves_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) 
     else:
         parts.append(f"No seed with a curve of `{NO_TRANSFER}` and of another init.\n")
     return "\n".join(parts)
-
-
-def _curves_by_seed(index: RunIndex, row: Row, init: str) -> dict[int | None, Curve]:
-    return {r.seed: c for r in row_runs(index, row, init) if (c := read_curve(r)) is not None}
 
 
 def plot_curves(index: RunIndex, rows: Sequence[Row], inits: Sequence[str], path: Path) -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from tmerge.report.runs import RunIndex, SourceRun, TargetRun
@@ -23,6 +23,7 @@ from tmerge.report.tables import (
     MISSING,
     PAIRED_HEADERS,
     Row,
+    by_seed,
     md_table,
     metric_cell,
     paired_cells,
@@ -46,10 +47,6 @@ def probe_score(run: TargetRun, score: str = "dice_mean") -> float | None:
     return None
 
 
-def _by_seed(runs: Sequence[TargetRun], score: Callable[[TargetRun], float | None]) -> dict[int | None, float]:
-    return {r.seed: value for r in runs if (value := score(r)) is not None}
-
-
 def _test_dice(run: TargetRun) -> float | None:
     return run_mean(run, "dice_mean")[0]  # as Table 2 has it
 
@@ -59,9 +56,9 @@ def probe_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str]) -
     over the seeds both have, with its interval and MDE."""
     body = []
     for row in rows:
-        random_p = _by_seed(row_runs(index, row, "none"), probe_score)
+        random_p = by_seed(row_runs(index, row, "none"), probe_score)
         for init in inits:
-            scores = _by_seed(row_runs(index, row, init), probe_score)
+            scores = by_seed(row_runs(index, row, init), probe_score)
             if not scores:
                 continue
             diffs = [s - random_p[k] for k, s in scores.items() if k in random_p]
@@ -84,8 +81,8 @@ def none_markdown(index: RunIndex, rows: Sequence[Row], init: str = "none") -> s
             continue
         line = [row.label(), cell.format(3, row.group, len(row.seeds))]
         if init != "none":
-            reference = _by_seed(row_runs(index, row, "none"), _test_dice)
-            diffs = [v - reference[k] for k, v in _by_seed(runs, _test_dice).items() if k in reference]
+            reference = by_seed(row_runs(index, row, "none"), _test_dice)
+            diffs = [v - reference[k] for k, v in by_seed(runs, _test_dice).items() if k in reference]
             line += paired_cells(diffs)
         body.append(line)
     if not body:

@@ -18,6 +18,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tmerge.data.labels import REGIONS
 from tmerge.report.runs import SINGLE, SWEEP, ForgettingRun, RunIndex, TargetRun, ordered_inits
@@ -390,6 +391,15 @@ def spread_cell(values: Sequence[float], digits: int = 3, count: bool = False) -
         return f"{values[0]:.{digits}f}"
     n = f" ({len(values)})" if count else ""
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{n}"
+
+
+V = TypeVar("V")
+
+
+def by_seed(runs: Sequence[TargetRun], value: Callable[[TargetRun], V | None]) -> dict[int | None, V]:
+    """``value`` of each run, by its seed, for pairing two inits seed by seed; runs without one
+    are left out."""
+    return {r.seed: v for r in runs if (v := value(r)) is not None}
 
 
 #: The columns of a paired difference across seeds: its mean ± sd (seeds), the t interval, the MDE.
