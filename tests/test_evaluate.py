@@ -23,6 +23,7 @@ from tmerge.data.preprocess import PreprocessSettings, preprocess_subject
 from tmerge.data.schemes import BRATS_SCHEME, LabelScheme
 from tmerge.evaluate import (
     MetricsConfig,
+    dice_summary,
     evaluate_subject,
     format_summary,
     per_subject_rows,
@@ -235,6 +236,24 @@ def test_brats2023_summary_leaves_nan_out_of_the_means_and_counts_it(tmp_path):
     all_empty = [{**records[0], "dice_ET": nan, "dice_TC": nan, "dice_WT": nan}]
     assert summarise(all_empty, list(REGIONS), "brats2023")["dice"] == dict.fromkeys((*REGIONS, "mean"))
     assert "n_empty" not in summarise(records[:0], list(REGIONS))
+    # Dice alone (a learning-curve point): the same numbers without any hd95 key
+    dice_only = [{k: v for k, v in r.items() if not k.startswith("hd95")} for r in records]
+    assert dice_summary(dice_only, list(REGIONS)) == summary["dice"]
+
+
+def test_dice_only_scoring_skips_hd95_and_keeps_the_dice(tmp_path):
+    """``hd95=False`` (learning-curve points): the same Dice, no surface distances."""
+    truth = np.zeros((12, 10, 8), np.uint8)
+    truth[2:8, 2:7, 2:6] = 2
+    truth[3:6, 3:6, 3:5] = 4
+    pred = np.zeros_like(truth)
+    pred[3:9, 2:7, 2:6] = 2
+    pred[4:6, 3:6, 3:5] = 4
+    full = score_label_maps(pred, truth, "sigmoid", list(REGIONS), spacing=(1.0, 1.5, 2.0))
+    dice = score_label_maps(pred, truth, "sigmoid", list(REGIONS), spacing=(1.0, 1.5, 2.0), hd95=False)
+    assert dice == {k: v for k, v in full.items() if k.startswith("dice_")} and len(dice) == 3
+    assert dice["dice_WT"] == pytest.approx(2 * 5 * 5 * 4 / (6 * 5 * 4 * 2))  # 5 of 6 slabs overlap
+    assert "hd95_WT" in full and full["hd95_WT"] > 0
 
 
 class _Threshold(torch.nn.Module):

@@ -203,3 +203,36 @@ def test_bad_arguments_and_scores_are_named(tmp_path):
     with pytest.raises(TypeError, match="returned 0.5 at epoch 1, not a mapping"):
         worse.on_train_epoch_end(fake_trainer(0, True), module)
     assert module.training and module.net[2].training  # restored even though the score failed
+
+
+def test_the_last_point_can_come_from_the_final_test(tmp_path):
+    """``score_last=False``: the fit scores every point but the last; the stage adds the final
+    test's scores, and a resumed stage whose fit was not repeated keeps the earlier points."""
+    calls: list[int] = []
+
+    def score(trainer, module):
+        calls.append(trainer.current_epoch + 1)
+        return {"d": 0.1 * (trainer.current_epoch + 1)}
+
+    curve = LearningCurve(score, tmp_path, score_last=False)
+    train([curve], max_epochs=10)
+    assert calls == [1, 2, 4, 8]  # no scoring pass after epoch 10
+    curve.add(10, 40, {"d": 0.9})
+    written = json.loads((tmp_path / "curve.json").read_text())
+    assert written["max_epochs"] == 10
+    assert [(p["epoch"], p["global_step"]) for p in written["points"]] == [(1, 4), (2, 8), (4, 16), (8, 32), (10, 40)]
+    assert [p["scores"]["d"] for p in written["points"]] == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.9])
+    resumed = LearningCurve(score, tmp_path, score_last=False)  # the fit was done: no hook ran
+    resumed.add(10, 40, {"d": 0.95})
+    again = json.loads((tmp_path / "curve.json").read_text())
+    assert again["max_epochs"] == 10 and [p["epoch"] for p in again["points"]] == [1, 2, 4, 8, 10]
+    assert again["points"][-1]["scores"] == {"d": 0.95}
+    with pytest.raises(TypeError, match=r"score returned \['d'\] at epoch 10, not a mapping"):
+        resumed.add(10, 40, ["d"])
+
+
+def test_an_early_stop_is_still_scored_without_the_last_point(tmp_path):
+    """Only the final epoch of a full budget is left to the caller: an early stop is scored."""
+    curve = LearningCurve(lambda trainer, module: {"e": trainer.current_epoch}, tmp_path, score_last=False)
+    train([curve, StopAfter(3)], max_epochs=8)
+    assert [p["epoch"] for p in curve.points] == [1, 2, 3]

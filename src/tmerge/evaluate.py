@@ -152,6 +152,7 @@ def score_label_maps(
     class_names: Sequence[str] | None = None,
     spacing: Sequence[float] | None = None,
     metrics: MetricsConfig | None = None,
+    hd95: bool = True,
 ) -> dict[str, float]:
     """Dice and HD95 of a predicted against a true label map, per scored class.
 
@@ -163,9 +164,11 @@ def score_label_maps(
         class_names: Names of the scored classes, in order (with an output mode).
         spacing: Voxel size per axis in mm (``None``: 1).
         metrics: HD95 definition and empty-region convention (``None``: the defaults).
+        hd95: False: Dice only (a learning-curve point needs no surface distances, which cost
+            about as much as a third of the network's forward pass on a 64³ volume).
 
     Returns:
-        ``{"dice_<c>": …, …, "hd95_<c>": …, …}``.
+        ``{"dice_<c>": …, …, "hd95_<c>": …, …}`` (no ``hd95_<c>`` with ``hd95=False``).
     """
     scheme = as_scheme(scheme, class_names)
     if np.shape(pred) != np.shape(truth):
@@ -174,11 +177,11 @@ def score_label_maps(
     t = scheme.masks(truth)[None]
     metrics = metrics or MetricsConfig()
     dice = dice_masks(p, t, metrics.convention)[0].tolist()
-    hd95 = hd95_masks(p, t, spacing, definition=metrics.hd95, convention=metrics.convention)[0].tolist()
-    return {
-        **{f"dice_{c}": float(v) for c, v in zip(scheme.classes, dice, strict=True)},
-        **{f"hd95_{c}": float(v) for c, v in zip(scheme.classes, hd95, strict=True)},
-    }
+    scores = {f"dice_{c}": float(v) for c, v in zip(scheme.classes, dice, strict=True)}
+    if hd95:
+        dist = hd95_masks(p, t, spacing, definition=metrics.hd95, convention=metrics.convention)[0].tolist()
+        scores.update({f"hd95_{c}": float(v) for c, v in zip(scheme.classes, dist, strict=True)})
+    return scores
 
 
 def evaluate_subject(
@@ -188,6 +191,7 @@ def evaluate_subject(
     scheme: Scheme,
     class_names: Sequence[str] | None = None,
     metrics: MetricsConfig | None = None,
+    hd95: bool = True,
 ) -> SubjectResult:
     """Label map of one subject in its original geometry and, with a target, its scores there.
 
@@ -202,6 +206,7 @@ def evaluate_subject(
             ``class_names`` (see :func:`as_scheme`).
         class_names: Names of the scored classes (with an output mode).
         metrics: HD95 definition and empty-region convention (``None``: the defaults).
+        hd95: False: score Dice only (:func:`score_label_maps`).
 
     Returns:
         The :class:`SubjectResult`.
@@ -217,7 +222,7 @@ def evaluate_subject(
         spacing = voxel_spacing(np.asarray(meta["affine"]))
     scores, counts = {}, {}
     if truth is not None:
-        scores = score_label_maps(labels, truth, scheme, spacing=spacing, metrics=metrics)
+        scores = score_label_maps(labels, truth, scheme, spacing=spacing, metrics=metrics, hd95=hd95)
         counts = voxel_counts(scheme.masks(labels), scheme.masks(truth), scheme.classes)
     return SubjectResult(labels=labels, truth=truth, scores=scores, spacing=spacing, counts=counts)
 
@@ -286,10 +291,10 @@ def score_columns(class_names: Sequence[str]) -> list[str]:
     return [*(f"dice_{c}" for c in class_names), "dice_mean", *(f"hd95_{c}" for c in class_names)]
 
 
-def per_subject_rows(
+def per_subject_dice(
     records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject.
+    """``subject``, ``dice_<c>`` per class and ``dice_mean`` of each record, sorted by subject.
     ``dice_mean`` is the mean over the classes whose Dice is not NaN (NaN if none is)."""
     rows = []
     for rec in sorted(records, key=lambda r: str(r["subject"])):
@@ -300,10 +305,34 @@ def per_subject_rows(
                 "subject": str(rec["subject"]),
                 **{f"dice_{c}": d for c, d in zip(class_names, dice, strict=True)},
                 "dice_mean": sum(scored) / len(scored) if scored else math.nan,
-                **{f"hd95_{c}": float(rec[f"hd95_{c}"]) for c in class_names},
             }
         )
     return rows
+
+
+def per_subject_rows(
+    records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject:
+    :func:`per_subject_dice` and ``hd95_<c>``."""
+    ordered = sorted(records, key=lambda r: str(r["subject"]))  # per_subject_dice's (stable) order
+    return [
+        {**row, **{f"hd95_{c}": float(rec[f"hd95_{c}"]) for c in class_names}}
+        for row, rec in zip(per_subject_dice(records, class_names), ordered, strict=True)
+    ]
+
+
+def _mean(rows: Sequence[Mapping[str, float]], key: str) -> float | None:
+    values = [r[key] for r in rows if not math.isnan(r[key])]
+    return sum(values) / len(values) if values else None
+
+
+def dice_summary(records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, float | None]:
+    """``{<c>: mean Dice, …, "mean": mean over subjects of the per-subject mean}`` over the
+    records' ``dice_<c>`` alone (NaN left out, ``None`` for no subject): the ``dice`` part of
+    :func:`summarise`, for scores without HD95 (a learning-curve point)."""
+    rows = per_subject_dice(records, class_names)
+    return {**{c: _mean(rows, f"dice_{c}") for c in class_names}, "mean": _mean(rows, "dice_mean")}
 
 
 def summarise(
@@ -317,16 +346,10 @@ def summarise(
     class. Under ``"brats2018"`` no score is NaN and the summary has no ``n_empty``.
     """
     rows = per_subject_rows(records, class_names)
-    n = len(rows)
-
-    def mean(key: str) -> float | None:
-        values = [r[key] for r in rows if not math.isnan(r[key])]
-        return sum(values) / len(values) if values else None
-
     summary: dict[str, Any] = {
-        "n": n,
-        "dice": {**{c: mean(f"dice_{c}") for c in class_names}, "mean": mean("dice_mean")},
-        "hd95": {c: mean(f"hd95_{c}") for c in class_names},
+        "n": len(rows),
+        "dice": dice_summary(records, class_names),
+        "hd95": {c: _mean(rows, f"hd95_{c}") for c in class_names},
     }
     if convention == "brats2023":
         summary["n_empty"] = {c: sum(math.isnan(r[f"dice_{c}"]) for r in rows) for c in class_names}

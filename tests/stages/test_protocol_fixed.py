@@ -61,8 +61,9 @@ def test_fixed_protocol_trains_a_fixed_budget_and_tests_the_final_weights(runs, 
     curve = json.loads((run / "curve.json").read_text())
     assert [p["epoch"] for p in curve["points"]] == [1, 2]
     summary = json.loads((run / "test_summary.json").read_text())
-    # the last curve point scores the final weights on the test subjects, as the test does
-    assert curve["points"][-1]["scores"]["dice_mean"] == pytest.approx(summary["dice"]["mean"], abs=1e-6)
+    # the last curve point is the final test's Dice (the final weights on the test subjects)
+    assert curve["points"][-1]["scores"] == {f"dice_{c}": v for c, v in summary["dice"].items()}
+    assert curve["points"][-1]["global_step"] == 2 * curve["points"][0]["global_step"]
 
 
 def test_warm_up_freezes_exactly_p_but_the_input_layer(runs, tiny_default):

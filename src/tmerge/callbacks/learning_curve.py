@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from tmerge.io import write_json
+from tmerge.io import read_json, write_json
 from tmerge.runs import CURVE_FILE
 
 #: ``score(trainer, pl_module) -> {name: value}``: the scores of the module as it is now.
@@ -95,11 +95,17 @@ class LearningCurve(Callback):
     ``score`` is called on every rank (so it may use collective operations); only rank 0 writes
     the file, atomically, after every point, so a stopped run keeps the points it reached.
 
+    With ``score_last=False`` the last epoch of a fit that reaches ``max_epochs`` is not scored
+    here: the caller tests those final weights anyway and hands the scores to :meth:`add`, which
+    saves one full pass over the test subjects per run (the fixed protocol's targets do this; the
+    curve's last point equalled the final test in every one of 63 benchmark runs, bit for bit).
+
     Args:
         score: ``score(trainer, pl_module) -> {name: value}``, e.g. the mean test Dice of the
             module's current weights; values must convert to ``float``.
         folder: the folder of the file (the run folder).
         file_name: the file's name.
+        score_last: score the final epoch here (False: :meth:`add` it from the final test).
 
     Raises:
         TypeError: ``score`` is not callable, ``folder`` is not a path; at a point, ``score``
@@ -116,7 +122,9 @@ class LearningCurve(Callback):
         >>> trainer = L.Trainer(max_epochs=10, callbacks=[curve])  # points 1, 2, 4, 8, 10
     """
 
-    def __init__(self, score: ScoreFn, folder: str | os.PathLike, file_name: str = CURVE_FILE) -> None:
+    def __init__(
+        self, score: ScoreFn, folder: str | os.PathLike, file_name: str = CURVE_FILE, score_last: bool = True
+    ) -> None:
         if not callable(score):
             raise TypeError(f"LearningCurve: score must be callable(trainer, pl_module), got {score!r}")
         if not isinstance(folder, str | os.PathLike):
@@ -124,6 +132,7 @@ class LearningCurve(Callback):
         if not isinstance(file_name, str) or not file_name or Path(file_name).name != file_name:
             raise TypeError(f"LearningCurve: file_name must be a plain file name, got {file_name!r}")
         self.score = score
+        self.score_last = score_last
         self.path = Path(folder) / file_name
         self.points: list[dict[str, Any]] = []
         self._max_epochs: int | None = None
@@ -131,9 +140,26 @@ class LearningCurve(Callback):
     def _scored(self) -> set[int]:
         return {p["epoch"] for p in self.points}
 
+    def _due_here(self, epoch: int) -> bool:
+        return self.score_last or self._max_epochs is None or epoch != self._max_epochs
+
     def _add(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         with untouched(pl_module):
             scores = self.score(trainer, pl_module)
+        self.add(epoch, int(trainer.global_step), scores, write=trainer.is_global_zero)
+
+    def add(self, epoch: int, global_step: int, scores: Mapping[str, Any], write: bool = True) -> None:
+        """Record the point of ``epoch`` (completed epochs) with its ``scores``, replacing any
+        earlier one of that epoch, and (``write``: on rank 0) save the file. If this callback
+        has seen no training (a finished fit is not repeated on resume), the points and
+        ``max_epochs`` already in the file are kept.
+
+        Raises:
+            TypeError: ``scores`` is not a mapping of names to numbers.
+        """
+        if not self.points and self._max_epochs is None and self.path.is_file():
+            saved = read_json(self.path)
+            self.points, self._max_epochs = [dict(p) for p in saved["points"]], saved["max_epochs"]
         if not isinstance(scores, Mapping):
             raise TypeError(f"LearningCurve: score returned {scores!r} at epoch {epoch}, not a mapping")
         try:
@@ -145,10 +171,10 @@ class LearningCurve(Callback):
         # A resumed epoch replaces the point its first attempt may have left.
         self.points = sorted(
             [p for p in self.points if p["epoch"] != epoch]
-            + [{"epoch": epoch, "global_step": int(trainer.global_step), "scores": values}],
+            + [{"epoch": epoch, "global_step": global_step, "scores": values}],
             key=lambda p: p["epoch"],
         )
-        if trainer.is_global_zero:
+        if write:
             write_json(self.path, {"max_epochs": self._max_epochs, "points": self.points})
 
     @override
@@ -161,13 +187,13 @@ class LearningCurve(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1  # completed epochs
         due = epoch in curve_epochs(self._max_epochs) if self._max_epochs else epoch & (epoch - 1) == 0
-        if due and epoch not in self._scored():
+        if due and epoch not in self._scored() and self._due_here(epoch):
             self._add(trainer, pl_module, epoch)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch  # after the fit loop: the epochs completed
-        if epoch >= 1 and not trainer.interrupted and epoch not in self._scored():
+        if epoch >= 1 and not trainer.interrupted and epoch not in self._scored() and self._due_here(epoch):
             self._add(trainer, pl_module, epoch)
 
     @override

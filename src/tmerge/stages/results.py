@@ -14,7 +14,7 @@ from torch import nn
 
 from tmerge.artifacts import TARGET_TYPE, log_model
 from tmerge.data.target import TargetDataModule
-from tmerge.evaluate import evaluate_subject, regions_csv, summarise, write_scores
+from tmerge.evaluate import dice_summary, evaluate_subject, regions_csv, write_scores
 from tmerge.io import write_json, write_text
 from tmerge.modules.segmentation import SegmentationModule
 from tmerge.runs import (
@@ -109,7 +109,8 @@ def write_test_results(
 def curve_score(dm: TargetDataModule) -> Callable[[L.Trainer, L.LightningModule], dict[str, float]]:
     """The learning curve's score (:class:`~tmerge.callbacks.LearningCurve`): the module as it is
     now on every test subject, scored as the test is (original geometry, the module's
-    ``metrics``; Dice per class and the mean of the per-subject means, :func:`tmerge.evaluate.summarise`)."""
+    ``metrics``; Dice per class and the mean of the per-subject means,
+    :func:`tmerge.evaluate.dice_summary`). Dice only: no HD95, which no curve reports."""
 
     def score(trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
         assert isinstance(module, SegmentationModule)
@@ -119,10 +120,10 @@ def curve_score(dm: TargetDataModule) -> Callable[[L.Trainer, L.LightningModule]
             logits = module.infer(batch["image"].to(module.device))
             for i, subject in enumerate(batch["subject"]):
                 result = evaluate_subject(
-                    logits[i], batch["label"][i], batch["meta"][i], module.scheme, metrics=module.metrics
+                    logits[i], batch["label"][i], batch["meta"][i], module.scheme, metrics=module.metrics, hd95=False
                 )
                 records.append({"subject": subject, **result.scores})
-        summary = summarise(records, module.class_names, module.metrics.convention)
-        return {f"dice_{c}": v for c, v in summary["dice"].items() if v is not None}
+        dice = dice_summary(records, module.class_names)
+        return {f"dice_{c}": v for c, v in dice.items() if v is not None}
 
     return score

@@ -23,11 +23,12 @@ from tmerge.config import to_container
 from tmerge.dashboard import log_test_results
 from tmerge.data.target import BRATS_TARGET, TargetDataModule
 from tmerge.errors import ConfigError
-from tmerge.evaluate import format_summary, label_names
+from tmerge.evaluate import dice_summary, format_summary, label_names
 from tmerge.loggers import LoggerConfig, stage_loggers, wandb_mode, wandb_run
 from tmerge.merge import mergeable_layers
 from tmerge.nets import input_names, layer_groups, partition
 from tmerge.paths import runs_dir
+from tmerge.resume import checkpoint_progress
 from tmerge.runner import check_trainer, fit
 from tmerge.runs import INIT_FILE, PREDICTIONS_DIR, TARGET_MARKER, VALIDATION_DIR, target_dir
 from tmerge.sources import (
@@ -206,8 +207,11 @@ def _run_stages(
     predictions = run_dir / PREDICTIONS_DIR
     writer = PredictionWriter(test_dir=predictions, predict_dir=predictions / VALIDATION_DIR)
     extra: list[Any] = [writer]
-    if fixed and cfg.fixed.curve:
-        extra.append(LearningCurve(curve_score(dm), run_dir))
+    # The curve's last point is the final test's Dice (the same weights and subjects): one test
+    # pass fewer per run.
+    curve = LearningCurve(curve_score(dm), run_dir, score_last=False) if fixed and cfg.fixed.curve else None
+    if curve is not None:
+        extra.append(curve)
     trainer, result = fit(
         module,
         dm,
@@ -228,6 +232,15 @@ def _run_stages(
     log_test_results(
         loggers, tested.records, dm.class_names, tested.previews, names, step=trainer.global_step
     )
+    if curve is not None:
+        dice = dice_summary(tested.records, dm.class_names)
+        curve.add(
+            cfg.fixed.epochs,
+            # A finished fit is not repeated on resume: its trainer has taken no step.
+            trainer.global_step or checkpoint_progress(Path(result.best_path))[1],
+            {f"dice_{c}": v for c, v in dice.items() if v is not None},
+            write=trainer.is_global_zero,
+        )
     if trainer.is_global_zero:
         summary = write_results(run_dir, cfg, dm, module.net, tested.records, stages, run)
         log.info("%s p%s: test %s", cfg.init, cfg.data.portion, format_summary(summary))
