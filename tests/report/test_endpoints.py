@@ -253,3 +253,29 @@ def test_brats2023_nan_dice_is_left_out_of_every_mean_and_of_n():
     assert v[PAPER_ENDPOINT] == (pytest.approx((0.8 + 0.7 + 1.4 / 3 + 1 / 3) / 4), 4)
     assert v[PRIMARY_ENDPOINT] == values(endpoints(SUBJECTS))[PRIMARY_ENDPOINT]  # ET absent from s2
     assert v["dice_TC"] == (pytest.approx(0.6), 4)
+
+
+def test_the_primary_endpoint_is_compared_paired_by_seed(fake):
+    """timm − none on the primary endpoint, seed by seed, with the t interval and the MDE, all
+    computed here by hand from the records."""
+    from scipy import stats
+
+    lowered = {0: 0.3, 1: 0.6, 2: 0.0}  # none's s1 loses this much TC Dice at each seed
+    for seed, drop in lowered.items():
+        scores, regions = scores_and_regions(SUBJECTS)
+        fake.target(8, "timm", seed, scores=scores, regions=regions)
+        worse = [dict(r) for r in SUBJECTS]
+        worse[0] |= {"dice_TC": 0.9 - drop}
+        scores, regions = scores_and_regions(worse)
+        fake.target(8, "none", seed, scores=scores, regions=regions)
+    index = discover(fake.root)
+    text = endpoints_markdown(index, table_rows(index, []), ["none", "timm"])
+    block = text.split("### The primary endpoint, paired by seed\n")[1].split("\n## ")[0]
+    line = next(ln for ln in block.splitlines() if "timm − none" in ln)
+    # s1 has all three classes: its primary value drops by drop/3, the mean over 4 subjects by drop/12
+    diffs = [d / 12 for d in lowered.values()]  # 0.025, 0.05, 0
+    mean, sd, n = statistics.fmean(diffs), statistics.stdev(diffs), 3
+    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
+    mde = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / n**0.5
+    assert f"| {mean:.3f} ± {sd:.3f} (3) | [{mean - half:+.3f}, {mean + half:+.3f}] | {mde:.3f} |" in line
+    assert line.startswith("| 8 %, seeds 0,1,2 | timm − none |")

@@ -51,8 +51,20 @@ from typing import Any
 
 from tmerge.evaluate import record_count, regions_columns, regions_csv  # noqa: F401 - re-exported: the file the endpoints read
 from tmerge.metrics import voxel_counts  # noqa: F401 - re-exported: the counts the endpoints read
+from tmerge.report.paired import seed_pairs
 from tmerge.report.runs import RunIndex, TargetRun
-from tmerge.report.tables import MISSING, Cell, Row, md_table, row_runs, scoring_header, seed_count
+from tmerge.report.tables import (
+    MISSING,
+    PAIRED_HEADERS,
+    Cell,
+    Row,
+    by_seed,
+    md_table,
+    paired_cells,
+    row_runs,
+    scoring_header,
+    seed_count,
+)
 from tmerge.runs import PER_SUBJECT_FILE, REGIONS_FILE, TARGETS_DIR
 
 #: The endpoint that decides: per subject the mean Dice of the classes present in its truth,
@@ -300,7 +312,40 @@ def endpoints_markdown(index: RunIndex, rows: Sequence[Row], inits: Sequence[str
                 ]
             )
         parts.append(f"## {endpoint_title(name)}\n\n" + md_table(["portion", "n", "seeds", *inits], body))
+        if name == PRIMARY_ENDPOINT:
+            parts.append(primary_paired_markdown(index, rows, inits))
     return "\n".join(parts)
+
+
+def _primary(run: TargetRun) -> float | None:
+    end = run_endpoints(run).get(PRIMARY_ENDPOINT)
+    return None if end is None else end.value
+
+
+def primary_paired_markdown(
+    index: RunIndex, rows: Sequence[Row], inits: Sequence[str], reference: str = "timm"
+) -> str:
+    """The primary endpoint's comparisons, paired by seed: T-IMM against every other init, then
+    the ladder's rungs (:func:`tmerge.report.paired.seed_pairs`), each as the mean ± sd of the
+    per-seed differences with its t interval and MDE (:func:`tmerge.report.tables.paired_cells`).
+    Rows where no pair has two seeds are left out."""
+    body = []
+    for row in rows:
+        values = {init: by_seed(row_runs(index, row, init), _primary) for init in inits}
+        for ref, other in seed_pairs(inits, reference) if reference in values else []:
+            diffs = [v - values[other][k] for k, v in values[ref].items() if k in values[other]]
+            if len(diffs) >= 2:
+                body.append([row.label(), f"{ref} − {other}", *paired_cells(diffs)])
+    if not body:
+        return ""
+    return (
+        "### The primary endpoint, paired by seed\n\n"
+        "Per comparison the per-seed differences of the primary endpoint over the seeds where "
+        "both finished: mean ± sd (pairs), the 95 % t interval and the MDE (the smallest true "
+        "difference these seeds detect with 80 % power, two-sided 5 %). An interval that "
+        "contains 0 is not an effect; it rules out only differences above the MDE.\n\n"
+        + md_table(["portion", "comparison", *PAIRED_HEADERS], body)
+    )
 
 
 def _rel(run: TargetRun, index: RunIndex) -> str:
