@@ -106,7 +106,7 @@ def test_volumes_are_padded_to_the_networks_divisor(tmp_path, divisor) -> None:
     assert dm.preprocess_settings().multiple == divisor
     dm.prepare_data()
     dm.setup("fit")
-    shapes = {tuple(s.image.shape[1:]) for s in dm._subjects("val")}
+    shapes = {tuple(s.image.shape[1:]) for s in dm.loaded_subjects("val")}
     assert all(n % divisor == 0 and n >= 8 for shape in shapes for n in shape)
     if divisor == 4:
         assert any(n % 16 for shape in shapes for n in shape)  # tighter than the old fixed 16

@@ -103,12 +103,12 @@ def test_every_layout_preprocesses_to_the_same_arrays(brats, tmp_path: Path) -> 
     """Images byte for byte, labels in each layout's values: the same internal arrays."""
     reference = _dm(brats["brats2018"][0], tmp_path / "c")
     reference.setup("validate")
-    [ref] = reference._subjects("val")[:1]
+    [ref] = reference.loaded_subjects("val")[:1]
     for name in LAYOUTS[1:]:
         root, ids = brats[name]
         dm = _dm(root, tmp_path / "c")
         dm.setup("validate")
-        subject = dm._subjects("val")[0]
+        subject = dm.loaded_subjects("val")[0]
         assert ids[subject.id] == ref.id
         assert np.array_equal(subject.image, ref.image) and np.array_equal(subject.target, ref.target), name
         assert subject.meta["crop_start"] == ref.meta["crop_start"]
@@ -144,7 +144,7 @@ def test_brats2018_is_unchanged(brats, tmp_path: Path) -> None:
     dm.setup("validate")
     record = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert list(record)[:3] == ["kind", "root", "train"] and "format" not in record
-    meta = dm._subjects("val")[0].meta
+    meta = dm.loaded_subjects("val")[0].meta
     assert set(meta) == {
         "subject", "kind", "modalities", "original_shape", "affine",
         "crop_start", "crop_end", "pad_before", "pad_after", "shape",
@@ -261,7 +261,7 @@ def test_predictions_are_written_in_the_layouts_convention(brats, tmp_path: Path
     for name, values in expected.items():
         dm = _dm(brats[name][0], tmp_path / "c")
         dm.setup("validate")
-        subject = dm._subjects("val")[0]
+        subject = dm.loaded_subjects("val")[0]
         out = save_prediction(tmp_path / name, subject.id, internal, subject.meta)
         written = np.asarray(nib.load(out).dataobj)
         assert set(np.unique(written)) == values, name
@@ -276,7 +276,7 @@ def test_resampled_cases_go_back_to_their_own_grid(brats, tmp_path: Path) -> Non
     assert settings.spacing == (3.0, 3.0, 3.0) and settings.orientation == "RAS"
     assert settings.digest() != PreprocessSettings(min_size=16).digest()  # part of the cache key
     dm.setup("validate")
-    subject = dm._subjects("val")[0]
+    subject = dm.loaded_subjects("val")[0]
     meta = subject.meta
     seg_file = root / subject.id / f"{subject.id}_seg.nii.gz"
     seg = nib.load(seg_file)
@@ -322,7 +322,7 @@ def test_nnunet_parcellation_source(tmp_path: Path) -> None:
     dm.setup("validate")
     reference.setup("validate")
     assert [ids[s] for s in dm.subjects["val"]] == reference.subjects["val"]
-    a, b = dm._subjects("val")[0], reference._subjects("val")[0]
+    a, b = dm.loaded_subjects("val")[0], reference.loaded_subjects("val")[0]
     assert np.array_equal(a.image, b.image) and np.array_equal(a.target, b.target)
     with pytest.raises(ConfigError, match="labels: got '1:20'; expected .*the dataset's classes"):
         HCPDataModule(root=str(tmp_path / "nnunet"), labels="1:20")

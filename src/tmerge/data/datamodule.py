@@ -295,12 +295,12 @@ class SegmentationDataModule(L.LightningDataModule):
             "predict": (self._predict_part(),),
         }.get(stage or "", ("train", "val", "test"))
         for part in parts:
-            self._subjects(part)
+            self.loaded_subjects(part)
 
     def train_dataloader(self) -> DataLoader:
         """Random patches, shuffled, ``batch_size`` per batch."""
         dataset = PatchDataset(
-            self._subjects("train"),
+            self.loaded_subjects("train"),
             self.config.patch_sizes,
             self.config.samples_per_volume,
             self.label_dtype,
@@ -326,7 +326,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def fisher_dataset(self) -> Dataset:
         """The training subjects as deterministic centre crops of patch size (un-batched items)."""
-        return CentreCropDataset(self._subjects("train"), self.config.patch_sizes, self.label_dtype)
+        return CentreCropDataset(self.loaded_subjects("train"), self.config.patch_sizes, self.label_dtype)
 
     def check_layout(self) -> None:
         """Fail early, listing folders only, if a user-given ``root`` lacks the expected layout or
@@ -353,7 +353,7 @@ class SegmentationDataModule(L.LightningDataModule):
         return loader_kwargs(self.config.num_workers, cuda=cuda)
 
     def _volume_loader(self, part: str, with_labels: bool = True) -> DataLoader:
-        subjects = self._subjects(part)
+        subjects = self.loaded_subjects(part)
         if not with_labels:
             subjects = [dataclasses.replace(s, target=None) for s in subjects]
         dataset = VolumeDataset(subjects, self.label_dtype)
@@ -395,8 +395,11 @@ class SegmentationDataModule(L.LightningDataModule):
         source = str(self.root.resolve())
         return subject, files, label_file, self.kind, self.preprocess_settings(), self.cache_dir, source
 
-    def _subjects(self, part: str) -> list[Subject]:
-        """The in-memory subjects of one split part, loading (or preprocessing) missing ones."""
+    def loaded_subjects(self, part: str) -> list[Subject]:
+        """The subjects of one split part (``"train"``, ``"val"``, ``"test"``, …) in memory, on the
+        preprocessed grid (image ``(C, D, H, W)``, target, meta), loading (or preprocessing)
+        missing ones: for code that works on whole subjects outside a DataLoader (the shallow
+        baseline)."""
         names = self._resolve_splits()[part]
         if not names:
             raise DataError(f"{self.root}: the {part!r} set of this split is empty")

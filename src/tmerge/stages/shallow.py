@@ -131,13 +131,13 @@ def _run_one(cfg: TargetStageConfig) -> Path:
         dm.prepare_data()
         dm.setup("fit")
         rng = np.random.default_rng(cfg.seed)
-        parts = [_sample(s, rng, dm.output_mode) for s in dm._subjects("train")]
+        parts = [_sample(s, rng, dm.output_mode) for s in dm.loaded_subjects("train")]
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
         net = fit_voxel_classifier(x, y, dm.output_mode, dm.n_outputs, seed=cfg.seed)
         records = []
         with torch.no_grad():
-            for subject in dm._subjects("test"):
+            for subject in dm.loaded_subjects("test"):
                 feats = voxel_features(subject.image)
                 flat = torch.from_numpy(feats.reshape(feats.shape[0], -1).T)
                 logits = net(flat).T.reshape(dm.n_outputs, *feats.shape[1:])
