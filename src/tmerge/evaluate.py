@@ -35,6 +35,9 @@ Files (written by the stages, formats fixed because reports read them):
   validation set (the 100 % portion)
   ``predictions/validation/<subject>.nii.gz``, where the subject id is the BraTS folder name
   (``Brats18_<ID>``), i.e. the challenge's submission naming ``<ID>.nii.gz``.
+
+A little over 400 lines, one concept: from logits to the scores and files above. Splitting the
+scoring from the summaries would separate the file formats from the functions that write them.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ row, and the number of seeds. A cell without a finished run is "—": nothing is
 carried over from elsewhere. Values are computed from each run's per-subject CSV (the summary
 file is only cross-checked), so every number in a table can be traced to that CSV
 (:data:`tmerge.runs.PER_SUBJECT_FILE`).
+
+A little over 400 lines: the three tables share their rows, cells and formatting (and the
+helpers that pair runs by seed, used by the premise checks, the curves and the endpoints); the
+other report pages import them from here.
 """
 
 from __future__ import annotations
