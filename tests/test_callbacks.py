@@ -213,3 +213,59 @@ def test_best_metrics_names_the_epoch_the_checkpoint_saved(tmp_path) -> None:
     assert saved["epoch"] + 1 == 2  # the first epoch to reach 0.7
     assert best.metrics["epoch"] == 2
     assert best.metrics["val/dice"] == pytest.approx(0.7)
+
+
+class _Mixer(L.LightningModule):
+    """δ of a 2-source, 3-layer mixing pulled towards the first source, with or without a
+    validation step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tmerge.merge.mixing import LayerwiseMixing
+
+        self.mixing = LayerwiseMixing(2, ["a", "b", "c"])
+
+    def training_step(self, batch, batch_idx):
+        return -self.mixing()[0].sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", -self.mixing()[0].sum().detach())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _fit_mixer(limit_val_batches: int) -> list[dict]:
+    from torch.utils.data import DataLoader
+
+    from tmerge.callbacks import AlphaTrajectory
+
+    module = _Mixer()
+    trajectory = AlphaTrajectory(module.mixing, ["task1", "task2"])
+    data = DataLoader(torch.zeros(2, 1), batch_size=1)
+    trainer = L.Trainer(
+        max_epochs=3,
+        limit_val_batches=limit_val_batches,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[trajectory],
+    )
+    trainer.fit(module, data, data if limit_val_batches else None)
+    assert trajectory.trajectory[-1]["alphas"] == module.mixing.alphas_dict()  # the α it ends with
+    return trajectory.trajectory
+
+
+def test_alpha_trajectory_has_an_entry_per_epoch_with_or_without_validation() -> None:
+    """With validation, one entry per validated epoch with its loss; without any (the fixed
+    protocol), one per epoch, loss None — before this, such a stage recorded no trajectory."""
+    validated = _fit_mixer(limit_val_batches=1)
+    assert [e["epoch"] for e in validated] == [1, 2, 3]
+    assert all(isinstance(e["val_loss"], float) for e in validated)
+    unvalidated = _fit_mixer(limit_val_batches=0)
+    assert [e["epoch"] for e in unvalidated] == [1, 2, 3]
+    assert all(e["val_loss"] is None for e in unvalidated)
+    first = [e["alphas"]["a"][0] for e in unvalidated]
+    assert first == sorted(first) and first[0] > 0.5  # α of task1 grows epoch by epoch

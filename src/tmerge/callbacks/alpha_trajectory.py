@@ -1,4 +1,5 @@
-"""Records the T-IMM mixing ratios α after every validated epoch of the adaption stage."""
+"""Records the T-IMM mixing ratios α after every validated epoch of the adaption stage (every
+epoch where the stage never validates: the fixed protocol)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from tmerge.merge.mixing import LayerwiseMixing
 
 
 class AlphaTrajectory(Callback):
-    """Keeps α per layer after each validation of the adaption stage and logs it.
+    """Keeps α per layer after each validation of the adaption stage and logs it; in a stage
+    that never validates (``limit_val_batches=0``, the fixed protocol) after each epoch instead,
+    with the monitored value ``None``.
 
     The paper's Fig. 5 shows the α the stage ends with; the trajectory shows whether they had
     converged or were still moving when the stage stopped.
@@ -23,8 +26,8 @@ class AlphaTrajectory(Callback):
         monitor: the validation metric stored beside each epoch's α.
 
     Attributes:
-        trajectory: one entry per validated epoch, ``{"epoch": int (1-based), "<monitor>": float |
-            None, "alphas": {layer: [α^1, …, α^T]}}``. Saved in checkpoints, so a resumed stage
+        trajectory: one entry per validated epoch (per epoch without validation), ``{"epoch": int
+            (1-based), "<monitor>": float | None, "alphas": {layer: [α^1, …, α^T]}}``. Saved in checkpoints, so a resumed stage
             keeps the epochs of earlier attempts.
 
     Logged (every logger, at the epoch's global step): ``adaption/alpha_<source>/<layer>`` for
@@ -51,8 +54,15 @@ class AlphaTrajectory(Callback):
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+        if not trainer.sanity_checking:
+            self._record(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.limit_val_batches == 0:  # no validation will ever record this epoch
+            self._record(trainer)
+
+    def _record(self, trainer: L.Trainer) -> None:
         alphas = self._mixing.alphas_dict()
         value = trainer.callback_metrics.get(self.monitor)
         epoch = trainer.current_epoch + 1
