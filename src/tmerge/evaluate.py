@@ -294,23 +294,25 @@ def score_columns(class_names: Sequence[str]) -> list[str]:
     return [*(f"dice_{c}" for c in class_names), "dice_mean", *(f"hd95_{c}" for c in class_names)]
 
 
+def _row(rec: Mapping[str, Any], class_names: Sequence[str], hd95: bool) -> dict[str, Any]:
+    dice = [float(rec[f"dice_{c}"]) for c in class_names]
+    scored = [d for d in dice if not math.isnan(d)]  # brats2023 leaves both-empty classes out
+    row = {
+        "subject": str(rec["subject"]),
+        **{f"dice_{c}": d for c, d in zip(class_names, dice, strict=True)},
+        "dice_mean": sum(scored) / len(scored) if scored else math.nan,
+    }
+    if hd95:
+        row.update({f"hd95_{c}": float(rec[f"hd95_{c}"]) for c in class_names})
+    return row
+
+
 def per_subject_dice(
     records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
 ) -> list[dict[str, Any]]:
     """``subject``, ``dice_<c>`` per class and ``dice_mean`` of each record, sorted by subject.
     ``dice_mean`` is the mean over the classes whose Dice is not NaN (NaN if none is)."""
-    rows = []
-    for rec in sorted(records, key=lambda r: str(r["subject"])):
-        dice = [float(rec[f"dice_{c}"]) for c in class_names]
-        scored = [d for d in dice if not math.isnan(d)]  # brats2023 leaves both-empty classes out
-        rows.append(
-            {
-                "subject": str(rec["subject"]),
-                **{f"dice_{c}": d for c, d in zip(class_names, dice, strict=True)},
-                "dice_mean": sum(scored) / len(scored) if scored else math.nan,
-            }
-        )
-    return rows
+    return [_row(r, class_names, hd95=False) for r in sorted(records, key=lambda r: str(r["subject"]))]
 
 
 def per_subject_rows(
@@ -318,11 +320,7 @@ def per_subject_rows(
 ) -> list[dict[str, Any]]:
     """Rows of the per-subject scores (``subject`` + :func:`score_columns`), sorted by subject:
     :func:`per_subject_dice` and ``hd95_<c>``."""
-    ordered = sorted(records, key=lambda r: str(r["subject"]))  # per_subject_dice's (stable) order
-    return [
-        {**row, **{f"hd95_{c}": float(rec[f"hd95_{c}"]) for c in class_names}}
-        for row, rec in zip(per_subject_dice(records, class_names), ordered, strict=True)
-    ]
+    return [_row(r, class_names, hd95=True) for r in sorted(records, key=lambda r: str(r["subject"]))]
 
 
 def _mean(rows: Sequence[Mapping[str, float]], key: str) -> float | None:
@@ -330,12 +328,15 @@ def _mean(rows: Sequence[Mapping[str, float]], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _dice_means(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, float | None]:
+    return {**{c: _mean(rows, f"dice_{c}") for c in class_names}, "mean": _mean(rows, "dice_mean")}
+
+
 def dice_summary(records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, float | None]:
     """``{<c>: mean Dice, …, "mean": mean over subjects of the per-subject mean}`` over the
     records' ``dice_<c>`` alone (NaN left out, ``None`` for no subject): the ``dice`` part of
     :func:`summarise`, for scores without HD95 (a learning-curve point)."""
-    rows = per_subject_dice(records, class_names)
-    return {**{c: _mean(rows, f"dice_{c}") for c in class_names}, "mean": _mean(rows, "dice_mean")}
+    return _dice_means(per_subject_dice(records, class_names), class_names)
 
 
 def summarise(
@@ -351,7 +352,7 @@ def summarise(
     rows = per_subject_rows(records, class_names)
     summary: dict[str, Any] = {
         "n": len(rows),
-        "dice": dice_summary(records, class_names),
+        "dice": _dice_means(rows, class_names),
         "hd95": {c: _mean(rows, f"hd95_{c}") for c in class_names},
     }
     if convention == "brats2023":
